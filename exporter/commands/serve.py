@@ -1,0 +1,170 @@
+"""The daemon: validate everything, bind the port, then start the background work.
+
+Order matters for operators: configuration errors (including the web config) exit 2 before the
+port is bound; a port in use is one clear line and exit 1; only then do the QEMU probe and the
+canary scheduler start, so a scrape never waits for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+
+from exporter.cli import report_config_problems
+from exporter.collector import COLLECTORS, Context, ScrapeCollector, build_collectors, enabled_collectors
+from exporter.config import Config
+from exporter.errors import ConfigError, ExporterError
+from exporter.http import ExporterHTTP
+from exporter.logsetup import log_failure, setup_logging
+
+if TYPE_CHECKING:
+    from exporter.canary.scheduler import CanaryScheduler
+    from exporter.canary.store import CanaryStore
+    from exporter.qemu.knowledge import QemuKnowledge
+    from exporter.webconfig import WebSecurity
+
+log = logging.getLogger("exporter.serve")
+
+
+class Daemon:
+    """Everything ``serve`` runs, built in one place so tests and benchmarks can run it in-process."""
+
+    def __init__(self, cfg: Config, security: WebSecurity | None = None) -> None:
+        self.cfg = cfg
+        names = enabled_collectors(cfg)
+        needs_qemu = cfg.canary.enabled or any(COLLECTORS[n].needs_qemu for n in names)
+        self.knowledge: QemuKnowledge | None = None
+        if needs_qemu:
+            from exporter.qemu.knowledge import QemuKnowledge
+
+            self.knowledge = QemuKnowledge(
+                cfg.qemu.binary,
+                accelerators=tuple(cfg.qemu.accelerators),
+                probe_timeout=cfg.qemu.probe_timeout_seconds,
+                cache_dir=Path(cfg.paths.cache_dir),
+            )
+        self.store: CanaryStore | None = None
+        if cfg.canary.enabled or "canary" in names:
+            from exporter.canary.store import CanaryStore
+
+            self.store = CanaryStore(Path(cfg.paths.state_dir))
+        self.ctx = Context(
+            config=cfg,
+            procfs=Path(cfg.paths.procfs),
+            sysfs=Path(cfg.paths.sysfs),
+            knowledge=self.knowledge,
+            canary_store=self.store,
+        )
+        self.scrape = ScrapeCollector(build_collectors(self.ctx, names))
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.scrape)
+        self.http = ExporterHTTP(
+            self.registry,
+            cfg.web.listen_address,
+            telemetry_path=cfg.web.telemetry_path,
+            status=self.status,
+            ready=self.ready,
+            security=security,
+        )
+        self.scheduler: CanaryScheduler | None = None
+        self.started_at = time.time()
+
+    def ready(self) -> bool:
+        return self.knowledge is None or self.knowledge.ready.is_set()
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        out["Collectors"] = {
+            name: (f"ok in {st.duration * 1000:.1f} ms" if st.success else f"FAILED ({st.error})")
+            for name, st in sorted(self.scrape.status.items())
+        } or "not scraped yet"
+        if self.knowledge is not None:
+            facts = self.knowledge.facts()
+            if facts is None:
+                err = self.knowledge.last_error()
+                out["QEMU"] = f"probe failed: {err}" if err else "probe running"
+            else:
+                out["QEMU"] = {
+                    "binary": facts.binary,
+                    "version": facts.version,
+                    "accelerators usable": ", ".join(a for a, ok in facts.accelerators.items() if ok) or "none",
+                    "usable CPU models": sum(1 for m in facts.models.values() if m.usable),
+                    "guest could be given (-cpu " + facts.exposable_model + ")": " ".join(sorted(facts.exposable)),
+                }
+        if self.store is not None:
+            out["Canary"] = self.store.summary() or "no canary run yet"
+        return out
+
+    def start_background(self) -> None:
+        if self.knowledge is not None:
+            self.knowledge.start(self.cfg.qemu.refresh_interval_seconds)
+        if self.cfg.canary.enabled:
+            from exporter.canary.scheduler import CanaryScheduler
+
+            assert self.knowledge is not None and self.store is not None
+            self.scheduler = CanaryScheduler(self.cfg, self.knowledge, self.store)
+            self.scheduler.start()
+
+    def stop(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        if self.knowledge is not None:
+            self.knowledge.stop()
+        self.http.shutdown()
+
+
+def load_security(cfg: Config) -> tuple[WebSecurity | None, list[str]]:
+    if not cfg.web.config_file:
+        return None, []
+    from exporter.webconfig import load_web_config
+
+    try:
+        return load_web_config(cfg.web.config_file), []
+    except ConfigError as err:
+        return None, err.problems
+
+
+def run(cfg: Config, args: argparse.Namespace) -> int:
+    setup_logging(cfg.log.level, cfg.log.format)
+    security, problems = load_security(cfg)
+    if problems:
+        return report_config_problems(problems)
+    try:
+        daemon = Daemon(cfg, security)
+    except ExporterError as err:
+        log_failure(log, "cannot start", err)
+        return 1
+    try:
+        host, port = daemon.http.bind()
+    except OSError as err:
+        log.error(
+            "cannot listen",
+            extra={"fields": {"address": cfg.web.listen_address, "err": err.strerror or str(err)}},
+        )
+        return 1
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("shutting down", extra={"fields": {"signal": signal.Signals(signum).name}})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    daemon.http.serve_in_thread()
+    log.info(
+        "listening",
+        extra={"fields": {"address": f"{host}:{port}", "tls": security is not None and security.tls_enabled,
+                          "collectors": ",".join(daemon.scrape.status or enabled_collectors(cfg))}},
+    )
+    daemon.start_background()
+    stop.wait()
+    daemon.stop()
+    return 0

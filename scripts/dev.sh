@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Sets up everything kvm-cpu-exporter needs on Debian 12 (as root), then runs it or tests it.
+#   scripts/dev.sh run    set up, then run the exporter on its built-in defaults (:10437)
+#   scripts/dev.sh test   set up, then run the whole test suite (ruff, mypy, promtool, pytest)
+#   scripts/dev.sh setup  only set up
+# Idempotent: a second run installs nothing new and reuses the built canary image.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=$ROOT/.venv
+APT_PACKAGES=(
+  python3 python3-venv python3-dev gcc
+  qemu-system-x86 qemu-utils cryptsetup-bin busybox-static cpio kmod
+  prometheus prometheus-node-exporter prometheus-alertmanager
+  iproute2 openssl ca-certificates procps systemd
+)
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+setup_apt() {
+  local missing=()
+  for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # policy-rc.d: packages such as prometheus must not start system services behind our back
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    rm -f /usr/sbin/policy-rc.d
+  fi
+}
+
+setup_venv() {
+  local stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    log "creating virtualenv $VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+    "$VENV/bin/pip" install -q -e ".[dev]"
+    touch "$stamp"
+  fi
+}
+
+setup_image() {
+  log "building the canary guest image (cached)"
+  "$VENV/bin/kvm-cpu-exporter" canary build
+}
+
+setup() { setup_apt; setup_venv; setup_image; }
+
+case "${1:-}" in
+  setup) setup ;;
+  run)
+    setup
+    shift
+    exec "$VENV/bin/kvm-cpu-exporter" serve "$@"
+    ;;
+  test)
+    setup
+    shift
+    log "ruff"
+    "$VENV/bin/ruff" check exporter tests bench
+    log "mypy"
+    "$VENV/bin/mypy"
+    log "pytest"
+    exec "$VENV/bin/pytest" "$@"
+    ;;
+  *)
+    echo "usage: $0 run|test|setup" >&2
+    exit 2
+    ;;
+esac
