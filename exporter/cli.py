@@ -24,32 +24,79 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--path.procfs", dest="procfs", metavar="DIR", help="procfs mountpoint (default /proc)")
     g.add_argument("--path.sysfs", dest="sysfs", metavar="DIR", help="sysfs mountpoint (default /sys)")
     g.add_argument("--path.state-dir", dest="state_dir", metavar="DIR", help="where canary results are kept")
-    g.add_argument("--path.cache-dir", dest="cache_dir", metavar="DIR", help="where the canary image is built")
+    g.add_argument(
+        "--path.cache-dir", dest="cache_dir", metavar="DIR", help="where the canary image is built"
+    )
     g.add_argument("--qemu.binary", dest="qemu_binary", metavar="PATH", help="QEMU system emulator to use")
-    g.add_argument("--log.level", dest="log_level", metavar="LEVEL",
-                   help="log level: debug, info, warn, error (default info)")
-    g.add_argument("--log.format", dest="log_format", metavar="FORMAT",
-                   help="log format: logfmt or json (default logfmt)")
+    g.add_argument(
+        "--log.level",
+        dest="log_level",
+        metavar="LEVEL",
+        help="log level: debug, info, warn, error (default info)",
+    )
+    g.add_argument(
+        "--log.format",
+        dest="log_format",
+        metavar="FORMAT",
+        help="log format: logfmt or json (default logfmt)",
+    )
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--web.listen-address", dest="listen_address", metavar="ADDR",
-                        help="address to listen on (default :10437)")
-    parser.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
-                        help="exporter-toolkit web config: TLS and basic auth")
-    parser.add_argument("--web.telemetry-path", dest="telemetry_path", metavar="PATH",
-                        help="path under which to expose metrics (default /metrics)")
+    parser.add_argument(
+        "--web.listen-address",
+        dest="listen_address",
+        metavar="ADDR",
+        help="address to listen on (default :10437)",
+    )
+    parser.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        metavar="FILE",
+        help="exporter-toolkit web config: TLS and basic auth",
+    )
+    parser.add_argument(
+        "--web.telemetry-path",
+        dest="telemetry_path",
+        metavar="PATH",
+        help="path under which to expose metrics (default /metrics)",
+    )
     for name, spec in COLLECTORS.items():
-        parser.add_argument(f"--collector.{name}", dest=f"collector_{name}", action="store_const",
-                            const=True, help=f"enable the {name} collector: {spec.help}")
-        parser.add_argument(f"--no-collector.{name}", dest=f"collector_{name}", action="store_const",
-                            const=False, help=argparse.SUPPRESS)
-    parser.add_argument("--canary.enabled", dest="canary_enabled", action="store_const", const=True,
-                        help="run canary guests on a schedule (default on)")
-    parser.add_argument("--no-canary.enabled", dest="canary_enabled", action="store_const", const=False,
-                        help=argparse.SUPPRESS)
-    parser.add_argument("--canary.interval", dest="canary_interval", type=float, metavar="SECONDS",
-                        help="seconds between canary ticks")
+        parser.add_argument(
+            f"--collector.{name}",
+            dest=f"collector_{name}",
+            action="store_const",
+            const=True,
+            help=f"enable the {name} collector: {spec.help}",
+        )
+        parser.add_argument(
+            f"--no-collector.{name}",
+            dest=f"collector_{name}",
+            action="store_const",
+            const=False,
+            help=argparse.SUPPRESS,
+        )
+    parser.add_argument(
+        "--canary.enabled",
+        dest="canary_enabled",
+        action="store_const",
+        const=True,
+        help="run canary guests on a schedule (default on)",
+    )
+    parser.add_argument(
+        "--no-canary.enabled",
+        dest="canary_enabled",
+        action="store_const",
+        const=False,
+        help=argparse.SUPPRESS,
+    )
+    parser.add_argument(
+        "--canary.interval",
+        dest="canary_interval",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between canary ticks",
+    )
     parser.add_argument("--canary.jitter", dest="canary_jitter", type=float, metavar="SECONDS")
     parser.add_argument("--canary.size-mib", dest="canary_size_mib", type=int, metavar="MIB")
     parser.add_argument("--canary.rounds", dest="canary_rounds", type=int, metavar="N")
@@ -128,7 +175,9 @@ def report_config_problems(problems: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if not args_list or (args_list[0] not in SUBCOMMANDS and args_list[0] not in ("-h", "--help", "--version")):
+    if not args_list or (
+        args_list[0] not in SUBCOMMANDS and args_list[0] not in ("-h", "--help", "--version")
+    ):
         args_list.insert(0, "serve")
     parser = build_parser()
     args = parser.parse_args(args_list)

@@ -110,10 +110,14 @@ COLLECTORS: dict[str, CollectorSpec] = {
         CollectorSpec("cpu", "host CPU identity and features from /proc/cpuinfo", _cpu),
         CollectorSpec("crypto", "kernel crypto drivers selected for AES from /proc/crypto", _crypto),
         CollectorSpec(
-            "qemu", "QEMU's usable CPU models, proven accelerators, exposable features", _qemu, needs_qemu=True
+            "qemu",
+            "QEMU's usable CPU models, proven accelerators, exposable features",
+            _qemu,
+            needs_qemu=True,
         ),
-        CollectorSpec("guests", "running QEMU guests and the host features they do not get", _guests,
-                      needs_qemu=True),
+        CollectorSpec(
+            "guests", "running QEMU guests and the host features they do not get", _guests, needs_qemu=True
+        ),
         CollectorSpec("canary", "results of the last canary guest benchmark runs", _canary),
     )
 }

@@ -16,8 +16,6 @@ from typing import Any
 
 import yaml
 
-from exporter.errors import ConfigError
-
 DEFAULT_LISTEN = ":10437"
 DEFAULT_STATE_DIR = "/var/lib/kvm-cpu-exporter"
 DEFAULT_CACHE_DIR = "/var/cache/kvm-cpu-exporter"

@@ -109,7 +109,9 @@ class _Handler(BaseHTTPRequestHandler):
             if app.ready():
                 self._send(200, b"Ready\n", "text/plain; charset=utf-8")
             else:
-                self._send(503, b"Not ready: first host inspection still running\n", "text/plain; charset=utf-8")
+                self._send(
+                    503, b"Not ready: first host inspection still running\n", "text/plain; charset=utf-8"
+                )
         elif path == "/":
             self._send(200, app.landing_page().encode(), "text/html; charset=utf-8")
         else:

@@ -42,7 +42,9 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
     return out
 
 
-def sample(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float | None:
+def sample(
+    metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float | None:
     return metrics.get((name, tuple(sorted(labels.items()))))
 
 
@@ -103,13 +105,21 @@ def start_daemon(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
     """Factory: start ``python -m exporter serve`` on a free loopback port and wait until healthy."""
     started: list[RunningDaemon] = []
 
-    def _start(*extra: str, state_dir: Path | None = None, port: int | None = None,
-               wait_ready: bool = False, env: dict[str, str] | None = None) -> RunningDaemon:
+    def _start(
+        *extra: str,
+        state_dir: Path | None = None,
+        port: int | None = None,
+        wait_ready: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> RunningDaemon:
         port = port or free_port()
         state = state_dir or (tmp_path / f"state-{len(started)}")
         log_path = tmp_path / f"daemon-{len(started)}.log"
         args = [
-            sys.executable, "-m", "exporter", "serve",
+            sys.executable,
+            "-m",
+            "exporter",
+            "serve",
             f"--web.listen-address=127.0.0.1:{port}",
             f"--path.state-dir={state}",
             f"--path.cache-dir={CACHE_DIR}",
@@ -117,8 +127,14 @@ def start_daemon(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
             *extra,
         ]
         logf = open(log_path, "wb")  # noqa: SIM115 - lives as long as the daemon
-        proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+        proc = subprocess.Popen(
+            args,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
         d = RunningDaemon(proc, port, log_path, state, args)
         started.append(d)
         deadline = time.monotonic() + 30
@@ -150,8 +166,9 @@ def qemu_guest() -> Iterator:  # type: ignore[type-arg]
         if name:
             cmd += ["-name", f"guest={name}"]
         cmd += list(args)
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         procs.append(proc)
         time.sleep(0.3)
         if proc.poll() is not None:

@@ -95,9 +95,12 @@ class Daemon:
                 out["QEMU"] = {
                     "binary": facts.binary,
                     "version": facts.version,
-                    "accelerators usable": ", ".join(a for a, ok in facts.accelerators.items() if ok) or "none",
+                    "accelerators usable": ", ".join(a for a, ok in facts.accelerators.items() if ok)
+                    or "none",
                     "usable CPU models": sum(1 for m in facts.models.values() if m.usable),
-                    "guest could be given (-cpu " + facts.exposable_model + ")": " ".join(sorted(facts.exposable)),
+                    "guest could be given (-cpu " + facts.exposable_model + ")": " ".join(
+                        sorted(facts.exposable)
+                    ),
                 }
         if self.store is not None:
             out["Canary"] = self.store.summary() or "no canary run yet"
@@ -161,8 +164,13 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     daemon.http.serve_in_thread()
     log.info(
         "listening",
-        extra={"fields": {"address": f"{host}:{port}", "tls": security is not None and security.tls_enabled,
-                          "collectors": ",".join(daemon.scrape.status or enabled_collectors(cfg))}},
+        extra={
+            "fields": {
+                "address": f"{host}:{port}",
+                "tls": security is not None and security.tls_enabled,
+                "collectors": ",".join(daemon.scrape.status or enabled_collectors(cfg)),
+            }
+        },
     )
     daemon.start_background()
     stop.wait()
