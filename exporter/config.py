@@ -277,7 +277,7 @@ def load_file(path: str | os.PathLike[str]) -> tuple[Config, list[str]]:
         return Config(), [f"{p}: not UTF-8 text: {err}"]
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, RecursionError) as err:  # RecursionError: absurdly deep nesting
         return Config(), [f"{p}: invalid YAML: {' '.join(str(err).split())}"]
     return parse_config(data, source=str(p))
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+#: ``-name guest=`` prefix of the QEMU processes the exporter itself starts (canaries, accelerator
+#: proofs): guest discovery skips them, they are not the operator's guests.
+OWN_GUEST_PREFIX = "kvmcpu-"
+
 #: Features watched by default: the guide's families plus what alerts need.
 DEFAULT_WATCHLIST: tuple[str, ...] = (
     "aes",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -55,9 +56,9 @@ class _Server(ThreadingHTTPServer):
         sock, addr = super().get_request()
         ctx = self.app.security.ssl_context() if self.app.security else None
         if ctx is not None:
-            sock.settimeout(10)
-            sock = ctx.wrap_socket(sock, server_side=True)
-            sock.settimeout(None)
+            # handshake in the request thread (_Handler.setup): a client that connects and sends
+            # nothing must not stall the accept loop, and with it every other scrape
+            sock = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, addr
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -73,11 +74,19 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http " + format % args)
 
+    def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(10)
+            self.request.do_handshake()
+            self.request.settimeout(None)
+        super().setup()
+
     def _send(self, code: int, body: bytes, ctype: str, extra: dict[str, str] | None = None) -> None:
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
-        for k, v in (extra or {}).items():
+        security = self.server.app.security
+        for k, v in {**(security.headers if security else {}), **(extra or {})}.items():
             self.send_header(k, v)
         self.end_headers()
         if self.command != "HEAD":

@@ -62,7 +62,7 @@ case "${1:-}" in
     setup
     shift
     log "ruff"
-    "$VENV/bin/ruff" check exporter tests bench
+    "$VENV/bin/ruff" check exporter tests bench grafana deploy
     log "mypy"
     "$VENV/bin/mypy"
     log "pytest"

@@ -118,15 +118,18 @@ class Comparison:
 
 
 def _span(rng: tuple[float, float]) -> str:
+    """(16, 50) -> "16-50% faster"; (-20, -5) -> "5-20% slower"; (-8, 196) -> "8% slower to 196% faster"."""
     lo, hi = rng
-    word = "faster" if lo >= 0 else "faster/slower" if hi > 0 else "slower"
-    if word == "slower":
-        lo, hi = -hi, -lo
-    if word == "faster/slower":
-        return f"{lo:+.0f}% to {hi:+.0f}%"
+
+    def one(v: float) -> str:
+        return f"{abs(v):.0f}% {'faster' if v >= 0 else 'slower'}"
+
+    if lo < 0 <= hi:
+        return f"{one(lo)} to {one(hi)}"
     if round(lo) == round(hi):
-        return f"{lo:.0f}% {word}"
-    return f"{lo:.0f}-{hi:.0f}% {word}"
+        return one(lo)
+    a, b = (lo, hi) if lo >= 0 else (-hi, -lo)
+    return f"{a:.0f}-{b:.0f}% {'faster' if lo >= 0 else 'slower'}"
 
 
 def aggregate(results: Iterable[CanaryResult]) -> list[RateStats]:

@@ -55,7 +55,7 @@ class Daemon:
         if cfg.canary.enabled or "canary" in names:
             from exporter.canary.store import CanaryStore
 
-            self.store = CanaryStore(Path(cfg.paths.state_dir))
+            self.store = CanaryStore.for_config(cfg)
         self.ctx = Context(
             config=cfg,
             procfs=Path(cfg.paths.procfs),

@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""Issue 4: does the canary measure what a human running the guide's ``dd`` by hand would measure?
+
+1. Fidelity: for each profile, the canary's read/write rate for one cipher vs a minimal hand-run
+   guest in the same session: the same kernel and initramfs plus a second cpio archive whose
+   ``/init`` replaces the canary's (the kernel unpacks concatenated archives in order). That init
+   sets up the same brd RAM disk and ``cryptsetup open`` and runs one GNU ``dd`` read and one write
+   of the same size, printing dd's own output on the console. Runs are ordered canary, hand, hand,
+   canary (ABBA) so a drift in background load cancels out. Target: within 10%.
+2. Repeatability: coefficient of variation of the canary's rates over 5 runs. Target: <= 10%.
+3. Launch to first result: from ``CanaryRunner.run`` to the first measurement the guest reports.
+4. The full compare table for this machine: all six ciphers, both profiles (``--table-size-mib``,
+   ``--table-rounds``), as ``kvm-cpu-exporter canary compare`` prints it.
+
+Both sides run QEMU the same way (TCG unless --accel says otherwise, nice 19, one vCPU, same RAM).
+
+    .venv/bin/python bench/canary_fidelity.py [--cipher aes-xts-plain] [--size-mib 32] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from exporter.canary.compare import MB, compare, render_comparison
+from exporter.canary.image import CanaryImage, find_image, pack_override_cpio
+from exporter.canary.model import CanaryJob, CanaryResult, Profile
+from exporter.canary.runner import CanaryRunner, guest_memory_mib
+from exporter.config import SEED_CIPHERS
+
+NICE = 19
+HAND_INIT = """#!/bin/sh
+# Hand-run guide benchmark: one dd read and one dd write, dd's own output on the console.
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+for mod in dm-mod dm-crypt xts lrw pcbc ctr ecb aesni-intel; do modprobe "$mod" 2>/dev/null; done
+modprobe brd rd_nr=1 rd_size={size_kib}
+echo 123456 | cryptsetup open --type=plain --disable-locks --hash sha256 --key-size 256 \\
+    -c {cipher} /dev/ram0 crypt0 || echo "HAND error: cryptsetup open failed"
+echo "HAND read $(/usr/libexec/canary/dd if=/dev/mapper/crypt0 of=/dev/null bs=1M iflag=direct 2>&1 | tail -n 1)"
+echo "HAND write $(/usr/libexec/canary/dd if=/dev/zero of=/dev/mapper/crypt0 bs=1M count={size_mib} oflag=direct 2>&1 | tail -n 1)"
+echo "HAND done"
+reboot -f
+"""
+_DD = re.compile(r"HAND (read|write) (\d+) bytes .* copied, ([0-9.e+-]+) s,")
+
+
+def hand_run(image: CanaryImage, profile: Profile, cipher: str, size_mib: int, tmp: Path) -> dict[str, float]:
+    """Boot the image with the override init; returns {op: bytes per second} parsed from dd's output."""
+    override = pack_override_cpio(
+        [("init", HAND_INIT.format(size_kib=size_mib * 1024, size_mib=size_mib, cipher=cipher).encode(), 0o755)]
+    )
+    initrd = tmp / f"hand-{cipher}-{size_mib}.img"
+    if not initrd.exists():
+        initrd.write_bytes(image.initrd.read_bytes() + override)
+    job = CanaryJob(profile=profile, ciphers=(cipher,), size_mib=size_mib, rounds=1)
+    cmd = [
+        shutil.which("qemu-system-x86_64") or "qemu-system-x86_64",
+        "-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none",
+        "-m", str(guest_memory_mib(job)), "-smp", "1", "-cpu", profile.cpu, "-accel", profile.accel,
+        "-kernel", str(image.kernel), "-initrd", str(initrd),
+        "-append", "console=ttyS0 panic=-1 oops=panic rdinit=/init",
+        "-serial", "stdio", "-nic", "none",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=600,
+                         preexec_fn=lambda: os.nice(NICE), check=False).stdout
+    rates = {m.group(1): int(m.group(2)) / float(m.group(3)) for m in _DD.finditer(out)}
+    if set(rates) != {"read", "write"}:
+        tail = "\n".join(out.splitlines()[-15:])
+        raise SystemExit(f"hand-run guest ({profile.name}) gave no dd figures; console tail:\n{tail}")
+    return rates
+
+
+def canary_run(image: CanaryImage, profile: Profile, ciphers: tuple[str, ...], size_mib: int, rounds: int,
+               on_first: Callable[[float], None] | None = None) -> CanaryResult:
+    t0 = time.monotonic()
+    seen: list[float] = []
+
+    def progress(msg: str) -> None:
+        if "MB/s" in msg and not seen:
+            seen.append(time.monotonic() - t0)
+
+    runner = CanaryRunner(image, nice=NICE, progress=progress)
+    res = runner.run(CanaryJob(profile=profile, ciphers=ciphers, size_mib=size_mib, rounds=rounds,
+                               timeout_seconds=900))
+    if res.result != "success":
+        raise SystemExit(f"canary run ({profile.name}) failed: {res.result}: {res.message}")
+    if on_first and seen:
+        on_first(seen[0])
+    return res
+
+
+def rates_of(res: CanaryResult, cipher: str) -> dict[str, float]:
+    out: dict[str, list[float]] = {}
+    for m in res.measurements:
+        if m.cipher == cipher:
+            out.setdefault(m.op, []).append(m.rate)
+    return {op: statistics.fmean(v) for op, v in out.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache-dir", default=os.environ.get("KVMCPU_CACHE_DIR", "/var/cache/kvm-cpu-exporter"))
+    ap.add_argument("--cipher", default="aes-xts-plain")
+    ap.add_argument("--size-mib", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=5, help="canary runs for the repeatability figure")
+    ap.add_argument("--accel", default="tcg")
+    ap.add_argument("--with-cpu", default="max")
+    ap.add_argument("--without-cpu", default="max,-aes")
+    ap.add_argument("--table-size-mib", type=int, default=32)
+    ap.add_argument("--table-rounds", type=int, default=2)
+    ap.add_argument("--no-table", action="store_true", help="skip the six-cipher compare table")
+    ns = ap.parse_args()
+
+    image = find_image(Path(ns.cache_dir))
+    profiles = [Profile("aesni", ns.with_cpu, ns.accel, expects_aesni=True),
+                Profile("noaesni", ns.without_cpu, ns.accel, expects_aesni=False)]
+    started = time.monotonic()
+    print(f"image: Linux {image.kernel_version} ({image.key}); accel {ns.accel}; cipher {ns.cipher}, "
+          f"{ns.size_mib} MiB; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
+
+    # 1. fidelity, ABBA per profile
+    print("\n1. fidelity: canary vs hand-run dd (mean of 2 runs each, ordered canary/hand/hand/canary)")
+    print(f"{'profile':<9} {'op':<6} {'canary MB/s':>12} {'hand MB/s':>10} {'difference':>11}  verdict")
+    worst = 0.0
+    with tempfile.TemporaryDirectory(prefix="fidelity-") as tmp_name:
+        tmp = Path(tmp_name)
+        for prof in profiles:
+            canary: dict[str, list[float]] = {"read": [], "write": []}
+            hand: dict[str, list[float]] = {"read": [], "write": []}
+            for step in ("canary", "hand", "hand", "canary"):
+                got = (rates_of(canary_run(image, prof, (ns.cipher,), ns.size_mib, 1), ns.cipher)
+                       if step == "canary" else hand_run(image, prof, ns.cipher, ns.size_mib, tmp))
+                for op in ("read", "write"):
+                    (canary if step == "canary" else hand)[op].append(got[op])
+            for op in ("read", "write"):
+                c, h = statistics.fmean(canary[op]), statistics.fmean(hand[op])
+                diff = (c / h - 1) * 100
+                worst = max(worst, abs(diff))
+                print(f"{prof.name:<9} {op:<6} {c / MB:>12.1f} {h / MB:>10.1f} {diff:>+10.1f}%  "
+                      f"{'ok' if abs(diff) <= 10 else 'OUTSIDE 10%'}", flush=True)
+    print(f"worst difference {worst:.1f}% (target <= 10%: {'met' if worst <= 10 else 'NOT met'})")
+
+    # 2 + 3. repeatability and launch-to-first-result
+    print(f"\n2. repeatability: {ns.repeat} canary runs, profile aesni, {ns.cipher}, {ns.size_mib} MiB, 1 round")
+    firsts: list[float] = []
+    durations: list[float] = []
+    per_op: dict[str, list[float]] = {"read": [], "write": []}
+    for _ in range(ns.repeat):
+        res = canary_run(image, profiles[0], (ns.cipher,), ns.size_mib, 1, on_first=firsts.append)
+        durations.append(res.duration)
+        for op, rate in rates_of(res, ns.cipher).items():
+            per_op[op].append(rate)
+    worst_cv = 0.0
+    for op, values in per_op.items():
+        cv = statistics.stdev(values) / statistics.fmean(values) * 100 if len(values) > 1 else 0.0
+        worst_cv = max(worst_cv, cv)
+        print(f"  {op:<6} mean {statistics.fmean(values) / MB:7.1f} MB/s  min {min(values) / MB:7.1f}  "
+              f"max {max(values) / MB:7.1f}  CV {cv:4.1f}%")
+    print(f"worst CV {worst_cv:.1f}% (target <= 10%: {'met' if worst_cv <= 10 else 'NOT met'})")
+    print(f"\n3. launch to first result (TCG): median {statistics.median(firsts):.1f}s "
+          f"(min {min(firsts):.1f}s, max {max(firsts):.1f}s); whole run median {statistics.median(durations):.1f}s")
+
+    if not ns.no_table:
+        print(f"\n4. compare table: all six ciphers, {ns.table_size_mib} MiB, {ns.table_rounds} rounds", flush=True)
+        results = [canary_run(image, p, SEED_CIPHERS, ns.table_size_mib, ns.table_rounds) for p in profiles]
+        print(render_comparison(compare(results, "aesni", "noaesni", SEED_CIPHERS)))
+        for r in results:
+            print(f"  {r.profile}: -cpu {r.cpu_spec} -accel {r.accel}, {r.duration:.1f}s")
+    print(f"\ntotal bench time {time.monotonic() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

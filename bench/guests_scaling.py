@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Scrape cost of the guests collector versus the number of running guests.
+
+Builds a synthetic procfs tree per size (``<root>/<pid>/cmdline``, ``exe`` -> the real QEMU binary,
+an empty ``fd/``, plus non-QEMU processes the scan has to skip), fills a real ``QemuKnowledge``
+cache by expanding the models once with the real QEMU, then times ``GuestsCollector.collect()``
+(what the scrape pays on top of exposition) and, separately, a full text exposition.
+
+Prints median and p90 per size and the cost per guest; growth should be linear and 500 guests
+should stay well under 50 ms (median) for ``collect()``.
+
+    .venv/bin/python bench/guests_scaling.py [--rounds 15] [--sizes 10,100,500,1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from exporter.collectors.guests import GuestsCollector
+from exporter.config import GuestsConfig
+from exporter.features import DEFAULT_WATCHLIST
+from exporter.qemu.knowledge import QemuKnowledge
+
+QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
+#: -cpu specs cycled over the guests (None = no -cpu: QEMU's default model)
+CPUS: tuple[str | None, ...] = (None, "Westmere", "Westmere,-aes", "max", "SandyBridge,+avx2", "Skylake-Client")
+OTHER_PROCESSES = 300
+
+
+def build_tree(root: Path, guests: int) -> None:
+    root.mkdir(parents=True)
+    shutil.copy("/proc/cpuinfo", root / "cpuinfo")
+    total = guests + OTHER_PROCESSES
+    for i in range(total):
+        d = root / str(1000 + i)
+        d.mkdir()
+        (d / "fd").mkdir()
+        if i * guests // total != (i + 1) * guests // total:  # exactly `guests` of them, spread out
+            cpu = CPUS[i % len(CPUS)]
+            argv = [QEMU, "-name", f"guest=vm{i:05d},debug-threads=on", "-machine", "pc-q35-7.2,usb=off",
+                    "-accel", "tcg", "-smp", "2", "-m", "2048", "-uuid", f"00000000-0000-0000-0000-{i:012d}",
+                    *(["-cpu", cpu] if cpu else []), "-nodefaults", "-S", "-display", "none"]
+            os.symlink(QEMU, d / "exe")
+        else:
+            argv = ["/usr/sbin/some-daemon", "--foreground", f"--id={i}"]
+            os.symlink("/usr/sbin/some-daemon", d / "exe")
+        (d / "cmdline").write_bytes(("\0".join(argv) + "\0").encode())
+
+
+def prefill(cache: Path) -> QemuKnowledge:
+    knowledge = QemuKnowledge(QEMU, accelerators=("tcg",), cache_dir=cache)
+    for model in {"qemu64", "max", *(c.split(",")[0] for c in CPUS if c)}:
+        knowledge.expand(model, binary=QEMU, accel="tcg")
+    return knowledge
+
+
+def timed(fn: Callable[[], object], rounds: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds per call. CPU time is the steadier figure on a shared, loaded machine."""
+    wall, cpu = [], []
+    for _ in range(rounds):
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return wall, cpu
+
+
+def p90(xs: list[float]) -> float:
+    return sorted(xs)[max(0, round(0.9 * len(xs)) - 1)]
+
+
+def linear_fit(points: list[tuple[int, float]]) -> tuple[float, float, float]:
+    """(slope, intercept, R^2) of y over x."""
+    xs, ys = [float(p[0]) for p in points], [p[1] for p in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    intercept = my - slope * mx
+    ss_res = sum((y - (intercept + slope * x)) ** 2 for x, y in zip(xs, ys, strict=True))
+    ss_tot = sum((y - my) ** 2 for y in ys) or 1.0
+    return slope, intercept, 1 - ss_res / ss_tot
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--sizes", default="10,100,500,1000")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    with tempfile.TemporaryDirectory(prefix="guests-bench-") as tmp:
+        base = Path(tmp)
+        knowledge = prefill(base / "cache")
+        print(f"{'guests':>7} | {'collect wall med':>16} {'p90':>7} {'cpu med':>8} {'us/guest':>9} "
+              f"{'marginal':>9} | {'exposition wall med':>19} {'p90':>8} {'cpu med':>8}   (ms; us)")
+        prev: tuple[int, float] | None = None
+        points: list[tuple[int, float]] = []
+        for n in sizes:
+            root = base / f"proc-{n}"
+            build_tree(root, n)
+            collector = GuestsCollector(root, knowledge, DEFAULT_WATCHLIST, GuestsConfig())
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(collector)
+            first = list(collector.collect())  # warm the parse and sample caches
+            count = next(f for f in first if f.name == "kvmcpu_guests").samples[0].value
+            known = sum(s.value for f in first if f.name == "kvmcpu_guest_cpu_model_known" for s in f.samples)
+            if count != n or known != n:
+                print(f"unexpected: {count} guests found, {known} known, for {n}", file=sys.stderr)
+                return 1
+            wall, cpu = timed(lambda c=collector: list(c.collect()), args.rounds)
+            ewall, ecpu = timed(lambda r=registry: generate_latest(r), max(3, args.rounds // 3))
+            med, cmed = statistics.median(wall), statistics.median(cpu)
+            marginal = "" if prev is None else f"{(cmed - prev[1]) / (n - prev[0]) * 1e6:.1f}"
+            points.append((n, cmed))
+            prev = (n, cmed)
+            print(f"{n:>7} | {med * 1e3:>16.2f} {p90(wall) * 1e3:>7.2f} {cmed * 1e3:>8.2f} "
+                  f"{cmed / n * 1e6:>9.1f} {marginal:>9} | {statistics.median(ewall) * 1e3:>19.2f} "
+                  f"{p90(ewall) * 1e3:>8.2f} {statistics.median(ecpu) * 1e3:>8.2f}")
+            shutil.rmtree(root)
+        if len(points) >= 3:
+            slope, intercept, r2 = linear_fit(points)
+            print(f"least-squares fit of collect CPU time: {intercept * 1e3:.2f} ms + {slope * 1e6:.1f} us/guest, "
+                  f"R^2 = {r2:.3f} (close to 1 = linear)")
+        print(f"(every size also scans {OTHER_PROCESSES} non-QEMU processes; 'marginal' = extra CPU us per "
+              "extra guest between consecutive sizes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

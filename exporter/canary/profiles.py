@@ -1,0 +1,51 @@
+"""Turn configured canary profiles into the exact QEMU ``-cpu``/``-accel`` a canary boots with.
+
+``auto`` exists because the right answer depends on the host: ``-cpu host`` only makes sense
+under KVM, and on hosts where /dev/kvm exists but does not work (see PLATFORM.md) the canary has
+to fall back to TCG with ``-cpu max``. The caller passes ``kvm_usable`` as *proven* by a guest
+that booted, never as "/dev/kvm exists".
+"""
+
+from __future__ import annotations
+
+from exporter.canary.model import Profile
+from exporter.config import ProfileConfig
+
+
+def resolve_cpu(spec: str, kvm_usable: bool) -> str:
+    """``auto[,feature...]`` -> ``host``/``max`` with the same feature list; anything else as is."""
+    model, sep, rest = spec.partition(",")
+    if model.strip() == "auto":
+        model = "host" if kvm_usable else "max"
+    return model + sep + rest
+
+
+def resolve_accel(accel: str, kvm_usable: bool) -> str:
+    if accel == "auto":
+        return "kvm" if kvm_usable else "tcg"
+    return accel
+
+
+def infer_expects_aesni(cpu: str) -> bool | None:
+    """Whether a cpu spec obviously exposes AES-NI: an explicit ``-aes``/``aes=off`` says no,
+    ``+aes``/``aes=on`` says yes, bare ``host``/``max`` say yes; a named model is left unknown
+    (whether e.g. Westmere has aes is QEMU's knowledge, not this module's)."""
+    model, _, rest = cpu.partition(",")
+    verdict: bool | None = True if model in ("host", "max") else None
+    for item in rest.split(","):
+        item = item.strip()
+        if item in ("-aes", "aes=off", "aes=false"):
+            verdict = False
+        elif item in ("+aes", "aes=on", "aes=true", "aes"):
+            verdict = True
+    return verdict
+
+
+def resolve_profile(cfg: ProfileConfig, kvm_usable: bool) -> Profile:
+    cpu = resolve_cpu(cfg.cpu, kvm_usable)
+    accel = resolve_accel(cfg.accel, kvm_usable)
+    # -cpu host only exists under KVM; a profile pinned to tcg gets the closest TCG equivalent
+    if accel == "tcg" and cpu.partition(",")[0] == "host":
+        cpu = "max" + cpu[len("host") :]
+    expects = cfg.expects_aesni if cfg.expects_aesni is not None else infer_expects_aesni(cpu)
+    return Profile(name=cfg.name, cpu=cpu, accel=accel, network=cfg.network, expects_aesni=expects)

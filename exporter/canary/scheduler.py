@@ -1,0 +1,326 @@
+"""The daemon's canary rotation: one (profile, cipher) pair per tick, guarded, never overlapping.
+
+Each tick runs a single profile with a single cipher (read and write), so one tick stays short and
+cheap; the rotation visits every configured profile x cipher. For each cipher the with-AES-NI and
+without-AES-NI profiles run on consecutive ticks, so the speedup ratio compares runs made under
+nearly the same host conditions. Ticks come from APScheduler (interval + jitter, ``max_instances=1``
+so two canaries never run at once, ``coalesce`` so a stalled daemon does not fire a burst of late
+ticks). Before launching a guest a tick checks the host (``guard.BusyGuard``) and the duty-cycle
+budget (``guard.DutyCycleBudget``); a skipped tick is recorded as ``skipped_busy``.
+
+The runner runs outside the store's lock: a scrape never waits for a canary.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+from exporter.canary.guard import BusyGuard, DutyCycleBudget, HostSampler, PsutilSampler
+from exporter.canary.image import CanaryImage, find_image
+from exporter.canary.model import OPS, RESULTS, CanaryJob, CanaryResult, Profile
+from exporter.canary.store import DUTY_WINDOW_SECONDS, CanaryStore, aesni_pair
+from exporter.config import Config, ProfileConfig
+from exporter.errors import ExporterError, ImageMissing
+from exporter.logsetup import log_failure
+
+log = logging.getLogger(__name__)
+
+#: the first tick comes this soon after start, so a fresh daemon shows data within a minute
+FIRST_TICK_DELAY_SECONDS = 3.0
+#: how long stop() waits for a cancelled canary to wind down
+STOP_TIMEOUT_SECONDS = 20.0
+
+
+class Runner(Protocol):
+    def run(self, job: CanaryJob) -> CanaryResult: ...
+
+    def cancel(self) -> None: ...
+
+
+RunnerFactory = Callable[[CanaryImage | None], Runner]
+#: (profile config, KVM proven usable) -> the exact -cpu spec and accelerator to boot with
+Resolver = Callable[[ProfileConfig, bool], Profile]
+
+
+def _resolve_profile(cfg: ProfileConfig, kvm_usable: bool) -> Profile:
+    from exporter.canary.profiles import resolve_profile
+
+    return resolve_profile(cfg, kvm_usable)
+
+
+class _Facts(Protocol):
+    @property
+    def accelerators(self) -> Mapping[str, bool]: ...
+
+
+class KnowledgeSource(Protocol):
+    """What the scheduler needs of ``exporter.qemu.knowledge.QemuKnowledge``."""
+
+    @property
+    def ready(self) -> threading.Event: ...
+
+    def facts(self) -> _Facts | None: ...
+
+
+def rotation(profiles: Sequence[ProfileConfig], ciphers: Sequence[str]) -> list[tuple[ProfileConfig, str]]:
+    """Every profile x cipher; per cipher the AES-NI pair first and adjacent, then the other profiles."""
+    pair = aesni_pair(profiles)
+    ordered = list(profiles)
+    if pair is not None:
+        by_name = {p.name: p for p in profiles}
+        ordered = [by_name[pair[0]], by_name[pair[1]], *(p for p in profiles if p.name not in pair)]
+    return [(p, c) for c in ciphers for p in ordered]
+
+
+class _ExpectedSkipFilter(logging.Filter):
+    """APScheduler warns on every tick that finds the previous canary still running; with
+    ``max_instances=1`` that is the design, not a problem (our listener logs it at DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances reached" not in record.getMessage()
+
+
+def _quiet_expected_skips() -> None:
+    aps_log = logging.getLogger("apscheduler.scheduler")
+    if not any(isinstance(f, _ExpectedSkipFilter) for f in aps_log.filters):
+        aps_log.addFilter(_ExpectedSkipFilter())
+
+
+class CanaryScheduler:
+    """Owns the APScheduler job; ``tick`` is the whole rotation step and can be called directly."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        knowledge: KnowledgeSource,
+        store: CanaryStore,
+        *,
+        runner_factory: RunnerFactory | None = None,
+        clock: Callable[[], float] = time.time,
+        sampler: HostSampler | None = None,
+        first_delay: float = FIRST_TICK_DELAY_SECONDS,
+        resolver: Resolver | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.knowledge = knowledge
+        self.store = store
+        self.clock = clock
+        self.first_delay = first_delay
+        self.runner_factory = runner_factory or self._default_runner
+        self.resolver = resolver or _resolve_profile
+        c = cfg.canary
+        self.busy = BusyGuard(c.busy_load_per_core, c.busy_cpu_percent, sampler or PsutilSampler())
+        self.budget = DutyCycleBudget(c.duty_cycle_percent, DUTY_WINDOW_SECONDS)
+        self.steps = rotation(c.profiles, c.ciphers)
+        self._next = self._resume_position()
+        self._lock = threading.Lock()  # guards _current and _stopping against stop() racing a launch
+        self._current: Runner | None = None
+        self._stopping = False
+        self._idle = threading.Event()
+        self._idle.set()
+        self._first_tick = True
+        self._scheduler: Any = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED
+        from apscheduler.executors.pool import ThreadPoolExecutor
+        from apscheduler.schedulers.background import BackgroundScheduler
+        from apscheduler.triggers.interval import IntervalTrigger
+
+        c = self.cfg.canary
+        if not self.steps:
+            log.warning("no canary profiles configured: the canary schedule stays off")
+            return
+        _quiet_expected_skips()
+        sched = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(max_workers=1)},
+            timezone="UTC",
+            daemon=True,
+        )
+        sched.add_listener(self._on_event, EVENT_JOB_ERROR | EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
+        sched.add_job(
+            self._run_job,
+            IntervalTrigger(seconds=c.interval_seconds, jitter=c.jitter_seconds or None, timezone="UTC"),
+            id="canary-rotation",
+            name="canary rotation",
+            next_run_time=datetime.now(UTC) + timedelta(seconds=self.first_delay),
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=max(1, int(c.interval_seconds)),
+        )
+        sched.start()
+        self._scheduler = sched
+        log.info("canary scheduler started", extra={"fields": {
+            "interval_seconds": c.interval_seconds, "jitter_seconds": c.jitter_seconds,
+            "steps": len(self.steps), "first_in_seconds": self.first_delay}})
+
+    def stop(self) -> None:
+        """Cancel a running canary, stop ticking, and wait (bounded) until its QEMU is gone."""
+        with self._lock:
+            self._stopping = True
+            runner = self._current
+        if runner is not None:
+            log.info("cancelling the running canary")
+            try:
+                runner.cancel()
+            except Exception as err:  # stop must finish even if cancel misbehaves
+                log_failure(log, "cancelling the canary failed", err)
+        if self._scheduler is not None and self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+        if not self._idle.wait(STOP_TIMEOUT_SECONDS):
+            log.warning("canary did not stop in time", extra={"fields": {"timeout": STOP_TIMEOUT_SECONDS}})
+
+    @property
+    def running(self) -> bool:
+        return not self._idle.is_set()
+
+    # ------------------------------------------------------------------ ticking
+
+    def _run_job(self) -> None:
+        try:
+            self.tick()
+        except Exception as err:
+            self.store.count_scheduler_error()
+            log_failure(log, "canary tick failed", err)
+
+    def _on_event(self, event: Any) -> None:
+        from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES
+
+        if event.code == EVENT_JOB_ERROR:  # _run_job catches everything; this is a safety net
+            self.store.count_scheduler_error()
+            log_failure(log, "canary job failed", event.exception)
+        elif event.code == EVENT_JOB_MAX_INSTANCES:
+            log.debug("canary tick skipped: the previous canary is still running")
+        else:
+            log.debug("canary tick missed (daemon was stalled); coalesced into the next")
+
+    def next_step(self) -> tuple[ProfileConfig, str]:
+        return self.steps[self._next % len(self.steps)]
+
+    def tick(self) -> CanaryResult | None:
+        """Run the next rotation step. Returns the recorded result, None when stopping."""
+        with self._lock:
+            if self._stopping or not self.steps:
+                return None
+            self._idle.clear()
+        try:
+            return self._tick()
+        finally:
+            with self._lock:
+                self._current = None
+            self._idle.set()
+
+    def _tick(self) -> CanaryResult | None:
+        profile_cfg, cipher = self.next_step()
+        self._next = (self._next + 1) % len(self.steps)
+        pair = (profile_cfg.name, cipher)
+        fields = {"profile": profile_cfg.name, "cipher": cipher}
+        kvm_usable = self._kvm_usable()
+        if self._stopping:
+            return None
+
+        used = self.store.duty_used_seconds()
+        reason = self.budget.over_budget_reason(used, self.store.estimated_cpu_seconds(profile_cfg.name))
+        if reason is not None:
+            log.info("canary skipped", extra={"fields": {**fields, "reason": reason}})
+            return self._record(self._skipped(profile_cfg.name, reason), pair, budget_skip=True)
+        reason = self.busy.busy_reason()
+        if reason is not None:
+            log.info("canary skipped", extra={"fields": {**fields, "reason": reason}})
+            return self._record(self._skipped(profile_cfg.name, reason), pair)
+
+        started = self.clock()
+        try:
+            profile = self.resolver(profile_cfg, kvm_usable)
+        except ExporterError as err:
+            log_failure(log, "cannot resolve canary profile", err, **fields)
+            return self._record(self._failed(profile_cfg.name, err, started), pair)
+        image = self._image()
+        c = self.cfg.canary
+        job = CanaryJob(profile=profile, ciphers=(cipher,), ops=OPS, size_mib=c.size_mib, rounds=c.rounds,
+                        timeout_seconds=c.timeout_seconds, memory_mib=c.memory_mib)
+        runner = self.runner_factory(image)
+        with self._lock:
+            if self._stopping:
+                return None
+            self._current = runner
+        log.info("canary starting", extra={"fields": {**fields, "cpu": profile.cpu, "accel": profile.accel}})
+        try:
+            result = runner.run(job)
+        except ExporterError as err:
+            result = self._failed(profile_cfg.name, err, started)
+        if self._stopping:
+            log.info("canary cancelled by shutdown", extra={"fields": fields})
+            return None
+        log.info("canary finished", extra={"fields": {
+            **fields, "result": result.result, "seconds": round(result.duration, 1),
+            "cpu_seconds": round(result.cpu_seconds, 1),
+            **({"message": result.message} if result.message and result.result != "success" else {})}})
+        return self._record(result, pair)
+
+    def _record(self, result: CanaryResult, pair: tuple[str, str], budget_skip: bool = False) -> CanaryResult:
+        self.store.record(result, pair=pair, budget_skip=budget_skip)
+        return result
+
+    def _kvm_usable(self) -> bool:
+        """KVM only when the knowledge source proved it; the first tick waits (bounded) for the proof."""
+        if self._first_tick:
+            self._first_tick = False
+            q = self.cfg.qemu
+            deadline = time.monotonic() + q.probe_timeout_seconds * (len(q.accelerators) + 1)
+            while not self.knowledge.ready.wait(0.2):
+                if self._stopping or time.monotonic() > deadline:
+                    break
+        facts = self.knowledge.facts()
+        return bool(facts is not None and facts.accelerators.get("kvm", False))
+
+    def _image(self) -> CanaryImage | None:
+        """Looked up every tick: an operator may build the image while the daemon runs."""
+        c = self.cfg.canary
+        if c.kernel and c.initrd:
+            return CanaryImage(Path(c.kernel), Path(c.initrd), "", "configured")
+        try:
+            return find_image(Path(self.cfg.paths.cache_dir))
+        except ImageMissing as err:
+            log.warning("canary image missing", extra={"fields": {"err": str(err)}})
+            return None
+
+    def _default_runner(self, image: CanaryImage | None) -> Runner:
+        from exporter.canary.runner import CanaryRunner
+
+        c = self.cfg.canary
+        return CanaryRunner(
+            image,
+            qemu_binary=self.cfg.qemu.binary,
+            nice=c.nice,
+            cpu_affinity=list(c.cpu_affinity),
+            run_as_user=c.run_as_user,
+            clock=self.clock,
+            progress=None,
+        )
+
+    def _skipped(self, profile: str, reason: str) -> CanaryResult:
+        now = self.clock()
+        return CanaryResult(profile=profile, result="skipped_busy", started_at=now, finished_at=now,
+                            message=reason)
+
+    def _failed(self, profile: str, err: ExporterError, started: float) -> CanaryResult:
+        result = err.reason if err.reason in RESULTS else "qemu_error"
+        return CanaryResult(profile=profile, result=result, started_at=started, finished_at=self.clock(),
+                            message=str(err))
+
+    def _resume_position(self) -> int:
+        """Continue after the step that ran last before a restart, so restarts do not starve a pair."""
+        last = self.store.last_pair()
+        for i, (p, c) in enumerate(self.steps):
+            if (p.name, c) == last:
+                return (i + 1) % len(self.steps)
+        return 0

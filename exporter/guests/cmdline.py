@@ -1,0 +1,329 @@
+"""Parse a running QEMU's command line into what the guest exposure report needs.
+
+The command line is the only thing we may read without touching the guest, so the parser has to
+cope with what real hosts run: libvirt's very long lines (``-name guest=web01,debug-threads=on``,
+``-machine pc-q35-7.2,usb=off,...,accel=kvm``), QEMU's ``,,`` escaping inside option values, the
+``--opt`` and ``-opt=value`` spellings QEMU also accepts, and the ``-enable-kvm`` / ``-accel`` /
+``-machine accel=`` ways of choosing an accelerator. Anything it cannot make sense of raises
+``CmdlineError`` (and nothing else), so one strange process never breaks a scrape.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from exporter.errors import ExporterError
+
+#: QEMU options that take no argument (QEMU 7.2 plus older spellings still seen on hosts). Every
+#: other option takes exactly one, as in QEMU's own qemu-options table.
+_NO_ARG_OPTIONS = frozenset(
+    {
+        "S", "s", "h", "help", "version", "snapshot", "usb", "nographic", "portrait", "full-screen",
+        "win2k-hack", "no-fd-bootchk", "no-acpi", "no-hpet", "singlestep", "preconfig", "enable-kvm",
+        "xen-attach", "xen-domid-restrict", "no-reboot", "no-shutdown", "daemonize", "only-migratable",
+        "nodefaults", "no-user-config", "async-teardown", "enable-sync-profile", "mem-prealloc",
+        "audio-help", "no-kvm", "no-kvm-irqchip", "no-kvm-pit", "no-kvm-pit-reinjection",
+        "enable-nesting", "nodefconfig", "no-quit", "no-frame", "alt-grab", "ctrl-grab", "sdl",
+        "curses", "semihosting", "enable-fips", "show-cursor", "rtc-td-hack", "old-param",
+    }
+)
+_TRUE = frozenset({"on", "yes", "true", "y"})
+_FALSE = frozenset({"off", "no", "false", "n"})
+_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+_FEATURE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?$", re.IGNORECASE)
+_SIZE_MIB = {"": 1.0, "K": 1 / 1024, "M": 1.0, "G": 1024.0, "T": 1024.0 * 1024}
+
+#: QEMU's built-in default model per binary, used when a guest has no ``-cpu`` at all.
+DEFAULT_MODELS = {"qemu-system-x86_64": "qemu64", "qemu-system-i386": "qemu32", "qemu-kvm": "qemu64"}
+
+
+class CmdlineError(ExporterError):
+    """A QEMU command line could not be understood well enough to report on the guest."""
+
+    reason = "parse_error"
+
+
+@dataclass(frozen=True)
+class CpuSpec:
+    """The guest's ``-cpu`` option: a model plus feature switches, in QEMU spelling.
+
+    ``overrides`` is the net effect of every switch, resolved the way QEMU 7.2 does it:
+    ``feat=on|off`` (last one wins), then every ``+feat``, then every ``-feat`` (so ``-feat``
+    beats ``+feat`` regardless of order).
+    """
+
+    model: str
+    overrides: tuple[tuple[str, bool], ...] = ()
+    properties: tuple[tuple[str, str], ...] = ()
+    explicit: bool = True
+
+    @property
+    def enabled(self) -> frozenset[str]:
+        return frozenset(f for f, on in self.overrides if on)
+
+    @property
+    def disabled(self) -> frozenset[str]:
+        return frozenset(f for f, on in self.overrides if not on)
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """What a QEMU command line says about its guest."""
+
+    binary: str
+    name: str | None = None
+    uuid: str | None = None
+    cpu: CpuSpec = field(default_factory=lambda: CpuSpec("qemu64", explicit=False))
+    #: accelerators in the order QEMU tries them; the first usable one runs the guest
+    accels: tuple[str, ...] = ("tcg",)
+    #: True when the command line names an accelerator, False when QEMU's default applies
+    accel_explicit: bool = False
+    machine: str | None = None
+    vcpus: int | None = None
+    memory_mib: float | None = None
+
+    @property
+    def accel(self) -> str:
+        return self.accels[0]
+
+
+def split_options(value: str) -> list[str]:
+    """Split a QEMU option value on commas, honouring the ``,,`` escape for a literal comma."""
+    parts: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(value):
+        ch = value[i]
+        if ch == ",":
+            if i + 1 < len(value) and value[i + 1] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
+def _keyvals(value: str, implied: str | None) -> list[tuple[str, str | None]]:
+    """``a=1,b,c=2`` -> [(a,1),(b,None),(c,2)]; a first bare item is ``implied=item``."""
+    out: list[tuple[str, str | None]] = []
+    for i, part in enumerate(split_options(value)):
+        if part == "":
+            continue
+        key, eq, val = part.partition("=")
+        if not eq:
+            if i == 0 and implied is not None:
+                out.append((implied, part))
+            else:
+                out.append((part, None))
+        else:
+            out.append((key, val))
+    return out
+
+
+def decode_proc_cmdline(raw: bytes) -> list[str]:
+    """``/proc/PID/cmdline`` bytes -> argv; a process that rewrote its title (one string with
+    spaces, no NULs) is split like a shell would."""
+    text = raw.decode("utf-8", errors="surrogateescape")
+    if text.endswith("\0"):
+        text = text[:-1]
+    if text == "":
+        return []
+    argv = text.split("\0")
+    if len(argv) == 1 and " " in argv[0]:
+        try:
+            return shlex.split(argv[0])
+        except ValueError:
+            return argv[0].split()
+    return argv
+
+
+def _iter_options(argv: Sequence[str]) -> list[tuple[str, str | None]]:
+    """argv -> [(option name without dashes, value or None)] in order; stray words are dropped."""
+    out: list[tuple[str, str | None]] = []
+    i = 1
+    while i < len(argv):
+        tok = argv[i]
+        i += 1
+        if not tok.startswith("-") or tok in ("-", "--"):
+            continue  # a stray positional (old-style disk image) or end-of-options marker
+        name = tok[2:] if tok.startswith("--") else tok[1:]
+        value: str | None = None
+        if "=" in name:
+            name, _, value = name.partition("=")
+        elif name not in _NO_ARG_OPTIONS:
+            if i < len(argv):
+                value = argv[i]
+                i += 1
+            else:
+                value = None
+        out.append((name, value))
+    return out
+
+
+def parse_cpu(value: str) -> CpuSpec:
+    """Parse a ``-cpu`` value: ``MODEL[,+f][,-f][,f=on|off][,key=val...]``."""
+    parts = split_options(value)
+    model = parts[0].strip()
+    if not model:
+        raise CmdlineError(f"-cpu {value!r}: no CPU model")
+    if not _MODEL.match(model):
+        raise CmdlineError(f"-cpu {value!r}: {model!r} is not a CPU model name")
+    valued: dict[str, bool] = {}
+    plus: list[str] = []
+    minus: list[str] = []
+    props: list[tuple[str, str]] = []
+    for part in parts[1:]:
+        if part == "":
+            continue
+        if part[0] in "+-":
+            feat = part[1:]
+            if not _FEATURE.match(feat):
+                raise CmdlineError(f"-cpu {value!r}: {part!r} is not a feature switch")
+            (plus if part[0] == "+" else minus).append(feat)
+            continue
+        key, eq, val = part.partition("=")
+        if not _FEATURE.match(key):
+            raise CmdlineError(f"-cpu {value!r}: {part!r} is not a property")
+        if not eq:
+            valued.pop(key, None)
+            valued[key] = True  # legacy bare "feat" means feat=on
+        elif val.lower() in _TRUE:
+            valued.pop(key, None)
+            valued[key] = True
+        elif val.lower() in _FALSE:
+            valued.pop(key, None)
+            valued[key] = False
+        else:
+            props.append((key, val))
+    net = dict(valued)
+    for f in plus:
+        net[f] = True
+    for f in minus:
+        net[f] = False
+    return CpuSpec(model=model, overrides=tuple(net.items()), properties=tuple(props), explicit=True)
+
+
+def _parse_accels(value: str) -> list[str]:
+    """``kvm:tcg`` -> [kvm, tcg]; empty names are dropped."""
+    return [a.strip() for a in value.split(":") if a.strip()]
+
+
+def _parse_smp(value: str) -> int | None:
+    cpus: int | None = None
+    topology: dict[str, int] = {}
+    for key, val in _keyvals(value, "cpus"):
+        if val is None or not val.strip().isdigit():
+            continue
+        if key == "cpus":
+            cpus = int(val)
+        elif key in ("sockets", "dies", "clusters", "cores", "threads"):
+            topology[key] = int(val)
+    if cpus is None and topology:
+        cpus = 1
+        for n in topology.values():
+            cpus *= n
+    return cpus if cpus else None
+
+
+def _parse_memory(value: str) -> float | None:
+    for key, val in _keyvals(value, "size"):
+        if key == "size" and val is not None:
+            m = _SIZE.match(val.strip())
+            if m:
+                return float(m.group(1)) * _SIZE_MIB[m.group(2).upper()]
+    return None
+
+
+def default_model(binary: str) -> str:
+    """QEMU's default CPU model for the binary that runs the guest (qemu64 on x86-64)."""
+    base = os.path.basename(binary.removesuffix(" (deleted)"))
+    return DEFAULT_MODELS.get(base, "qemu64")
+
+
+def default_accel(binary: str) -> str:
+    """Upstream QEMU runs TCG unless told otherwise; distribution ``qemu-kvm`` builds default to KVM."""
+    return "kvm" if os.path.basename(binary) in ("qemu-kvm", "kvm") else "tcg"
+
+
+def parse_argv(argv: Sequence[str]) -> GuestSpec:
+    """Parse a QEMU argv (``argv[0]`` is the program) into a ``GuestSpec``.
+
+    Only options that matter for the report are interpreted; the rest are skipped with their
+    argument. Raises ``CmdlineError`` when the CPU or accelerator cannot be determined.
+    """
+    if not argv:
+        raise CmdlineError("empty command line")
+    binary = argv[0]
+    name: str | None = None
+    uuid: str | None = None
+    cpu: CpuSpec | None = None
+    accels: list[str] = []
+    machine_accels: list[str] = []
+    enable_kvm = False
+    machine: str | None = None
+    vcpus: int | None = None
+    memory: float | None = None
+    for opt, value in _iter_options(argv):
+        if opt in ("name", "cpu", "uuid", "accel", "machine", "M", "smp", "m") and value is None:
+            raise CmdlineError(f"-{opt} without a value")
+        if opt == "name":
+            for key, val in _keyvals(value or "", "guest"):
+                if key == "guest" and val:
+                    name = val
+        elif opt == "uuid":
+            uuid = (value or "").strip() or None
+        elif opt == "cpu":
+            cpu = parse_cpu(value or "")
+        elif opt == "accel":
+            for key, val in _keyvals(value or "", "accel"):
+                if key == "accel" and val:
+                    accels.extend(_parse_accels(val))
+        elif opt in ("machine", "M"):
+            for key, val in _keyvals(value or "", "type"):
+                if key == "type" and val:
+                    machine = val
+                elif key == "accel" and val:
+                    machine_accels.extend(_parse_accels(val))
+        elif opt in ("enable-kvm",):
+            enable_kvm = True
+        elif opt == "smp":
+            vcpus = _parse_smp(value or "")
+        elif opt == "m":
+            memory = _parse_memory(value or "")
+    # QEMU: -enable-kvm is -accel kvm; -accel and -machine accel= together are refused, but a
+    # running process has already been accepted, so take them in the order QEMU would consider.
+    order: list[str] = []
+    for a in (["kvm"] if enable_kvm else []) + accels + machine_accels:
+        if a not in order:
+            order.append(a)
+    explicit = bool(order)
+    if not order:
+        order = [default_accel(binary)]
+    if cpu is None:
+        cpu = CpuSpec(default_model(binary), explicit=False)
+    return GuestSpec(
+        binary=binary,
+        name=name,
+        uuid=uuid,
+        cpu=cpu,
+        accels=tuple(order),
+        accel_explicit=explicit,
+        machine=machine,
+        vcpus=vcpus,
+        memory_mib=memory,
+    )
+
+
+def parse_cmdline(raw: bytes) -> GuestSpec:
+    """Parse the raw contents of ``/proc/PID/cmdline``."""
+    return parse_argv(decode_proc_cmdline(raw))

@@ -1,0 +1,37 @@
+"""Which kernel modules are present: the exporter's ``lsmod | grep aes``.
+
+A loadable module is listed in /proc/modules; a built-in one never is, but shows up as
+/sys/module/<name> (when it has parameters or a version), so both are consulted. A kernel built
+without module support has no /proc/modules at all: that means "nothing loaded", not an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from exporter.errors import SourceError
+
+#: modules whose presence the exporter reports (``kvmcpu_host_kernel_module_loaded``)
+WATCHED_MODULES: tuple[str, ...] = ("aesni_intel", "dm_crypt", "kvm", "kvm_intel", "kvm_amd")
+
+
+def parse_modules(text: str) -> set[str]:
+    """Module names from /proc/modules text (first column of each line)."""
+    return {line.split()[0] for line in text.splitlines() if line.split()}
+
+
+def loaded_modules(procfs: Path) -> set[str]:
+    path = procfs / "modules"
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return set()
+    except OSError as err:
+        raise SourceError(str(path), f"cannot read: {err.strerror or err}") from err
+    return parse_modules(text)
+
+
+def module_present(name: str, loaded: set[str], sysfs: Path) -> bool:
+    """Loaded as a module or built into the kernel (``-`` and ``_`` are the same to the kernel)."""
+    canonical = name.replace("-", "_")
+    return canonical in loaded or (sysfs / "module" / canonical).is_dir()

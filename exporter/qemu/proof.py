@@ -1,0 +1,118 @@
+"""Prove that an accelerator really runs guests, by booting one.
+
+``/dev/kvm`` being present proves nothing: on nested or paravirtual hosts ``-accel kvm`` fails at
+once ("failed to set MSR 0x10a") or hangs silently at 100% CPU. The only proof is a guest that
+reports back, so a 512-byte boot sector writes a marker to COM1 and halts; an accelerator is usable
+iff the marker shows up before the deadline. The proof uses the CPU model a real guest would get
+(``host`` under KVM, ``max`` under TCG): measured here, KVM with ``-cpu qemu64`` still runs a boot
+sector while ``-cpu host`` cannot even start, and the canary boots with ``host``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from exporter.features import OWN_GUEST_PREFIX
+from exporter.qemu.qmp import BinaryId, first_error_line, kill_group
+
+#: What the proof guest writes to its serial port; long enough that firmware output cannot fake it.
+MARKER = b"KVMCPU-PROOF-OK\n"
+#: CPU model each accelerator is proven with: the one guests and canaries are given.
+PROOF_CPU = {"kvm": "host", "tcg": "max"}
+
+
+def boot_sector(marker: bytes = MARKER) -> bytes:
+    """x86 real-mode boot sector: ``out 0x3f8`` every marker byte, then ``hlt`` forever."""
+    code = bytearray(b"\xba\xf8\x03")  # mov dx, 0x3f8
+    for byte in marker:
+        code += bytes((0xB0, byte, 0xEE))  # mov al, byte; out dx, al
+    code += b"\xf4\xeb\xfd"  # hlt; jmp hlt
+    if len(code) > 510:
+        raise ValueError("marker too long for a boot sector")
+    return bytes(code) + b"\x00" * (510 - len(code)) + b"\x55\xaa"
+
+
+@dataclass(frozen=True)
+class ProofResult:
+    accel: str
+    usable: bool
+    #: one line saying why not (empty when usable)
+    error: str = ""
+    #: seconds from launch to marker (or to failure)
+    seconds: float = 0.0
+
+
+def prove_accelerators(
+    binary: BinaryId,
+    accels: Iterable[str],
+    *,
+    timeout: float = 15.0,
+    on_spawn: Callable[[subprocess.Popen[bytes]], None] | None = None,
+    poll_interval: float = 0.05,
+) -> dict[str, ProofResult]:
+    """Boot the proof guest under every accelerator at once; each result within ``timeout``.
+
+    Run concurrently so that a hanging KVM costs ``timeout`` in total, not on top of TCG's proof.
+    Every process is killed (process group) before this returns, whatever happened.
+    """
+    accels = list(dict.fromkeys(accels))
+    results: dict[str, ProofResult] = {}
+    with tempfile.TemporaryDirectory(prefix="kvmcpu-proof-") as tmpdir:
+        tmp = Path(tmpdir)
+        image = tmp / "proof.img"
+        image.write_bytes(boot_sector())
+        running: dict[str, tuple[subprocess.Popen[bytes], Path, Path]] = {}
+        start = time.monotonic()
+        try:
+            for accel in accels:
+                serial, stderr = tmp / f"{accel}.serial", tmp / f"{accel}.stderr"
+                serial.touch()
+                cmd = [
+                    binary.exec_path, "-name", f"guest={OWN_GUEST_PREFIX}proof-{accel}",
+                    "-accel", accel, "-cpu", PROOF_CPU.get(accel, "max"),
+                    "-machine", "pc", "-nodefaults", "-nographic", "-display", "none", "-monitor", "none",
+                    "-m", "16", "-serial", f"file:{serial}",
+                    "-drive", f"file={image},format=raw,if=floppy,readonly=on",
+                    "-no-reboot",
+                ]  # fmt: skip
+                try:
+                    with open(stderr, "wb") as err:
+                        proc = subprocess.Popen(
+                            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                            start_new_session=True, close_fds=True,
+                        )  # fmt: skip
+                except OSError as e:
+                    results[accel] = ProofResult(accel, False, f"cannot execute {binary.exec_path}: {e}")
+                    continue
+                if on_spawn is not None:
+                    on_spawn(proc)
+                running[accel] = (proc, serial, stderr)
+            while running:
+                now = time.monotonic()
+                for accel, (proc, serial, stderr) in list(running.items()):
+                    if MARKER in serial.read_bytes():
+                        results[accel] = ProofResult(accel, True, "", now - start)
+                    elif proc.poll() is not None:
+                        why = first_error_line(stderr.read_text(errors="replace"))
+                        results[accel] = ProofResult(
+                            accel, False, why or f"QEMU exited with status {proc.returncode}", now - start
+                        )
+                    elif now - start >= timeout:
+                        results[accel] = ProofResult(
+                            accel, False, f"proof guest gave no sign of life within {timeout:g}s", now - start
+                        )
+                    else:
+                        continue
+                    kill_group(proc)
+                    del running[accel]
+                if running:
+                    time.sleep(poll_interval)
+        finally:
+            for proc, _, _ in running.values():
+                kill_group(proc)
+    return {accel: results[accel] for accel in accels}

@@ -1,0 +1,158 @@
+"""Aggregation and rendering of canary results (exporter.canary.compare) on constructed results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from exporter.canary.compare import MB, aggregate, compare, render_comparison, render_rates
+from exporter.canary.model import CanaryResult, Measurement
+
+
+def result(profile: str, rates: dict[tuple[str, str], list[float]], drivers: dict[str, str] | None = None,
+           outcome: str = "success") -> CanaryResult:
+    """A result whose measurements have the given MB/s per (cipher, op), one per round."""
+    ms = [
+        Measurement(cipher=c, op=op, round=i, bytes=int(rate * MB), seconds=1.0)
+        for (c, op), per_round in rates.items()
+        for i, rate in enumerate(per_round)
+    ]
+    return CanaryResult(profile=profile, result=outcome, started_at=100.0, finished_at=130.0,
+                        drivers=drivers or {}, measurements=ms)
+
+
+def test_aggregate_mean_min_max_and_driver() -> None:
+    res = result("aesni", {("aes-xts-plain", "read"): [100.0, 110.0, 120.0],
+                           ("aes-xts-plain", "write"): [50.0]},
+                 drivers={"aes-xts-plain": "xts-aes-aesni"})
+    stats = {(s.cipher, s.op): s for s in aggregate([res])}
+    read = stats[("aes-xts-plain", "read")]
+    assert read.mean == pytest.approx(110 * MB)
+    assert read.minimum == pytest.approx(100 * MB)
+    assert read.maximum == pytest.approx(120 * MB)
+    assert read.rounds == 3
+    assert read.driver == "xts-aes-aesni"
+    assert stats[("aes-xts-plain", "write")].rounds == 1
+
+
+def test_aggregate_drops_rounds_without_time_and_merges_results() -> None:
+    a = result("p", {("aes-cbc-plain", "read"): [10.0]})
+    b = result("p", {("aes-cbc-plain", "read"): [30.0]})
+    b.measurements.append(Measurement("aes-cbc-plain", "read", 9, 1000, 0.0))  # no time reported
+    (s,) = aggregate([a, b])
+    assert s.rounds == 2
+    assert s.mean == pytest.approx(20 * MB)
+
+
+def test_aggregate_keeps_configured_order() -> None:
+    res = result("p", {("aes-xts-plain", "read"): [1.0], ("aes-ecb-plain", "read"): [1.0]})
+    assert [s.cipher for s in aggregate([res])] == ["aes-xts-plain", "aes-ecb-plain"]
+
+
+def test_compare_speedup_percent_and_ratio() -> None:
+    w = result("aesni", {("aes-xts-plain", "read"): [150.0], ("aes-xts-plain", "write"): [58.0]})
+    wo = result("noaesni", {("aes-xts-plain", "read"): [100.0], ("aes-xts-plain", "write"): [50.0]})
+    comp = compare([w, wo], "aesni", "noaesni")
+    read = comp.row("aes-xts-plain", "read")
+    write = comp.row("aes-xts-plain", "write")
+    assert read is not None and write is not None
+    assert read.ratio == pytest.approx(1.5)
+    assert read.speedup_percent == pytest.approx(50.0)
+    assert write.speedup_percent == pytest.approx(16.0)
+    assert comp.speedup_range("read") == pytest.approx((50.0, 50.0))
+
+
+def test_compare_missing_side_gives_row_without_speedup() -> None:
+    w = result("aesni", {("aes-xts-plain", "read"): [150.0], ("aes-cbc-plain", "read"): [90.0]})
+    wo = result("noaesni", {("aes-xts-plain", "read"): [100.0]}, outcome="guest_panic")
+    comp = compare([w, wo], "aesni", "noaesni", ciphers=["aes-xts-plain", "aes-cbc-plain", "aes-ctr-plain"],
+                   ops=["read"])
+    assert [r.cipher for r in comp.rows] == ["aes-xts-plain", "aes-cbc-plain", "aes-ctr-plain"]
+    cbc = comp.row("aes-cbc-plain", "read")
+    ctr = comp.row("aes-ctr-plain", "read")
+    assert cbc is not None and cbc.without_stats is None and cbc.speedup_percent is None
+    assert ctr is not None and ctr.with_stats is None and ctr.ratio is None
+    assert comp.speedup_range("read") == pytest.approx((50.0, 50.0))
+    assert comp.speedup_range("write") is None
+
+
+def test_summary_like_the_guide() -> None:
+    w = result("aesni", {("a-ecb-plain", "read"): [140.0], ("a-cbc-plain", "read"): [191.0],
+                         ("a-ecb-plain", "write"): [116.0], ("a-cbc-plain", "write"): [150.0]})
+    wo = result("noaesni", {("a-ecb-plain", "read"): [100.0], ("a-cbc-plain", "read"): [100.0],
+                            ("a-ecb-plain", "write"): [100.0], ("a-cbc-plain", "write"): [100.0]})
+    summary = compare([w, wo], "aesni", "noaesni").summary()
+    assert summary == "with aesni, reads 40-91% faster, writes 16-50% faster than with noaesni"
+
+
+def test_summary_reports_slowdown_and_no_data() -> None:
+    w = result("aesni", {("c", "read"): [80.0]})
+    wo = result("noaesni", {("c", "read"): [100.0]})
+    assert "reads 20% slower" in compare([w, wo], "aesni", "noaesni").summary()
+    mixed = [result("aesni", {("c", "read"): [80.0], ("d", "read"): [300.0]}),
+             result("noaesni", {("c", "read"): [100.0], ("d", "read"): [100.0]})]
+    assert "reads 20% slower to 200% faster than" in compare(mixed, "aesni", "noaesni").summary()
+    assert "no speedup" in compare([], "aesni", "noaesni", ciphers=["c"]).summary()
+
+
+def test_render_comparison_table_layout() -> None:
+    w = result("aesni", {("aes-xts-plain", "read"): [150.0], ("aes-xts-plain", "write"): [60.0]},
+               drivers={"aes-xts-plain": "xts-aes-aesni"})
+    wo = result("noaesni", {("aes-xts-plain", "read"): [100.0]},
+                drivers={"aes-xts-plain": "xts(ecb(aes-generic))"})
+    text = render_comparison(compare([w, wo], "aesni", "noaesni"))
+    lines = text.splitlines()
+    assert lines[0].split() == ["OP", "CIPHER", "aesni", "MB/s", "noaesni", "MB/s", "SPEEDUP",
+                                "aesni", "DRIVER", "noaesni", "DRIVER"]
+    assert set(lines[1]) <= {"-", " "}
+    assert lines[2].split() == ["read", "aes-xts-plain", "150.0", "100.0", "+50%", "xts-aes-aesni",
+                                "xts(ecb(aes-generic))"]
+    # the write row has no without-side: shown as "-", never as 0 or a bogus speedup
+    assert lines[3].split() == ["write", "aes-xts-plain", "60.0", "-", "-", "xts-aes-aesni", "-"]
+    # numeric columns are right-aligned: the rate cells end in the same column on every row
+    end = lines[0].index("SPEEDUP") + len("SPEEDUP")
+    assert lines[2][:end].endswith("+50%") and lines[3][:end].endswith("-")
+    assert lines[-1].startswith("with aesni, reads 50% faster")
+
+
+def test_render_rates_table() -> None:
+    res = result("aesni", {("aes-xts-plain", "read"): [100.0, 120.0]}, drivers={})
+    lines = render_rates(aggregate([res])).splitlines()
+    assert lines[0].split()[:4] == ["PROFILE", "CIPHER", "OP", "MEAN"]
+    assert lines[2].split() == ["aesni", "aes-xts-plain", "read", "110.0", "100.0", "120.0", "2", "?"]
+
+
+def test_stats_serialise_to_plain_json_values() -> None:
+    res = result("aesni", {("aes-xts-plain", "read"): [100.0]})
+    comp = compare([res], "aesni", "noaesni")
+    d = comp.to_dict()
+    assert d["rows"][0]["with"]["mean_bytes_per_second"] == pytest.approx(100 * MB)
+    assert d["rows"][0]["without"] is None and d["rows"][0]["speedup_percent"] is None
+    assert json.loads(json.dumps(d)) == d
+
+
+def test_plot_writes_two_panel_png(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from exporter.canary.plot import plot_comparison
+
+    ciphers = ["aes-ecb-plain", "aes-cbc-plain", "aes-xts-plain"]
+    w = result("aesni", {(c, op): [100.0 + i] for i, c in enumerate(ciphers) for op in ("read", "write")})
+    wo = result("noaesni", {(c, op): [50.0] for c in ciphers[:2] for op in ("read", "write")})
+    out = plot_comparison(compare([w, wo], "aesni", "noaesni", ciphers), tmp_path / "chart.png")
+    with Image.open(out) as img:
+        assert img.format == "PNG"
+        width, height = img.size
+        assert width >= 800 and height >= 400
+        # not a blank canvas: bars in both colours were drawn
+        colours = {c for _, c in img.convert("RGB").getcolors(maxcolors=1 << 20) or []}
+    assert (0x2A, 0x7A, 0xB0) in colours and (0xE0, 0x8A, 0x2C) in colours
+
+
+def test_plot_unwritable_path_is_a_plot_error(tmp_path: Path) -> None:
+    from exporter.canary.plot import PlotError, check_available
+
+    with pytest.raises(PlotError, match="does not exist"):
+        check_available(tmp_path / "missing-dir" / "chart.png")

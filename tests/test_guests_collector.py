@@ -1,0 +1,282 @@
+"""GuestsCollector on synthetic /proc trees: series, hidden features, pending/unknown models, scan errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pwd
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from support.guests import (
+    SKYLAKE_SERVER,
+    TCG_MAX,
+    FakeKnowledge,
+    add_process,
+    make_procfs,
+    read_argv,
+    tcg_knowledge,
+)
+
+from exporter.collectors.guests import GuestsCollector
+from exporter.config import GuestsConfig
+from exporter.errors import UnknownCpuModel
+from exporter.features import DEFAULT_WATCHLIST
+from exporter.guests.discovery import scan
+from exporter.procfs.cpuinfo import read_cpuinfo
+
+QEMU = "/usr/bin/qemu-system-x86_64"
+
+
+def _registry(collector: GuestsCollector) -> CollectorRegistry:
+    reg = CollectorRegistry()
+    reg.register(collector)
+    return reg
+
+
+def _collector(procfs: Path, knowledge: FakeKnowledge, **cfg: object) -> GuestsCollector:
+    return GuestsCollector(procfs, knowledge, DEFAULT_WATCHLIST, GuestsConfig(**cfg))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def procfs(tmp_path: Path) -> Path:
+    root = make_procfs(tmp_path / "proc")
+    add_process(root, 100, [QEMU, "-name", "guest=west", "-cpu", "Westmere,-aes", "-accel", "tcg",
+                            "-smp", "2", "-m", "512", "-uuid", "u-1"])
+    add_process(root, 101, [QEMU, "-m", "64"])  # no -cpu, no -name
+    add_process(root, 102, read_argv("libvirt-web01"))
+    add_process(root, 103, ["/bin/bash", "-c", "qemu-system-x86_64 -cpu max"], exe="/bin/bash")
+    add_process(root, 104, [QEMU, "-machine", "none", "-qmp", "stdio"])  # a probe, not a guest
+    add_process(root, 105, b"", exe=None)  # a kernel thread
+    return root
+
+
+def test_guests_and_their_features(procfs: Path) -> None:
+    reg = _registry(_collector(procfs, tcg_knowledge()))
+    g = reg.get_sample_value
+    assert g("kvmcpu_guests") == 3
+    assert g("kvmcpu_guest_info", {"guest": "west", "uuid": "u-1", "pid": "100", "cpu_model": "Westmere",
+                                   "accel": "tcg", "migratable": "true"}) == 1
+    assert g("kvmcpu_guest_info", {"guest": "pid-101", "uuid": "", "pid": "101", "cpu_model": "qemu64",
+                                   "accel": "tcg", "migratable": "true"}) == 1
+    assert g("kvmcpu_guest_info", {"guest": "web01", "uuid": "5c1e0f3a-93d1-4b6e-a3b9-2f8e5a1c7d42",
+                                   "pid": "102", "cpu_model": "Skylake-Server-IBRS", "accel": "kvm",
+                                   "migratable": "true"}) == 1
+    host = read_cpuinfo(procfs).flags_everywhere()
+    for feature in DEFAULT_WATCHLIST:
+        west = g("kvmcpu_guest_cpu_feature", {"guest": "west", "feature": feature})
+        assert west == (1.0 if feature in {"pclmulqdq", "ssse3", "sse4_1", "sse4_2"} else 0.0), feature
+        hidden = g("kvmcpu_guest_cpu_feature_hidden", {"guest": "west", "feature": feature})
+        assert hidden == (1.0 if feature in host and not west else 0.0), feature
+    # the default model (qemu64) has no AES: hidden, because this host has it
+    assert g("kvmcpu_guest_cpu_feature", {"guest": "pid-101", "feature": "aes"}) == 0
+    assert g("kvmcpu_guest_cpu_feature_hidden", {"guest": "pid-101", "feature": "aes"}) == 1
+    # web01: Skylake-Server under KVM, avx512f=off on the command line; no KVM facts -> unfiltered
+    assert g("kvmcpu_guest_cpu_feature", {"guest": "web01", "feature": "avx512f"}) is None
+    assert g("kvmcpu_guest_cpu_model_known", {"guest": "web01"}) == 0  # host (KVM) set still pending
+    assert g("kvmcpu_guest_vcpus", {"guest": "west"}) == 2
+    assert g("kvmcpu_guest_memory_bytes", {"guest": "west"}) == 512 * 1024 * 1024
+
+
+def test_kvm_guest_with_known_host_set(procfs: Path) -> None:
+    k = tcg_knowledge()
+    k.expansions[("host", "kvm")] = SKYLAKE_SERVER | {"vmx", "hypervisor"}
+    reg = _registry(_collector(procfs, k))
+    g = reg.get_sample_value
+    assert g("kvmcpu_guest_cpu_model_known", {"guest": "web01"}) == 1
+    assert g("kvmcpu_guest_cpu_feature", {"guest": "web01", "feature": "avx512f"}) == 0
+    assert g("kvmcpu_guest_cpu_feature", {"guest": "web01", "feature": "vmx"}) == 1
+    assert g("kvmcpu_guest_cpu_feature", {"guest": "web01", "feature": "avx512bw"}) == 1
+
+
+def test_hidden_needs_the_feature_on_every_host_cpu(tmp_path: Path) -> None:
+    root = make_procfs(tmp_path / "proc", cpuinfo="partial-avx512")
+    add_process(root, 7, [QEMU, "-name", "m", "-cpu", "max"])
+    g = _registry(_collector(root, tcg_knowledge())).get_sample_value
+    assert g("kvmcpu_guest_cpu_feature", {"guest": "m", "feature": "avx512f"}) == 0
+    assert g("kvmcpu_guest_cpu_feature_hidden", {"guest": "m", "feature": "avx512f"}) == 0
+    assert g("kvmcpu_guest_cpu_feature_hidden", {"guest": "m", "feature": "sha_ni"}) == 1
+
+
+def test_pending_model_exports_info_only(procfs: Path) -> None:
+    k = FakeKnowledge()
+    reg = _registry(_collector(procfs, k))
+    g = reg.get_sample_value
+    assert g("kvmcpu_guests") == 3
+    assert g("kvmcpu_guest_cpu_model_known", {"guest": "west"}) == 0
+    assert g("kvmcpu_guest_cpu_feature", {"guest": "west", "feature": "aes"}) is None
+    assert g("kvmcpu_guest_cpu_feature_hidden", {"guest": "west", "feature": "aes"}) is None
+    k.expansions.update(tcg_knowledge().expansions)  # the background resolution arrives
+    assert g("kvmcpu_guest_cpu_model_known", {"guest": "west"}) == 1
+    assert g("kvmcpu_guest_cpu_feature", {"guest": "west", "feature": "pclmulqdq"}) == 1
+
+
+def test_unknown_model_is_counted_and_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = make_procfs(tmp_path / "proc")
+    add_process(root, 9, [QEMU, "-name", "odd", "-cpu", "Bogus9000,+aes"])
+    k = tcg_knowledge()
+    k.failures[("Bogus9000", "tcg")] = UnknownCpuModel("CPU model 'Bogus9000' not found")
+    reg = _registry(_collector(root, k))
+    g = reg.get_sample_value
+    with caplog.at_level(logging.WARNING, logger="exporter.collectors.guests"):
+        for _ in range(3):
+            assert g("kvmcpu_guest_info", {"guest": "odd", "uuid": "", "pid": "9", "cpu_model": "Bogus9000",
+                                           "accel": "tcg", "migratable": "true"}) == 1
+            assert g("kvmcpu_guest_cpu_model_known", {"guest": "odd"}) == 0
+            assert g("kvmcpu_guest_cpu_feature", {"guest": "odd", "feature": "aes"}) is None
+    assert g("kvmcpu_guest_scan_errors_total", {"reason": "unknown_cpu_model"}) == 1
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "Bogus9000" in warnings[0].fields["detail"]  # type: ignore[attr-defined]
+
+
+def test_unknown_model_with_real_qemu(tmp_path: Path) -> None:
+    """The real knowledge source, asked with the guest's own binary, refuses a model QEMU lacks."""
+    from exporter.qemu.knowledge import QemuKnowledge
+
+    root = make_procfs(tmp_path / "proc")
+    add_process(root, 11, [QEMU, "-name", "odd", "-cpu", "NoSuchCpu-v9"])
+    knowledge = QemuKnowledge(accelerators=("tcg",))
+    with pytest.raises(UnknownCpuModel):
+        knowledge.expand("NoSuchCpu-v9", binary=QEMU, accel="tcg")
+    g = _registry(_collector(root, knowledge)).get_sample_value  # type: ignore[arg-type]
+    assert g("kvmcpu_guest_cpu_model_known", {"guest": "odd"}) == 0
+    assert g("kvmcpu_guest_scan_errors_total", {"reason": "unknown_cpu_model"}) == 1
+
+
+def test_parse_error_is_counted_not_fatal(tmp_path: Path) -> None:
+    root = make_procfs(tmp_path / "proc")
+    add_process(root, 20, [QEMU, "-name", "bad", "-cpu"])
+    add_process(root, 21, [QEMU, "-name", "good", "-cpu", "max"])
+    g = _registry(_collector(root, tcg_knowledge())).get_sample_value
+    assert g("kvmcpu_guests") == 1
+    assert g("kvmcpu_guest_cpu_feature", {"guest": "good", "feature": "avx2"}) == 1
+    assert g("kvmcpu_guest_scan_errors_total", {"reason": "parse_error"}) == 1
+    assert g("kvmcpu_guest_scan_errors_total", {"reason": "vanished"}) == 0
+
+
+def test_process_vanishing_mid_scan(tmp_path: Path) -> None:
+    root = make_procfs(tmp_path / "proc")
+    add_process(root, 30, [QEMU, "-name", "gone", "-cpu", "max"])
+    add_process(root, 31, [QEMU, "-name", "stays", "-cpu", "max"])
+    collector = _collector(root, tcg_knowledge())
+    parse = collector._parse
+
+    def parse_then_exit(raw: bytes):  # type: ignore[no-untyped-def]
+        spec = parse(raw)
+        if spec.name == "gone":
+            shutil.rmtree(root / "30")  # the process exits right after we read its command line
+        return spec
+
+    collector._parse = parse_then_exit  # type: ignore[method-assign]
+    g = _registry(collector).get_sample_value
+    assert g("kvmcpu_guests") == 1
+    assert g("kvmcpu_guest_cpu_model_known", {"guest": "stays"}) == 1
+    assert g("kvmcpu_guest_cpu_model_known", {"guest": "gone"}) is None
+    assert g("kvmcpu_guest_scan_errors_total", {"reason": "vanished"}) == 1
+
+
+def test_duplicate_names_stay_distinct(tmp_path: Path) -> None:
+    root = make_procfs(tmp_path / "proc")
+    add_process(root, 40, [QEMU, "-name", "twin"])
+    add_process(root, 41, [QEMU, "-name", "twin"])
+    labels = [g.label for g in scan(root).guests]
+    assert labels == ["twin", "twin@pid-41"]
+
+
+def test_fallback_accelerator_resolved_from_fds(tmp_path: Path) -> None:
+    root = make_procfs(tmp_path / "proc")
+    add_process(root, 50, [QEMU, "-name", "k", "-machine", "accel=kvm:tcg"],
+                fds=["/dev/null", "anon_inode:kvm-vm", "anon_inode:kvm-vcpu:0"])
+    add_process(root, 51, [QEMU, "-name", "t", "-machine", "accel=kvm:tcg"], fds=["/dev/null"])
+    accel = {g.label: g.accel for g in scan(root).guests}
+    assert accel == {"k": "kvm", "t": "tcg"}
+
+
+def test_configured_process_names(tmp_path: Path) -> None:
+    root = make_procfs(tmp_path / "proc")
+    add_process(root, 60, ["/opt/vendor/bin/vmm-launcher", "-name", "v", "-cpu", "max"])
+    assert scan(root).guests == []
+    assert [g.label for g in scan(root, ["vmm-*"]).guests] == ["v"]
+
+
+def _scan_as_nobody(root: Path) -> dict[str, list[object]]:
+    """Scan in a forked child that dropped root (root ignores file modes), results over a pipe."""
+    nobody = pwd.getpwnam("nobody")
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.close(rfd)
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            res = scan(root)
+            doc = {"guests": [g.label for g in res.guests], "issues": [[i.pid, i.reason] for i in res.issues]}
+            os.write(wfd, json.dumps(doc).encode())
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)  # type: ignore[no-any-return]
+
+
+def test_permission_denied_is_reported() -> None:
+    base = Path(tempfile.mkdtemp(prefix="guests-perm-"))
+    try:
+        os.chmod(base, 0o755)
+        root = make_procfs(base / "proc")
+        add_process(root, 70, [QEMU, "-name", "open"])
+        add_process(root, 71, [QEMU, "-name", "secret"])
+        os.chmod(root / "71" / "cmdline", 0o000)
+        assert _scan_as_nobody(root) == {"guests": ["open"], "issues": [[71, "permission_denied"]]}
+    finally:
+        shutil.rmtree(base)
+
+
+def test_sample_cache_tracks_changes(procfs: Path) -> None:
+    k = tcg_knowledge()
+    reg = _registry(_collector(procfs, k))
+    g = reg.get_sample_value
+    assert g("kvmcpu_guest_cpu_feature", {"guest": "pid-101", "feature": "avx"}) == 0
+    k.expansions[("qemu64", "tcg")] = TCG_MAX  # e.g. QEMU upgraded and the model re-expanded
+    assert g("kvmcpu_guest_cpu_feature", {"guest": "pid-101", "feature": "avx"}) == 1
+    assert g("kvmcpu_guest_cpu_feature_hidden", {"guest": "pid-101", "feature": "avx"}) == 0
+
+
+def test_unreadable_host_cpuinfo_drops_only_hidden(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "proc"
+    add_process(root, 80, [QEMU, "-name", "h", "-cpu", "max"])  # no cpuinfo in this tree
+    reg = _registry(_collector(root, tcg_knowledge()))
+    with caplog.at_level(logging.WARNING, logger="exporter.collectors.guests"):
+        for _ in range(2):
+            assert reg.get_sample_value("kvmcpu_guest_cpu_feature", {"guest": "h", "feature": "aes"}) == 1
+            assert reg.get_sample_value("kvmcpu_guest_cpu_feature_hidden", {"guest": "h", "feature": "aes"}) is None
+    assert len([r for r in caplog.records if "host CPU flags" in r.getMessage()]) == 1
+
+
+def test_live_results_override_while_fresh(tmp_path: Path) -> None:
+    from exporter.config import QmpSocketConfig
+    from exporter.guests.live import LiveChecker, LiveResult
+
+    root = make_procfs(tmp_path / "proc")
+    add_process(root, 90, [QEMU, "-name", "lab", "-cpu", "Westmere"])
+    now = [1000.0]
+    live = LiveChecker([QmpSocketConfig("lab", str(tmp_path / "none.sock"))], interval=60.0, clock=lambda: now[0])
+    live._results["lab"] = LiveResult("lab", 1000.0, True, frozenset({"aes", "avx"}), frozenset({"avx512f"}))
+    live.start = lambda: None  # type: ignore[method-assign]  # no background thread in a unit test
+    collector = GuestsCollector(root, tcg_knowledge(), DEFAULT_WATCHLIST, GuestsConfig(), lambda: now[0],
+                                live=live)
+    g = _registry(collector).get_sample_value
+    assert g("kvmcpu_guest_cpu_feature", {"guest": "lab", "feature": "avx"}) == 1  # from the vCPU itself
+    assert g("kvmcpu_guest_cpu_feature_filtered", {"guest": "lab", "feature": "avx512f"}) == 1
+    assert g("kvmcpu_guest_cpu_feature_filtered", {"guest": "lab", "feature": "aes"}) == 0
+    assert g("kvmcpu_guest_live_check_success", {"guest": "lab"}) == 1
+    assert g("kvmcpu_guest_live_check_timestamp_seconds", {"guest": "lab"}) == 1000.0
+    now[0] += 600  # stale: back to the model expansion (Westmere has no avx)
+    assert g("kvmcpu_guest_cpu_feature", {"guest": "lab", "feature": "avx"}) == 0
