@@ -105,6 +105,22 @@ def wait_healthy(t: Target, timeout: float = 60.0) -> None:
     raise SystemExit(f"{t.name} did not answer /metrics within {timeout}s")
 
 
+def wait_ready(t: Target, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", t.port, timeout=10)
+        try:
+            conn.request("GET", "/-/ready")
+            if conn.getresponse().status == 200:
+                return
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            conn.close()
+        time.sleep(0.2)
+    raise SystemExit(f"{t.name} not ready within {timeout}s")
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q / 100 * len(s)) - 1))]
@@ -147,6 +163,7 @@ def main() -> int:
     try:
         for t in (ours, node):
             wait_healthy(t)
+        wait_ready(ours)  # QEMU probe finished: the qemu collector exports its full model list
         for _ in range(ns.warmup):
             ours.scrape()
             node.scrape()

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from exporter.errors import ConfigError
+
 DEFAULT_LISTEN = ":10437"
 DEFAULT_STATE_DIR = "/var/lib/kvm-cpu-exporter"
 DEFAULT_CACHE_DIR = "/var/cache/kvm-cpu-exporter"
@@ -291,8 +293,17 @@ def validate(cfg: Config, known_collectors: set[str] | None = None) -> list[str]
         problems.append(f"web.listen_address: {err}")
     if not cfg.web.telemetry_path.startswith("/"):
         problems.append("web.telemetry_path: must start with '/'")
-    if cfg.web.config_file is not None and not Path(cfg.web.config_file).is_file():
-        problems.append(f"web.config_file: {cfg.web.config_file}: no such file")
+    if cfg.web.config_file is not None:
+        if not Path(cfg.web.config_file).is_file():
+            problems.append(f"web.config_file: {cfg.web.config_file}: no such file")
+        else:
+            # checked here too so that one run lists config-file and web-config problems together
+            from exporter.webconfig import load_web_config
+
+            try:
+                load_web_config(cfg.web.config_file)
+            except ConfigError as err:
+                problems += [f"web.config_file: {p}" for p in err.problems]
     if cfg.log.level not in LOG_LEVELS:
         problems.append(f"log.level: {cfg.log.level!r} is not one of {', '.join(LOG_LEVELS)}")
     if cfg.log.format not in LOG_FORMATS:

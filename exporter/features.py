@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 #: ``-name guest=`` prefix of the QEMU processes the exporter itself starts (canaries, accelerator
 #: proofs): guest discovery skips them, they are not the operator's guests.
-OWN_GUEST_PREFIX = "kvmcpu-"
+OWN_GUEST_PREFIX = "kvm-cpu-exporter-"
 
 #: Features watched by default: the guide's families plus what alerts need.
 DEFAULT_WATCHLIST: tuple[str, ...] = (

@@ -49,7 +49,7 @@ def setup_logging(level: str = "info", fmt: str = "logfmt", stream: TextIO | Non
     root.addHandler(handler)
     root.setLevel(_LEVELS.get(level, logging.INFO))
     # APScheduler and asyncio are chatty at INFO; their errors still come through.
-    for noisy in ("apscheduler", "asyncio", "qemu.qmp"):
+    for noisy in ("apscheduler", "asyncio", "qemu.qmp", "pyroute2"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 

@@ -171,3 +171,17 @@ def test_compare_prints_speedups_and_draws_chart(
     assert f"bar chart: {png}" in proc.stdout
     with Image.open(png) as img:
         assert img.format == "PNG" and img.size[0] >= 800 and img.size[1] >= 400
+
+
+@pytest.mark.slow
+def test_crashing_guest_fails_the_run_with_its_reason(built: subprocess.CompletedProcess[str], tmp_path: Path) -> None:
+    # PLATFORM.md's trap: aesni-intel needs SSSE3, which qemu64 lacks, so the guest kernel oopses
+    config = tmp_path / "trap.yml"
+    config.write_text("canary:\n  nice: 0\n  profiles:\n    - {name: trap, cpu: 'qemu64,+aes', accel: tcg}\n")
+    proc = cli("run", f"--path.cache-dir={CACHE_DIR}", f"--config.file={config}", "--cipher", "aes-xts-plain",
+               "--size-mib", "8", "--rounds", "1")
+    no_traceback(proc)
+    assert proc.returncode == 1
+    outcome = next(line for line in proc.stdout.splitlines() if line.startswith("trap: "))
+    assert outcome.startswith("trap: guest_panic in ")
+    assert "(-cpu qemu64,+aes -accel tcg): guest kernel crashed" in outcome

@@ -280,7 +280,7 @@ def _run_profiles(
     results = []
     for prof in profiles:
         progress.scoped(prof.name)(
-            f"{len(ciphers)} cipher(s) x read/write x {c.rounds} round(s) on a {c.size_mib} MiB RAM disk"
+            f"{len(ciphers)} cipher(s) x read/write x {c.rounds} round(s), RAM disk of {c.size_mib} MiB"
         )
         runner = CanaryRunner(
             image,

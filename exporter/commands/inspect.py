@@ -31,7 +31,7 @@ from exporter.procfs.crypto import WATCHED_AES_ALGORITHMS, aesni_active, read_cr
 from exporter.procfs.modules import WATCHED_MODULES, loaded_modules, module_present
 
 if TYPE_CHECKING:
-    from exporter.qemu.knowledge import HostQemuFacts
+    from exporter.qemu.knowledge import HostQemuFacts, QemuKnowledge
 
 log = logging.getLogger("exporter.inspect")
 
@@ -96,24 +96,24 @@ def _cpu_section(procfs: Path) -> tuple[Section, CpuInfo | None]:
 # --------------------------------------------------------------------------- QEMU
 
 
-def _probe_qemu(cfg: Config) -> HostQemuFacts:
+def _knowledge(cfg: Config) -> QemuKnowledge:
+    """One knowledge source for the whole report, so guests reuse the probe's cached expansions."""
     from exporter.qemu.knowledge import QemuKnowledge
 
-    knowledge = QemuKnowledge(
+    return QemuKnowledge(
         cfg.qemu.binary,
         accelerators=tuple(cfg.qemu.accelerators),
         probe_timeout=cfg.qemu.probe_timeout_seconds,
         cache_dir=Path(cfg.paths.cache_dir),
     )
-    return knowledge.probe()
 
 
-def _qemu_section(cfg: Config) -> tuple[Section, HostQemuFacts | None]:
+def _qemu_section(cfg: Config, knowledge: QemuKnowledge) -> tuple[Section, HostQemuFacts | None]:
     if sys.stderr.isatty():
         print(f"probing {cfg.qemu.binary} (accelerators: {', '.join(cfg.qemu.accelerators)})...",
               file=sys.stderr, flush=True)
     try:
-        facts = _probe_qemu(cfg)
+        facts = knowledge.probe()
     except ImportError as err:
         msg = f"QEMU inspection is not available in this build ({err})"
         return Section("qemu", "QEMU", _empty_qemu(cfg, msg), error=msg, ok=False), None
@@ -209,14 +209,11 @@ def _crypto_section(procfs: Path, sysfs: Path) -> Section:
 
 
 def _guest_section(
-    cfg: Config, info: CpuInfo | None, facts: HostQemuFacts | None, watch: tuple[str, ...]
+    cfg: Config, knowledge: QemuKnowledge, info: CpuInfo | None, watch: tuple[str, ...]
 ) -> Section:
     """Running QEMU guests and the watched host features each one does not get."""
     from exporter.guests.report import guest_reports
-    from exporter.qemu.knowledge import QemuKnowledge
 
-    knowledge = QemuKnowledge(cfg.qemu.binary, accelerators=tuple(cfg.qemu.accelerators),
-                              probe_timeout=cfg.qemu.probe_timeout_seconds, cache_dir=Path(cfg.paths.cache_dir))
     host = info.flags_everywhere() if info is not None else None
     reports, issues = guest_reports(Path(cfg.paths.procfs), knowledge, watch, host, cfg.guests.process_names)
     guests = [r.as_dict(watch) for r in reports]
@@ -269,10 +266,11 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     watch = watchlist(cfg.features.include, cfg.features.exclude)
     cpu, info = _cpu_section(procfs)
     crypto = _crypto_section(procfs, sysfs)
-    qemu, facts = _qemu_section(cfg)
+    knowledge = _knowledge(cfg)
+    qemu, facts = _qemu_section(cfg, knowledge)
     features = _features_section(info, facts, watch)
     try:
-        guests = _guest_section(cfg, info, facts, watch)
+        guests = _guest_section(cfg, knowledge, info, watch)
     except Exception as err:
         _trace("cannot inspect guests", err)
         guests = Section("guests", "Guests", {"available": False, "guests": [], "error": _describe(err)},

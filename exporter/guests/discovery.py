@@ -156,7 +156,7 @@ def scan(
     ``parse`` lets the collector plug in a cache keyed on the raw command line (the common case is
     the same guests scrape after scrape). Processes started with ``-machine none`` are QEMU probes
     (ours or libvirt's capability checks), not guests, and are skipped, as are the exporter's own
-    canary and proof guests (``-name guest=kvmcpu-...``).
+    canary and proof guests (``-name guest=kvm-cpu-exporter-...``).
     """
     matcher = _matcher((*BUILTIN_PATTERNS, *process_names))
     root = str(procfs)
