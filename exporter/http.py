@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 
 from exporter import __version__
 from exporter.config import parse_listen_address
+from exporter.exposition import choose
 
 if TYPE_CHECKING:
     from exporter.webconfig import WebSecurity
@@ -107,7 +107,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         path = urlparse(self.path).path
         if path == app.telemetry_path:
-            encoder, ctype = choose_encoder(self.headers.get("Accept", ""))
+            encoder, ctype = choose(self.headers.get("Accept"))
             start = time.perf_counter()
             body = encoder(app.registry)
             app.last_scrape_seconds = time.perf_counter() - start
