@@ -11,6 +11,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -54,10 +55,10 @@ def main() -> None:
         reg = CollectorRegistry(auto_describe=False)
         reg.register(Guests(n))
         assert text(reg) == library_text(reg) and openmetrics_text(reg) == library_openmetrics(reg)
-        tl = median_ms(lambda: library_text(reg), args.rounds)
-        to = median_ms(lambda: text(reg), args.rounds)
-        ol = median_ms(lambda: library_openmetrics(reg), args.rounds)
-        oo = median_ms(lambda: openmetrics_text(reg), args.rounds)
+        tl = median_ms(partial(library_text, reg), args.rounds)
+        to = median_ms(partial(text, reg), args.rounds)
+        ol = median_ms(partial(library_openmetrics, reg), args.rounds)
+        oo = median_ms(partial(openmetrics_text, reg), args.rounds)
         samples = n * len(DEFAULT_WATCHLIST) * 2
         print(f"{n:>7} {samples:>8} | {tl:>9.1f} {to:>9.1f} {tl / to:>6.1f} | {ol:>9.1f} {oo:>9.1f} {ol / oo:>6.1f}")
 

@@ -11,6 +11,7 @@ histograms, names outside the legacy character set) falls back to the library's 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from functools import partial
@@ -38,6 +39,10 @@ _TEXT_TYPES = {
 }
 
 
+_ZERO: str = floatToGoString(0.0)  # type: ignore[no-untyped-call]
+_NEGATIVE_ZERO: str = floatToGoString(-0.0)  # type: ignore[no-untyped-call]
+
+
 class _Unsupported(Exception):
     """Something only the library encoder reproduces exactly."""
 
@@ -58,6 +63,8 @@ class _Scrape:
         return name
 
     def number(self, value: float) -> str:
+        if value == 0:  # 0.0 and -0.0 are one dict key but print differently
+            return _ZERO if math.copysign(1.0, value) > 0 else _NEGATIVE_ZERO
         text = self.numbers.get(value)
         if text is None:
             text = self.numbers[value] = floatToGoString(value)  # type: ignore[no-untyped-call]

@@ -127,7 +127,7 @@ def test_bad_listen_address(addr: str) -> None:
 def test_web_config_problems_listed_with_the_rest(tmp_path: Path) -> None:
     web = tmp_path / "web.yml"
     web.write_text("basic_auth_users: {alice: not-a-bcrypt-hash}\nsurprise: 1\n")
-    cfg, problems = config_from_args(_args(f"--web.config.file={web}", "--log.level=loud"))
+    _cfg, problems = config_from_args(_args(f"--web.config.file={web}", "--log.level=loud"))
     text = "\n".join(problems)
     assert "log.level" in text
     assert text.count("web.config_file:") >= 2, text  # the bad hash and the unknown key, not just one

@@ -52,7 +52,7 @@ label_values = st.text(alphabet=st.characters(codec="utf-8"), max_size=12) | st.
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(
     values=st.lists(st.tuples(label_values, label_values, st.floats(allow_nan=False)), min_size=0, max_size=8),
     doc=label_values,
