@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
+from exporter.canary.proc import pid_alive
 from exporter.errors import CanaryError
 
 log = logging.getLogger(__name__)
@@ -248,19 +249,10 @@ def remove_stale_namespaces() -> list[str]:
     removed = []
     for name in names:
         m = _NAME.match(name)
-        if m is None or _alive(int(m.group(1))):
+        if m is None or pid_alive(int(m.group(1))):
             continue
         _remove(name)
         removed.append(name)
         log.info("removed stale canary network namespace", extra={"fields": {"netns": name}})
     return removed
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -482,18 +482,9 @@ def _remove_stale_workdirs() -> None:
         return
     for path in candidates:
         pid_text = path.name[len(WORKDIR_PREFIX) :].split("-", 1)[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+        if pid_text.isdigit() and not proc.pid_alive(int(pid_text)):
             shutil.rmtree(path, ignore_errors=True)
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _has_exited(pid: int) -> bool:

@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporter.errors import ParseError, SourceError
+from exporter.errors import ParseError
+from exporter.procfs import read_text
 
 _FLAGS_LINE = re.compile(r"[a-z0-9_ \t]*")
 #: the lines the exporter uses; anything else (other fields, junk) is skipped
@@ -147,8 +148,4 @@ def _clean(value: str) -> str:
 def read_cpuinfo(procfs: Path) -> CpuInfo:
     """Read and parse ``<procfs>/cpuinfo``."""
     path = procfs / "cpuinfo"
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise SourceError(str(path), f"cannot read: {err.strerror or err}") from err
-    return parse_cpuinfo(data.decode("utf-8", errors="replace"), str(path))
+    return parse_cpuinfo(read_text(path), str(path))

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporter.errors import ParseError, SourceError
+from exporter.errors import ParseError
+from exporter.procfs import read_text
 
 #: The AES modes the guide's benchmark uses (its six ciphers) plus plain ``aes`` and ``gcm(aes)``.
 WATCHED_AES_ALGORITHMS: tuple[str, ...] = (
@@ -118,8 +119,4 @@ def aesni_active(selected: dict[str, CryptoAlg]) -> bool:
 def read_crypto(procfs: Path) -> list[CryptoAlg]:
     """Read and parse ``<procfs>/crypto``."""
     path = procfs / "crypto"
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise SourceError(str(path), f"cannot read: {err.strerror or err}") from err
-    return parse_crypto(data.decode("utf-8", errors="replace"), str(path))
+    return parse_crypto(read_text(path), str(path))

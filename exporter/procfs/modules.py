@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exporter.errors import SourceError
+from exporter.procfs import read_text
 
 #: modules whose presence the exporter reports (``kvmcpu_host_kernel_module_loaded``)
 WATCHED_MODULES: tuple[str, ...] = ("aesni_intel", "dm_crypt", "kvm", "kvm_intel", "kvm_amd")
@@ -22,13 +22,9 @@ def parse_modules(text: str) -> set[str]:
 
 def loaded_modules(procfs: Path) -> set[str]:
     path = procfs / "modules"
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
+    if not path.exists():  # a kernel without loadable modules has no /proc/modules
         return set()
-    except OSError as err:
-        raise SourceError(str(path), f"cannot read: {err.strerror or err}") from err
-    return parse_modules(text)
+    return parse_modules(read_text(path))
 
 
 def module_present(name: str, loaded: set[str], sysfs: Path) -> bool:
