@@ -260,7 +260,9 @@ class CanaryScheduler:
         if self._stopping:
             log.info("canary cancelled by shutdown", extra={"fields": fields})
             return None
-        log.info("canary finished", extra={"fields": {
+        # a failed canary (panic, timeout, no QEMU) is something to look at; a success is routine
+        level = logging.INFO if result.result == "success" else logging.WARNING
+        log.log(level, "canary finished", extra={"fields": {
             **fields, "result": result.result, "seconds": round(result.duration, 1),
             "cpu_seconds": round(result.cpu_seconds, 1),
             **({"message": result.message} if result.message and result.result != "success" else {})}})
