@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from exporter.features import OWN_GUEST_PREFIX
@@ -10,7 +11,8 @@ from exporter.guests.discovery import discover
 
 def test_own_canary_guest_is_not_reported(qemu_guest) -> None:  # type: ignore[no-untyped-def]
     own = qemu_guest("-cpu", "max", name=f"{OWN_GUEST_PREFIX}canary-aesni")
-    theirs = qemu_guest("-cpu", "max", name="web01")
+    name = f"own-test-{os.getpid()}"  # unique: other QEMUs may run on this host
+    theirs = qemu_guest("-cpu", "max", name=name)
     found = {g.pid: g.label for g in discover(Path("/proc"))}
-    assert found.get(theirs.pid) == "web01"
+    assert found.get(theirs.pid) == name
     assert own.pid not in found

@@ -81,7 +81,11 @@ class Daemon:
         return self.knowledge is None or self.knowledge.ready.is_set()
 
     def status(self) -> dict[str, Any]:
+        """The landing page's summary: what an operator checks first, in words."""
         out: dict[str, Any] = {}
+        out["Host"] = self._host_status()
+        if self.knowledge is not None:
+            out["Guests"] = self._guest_status()
         out["Collectors"] = {
             name: (f"ok in {st.duration * 1000:.1f} ms" if st.success else f"FAILED ({st.error})")
             for name, st in sorted(self.scrape.status.items())
@@ -105,6 +109,51 @@ class Daemon:
         if self.store is not None:
             out["Canary"] = self.store.summary() or "no canary run yet"
         return out
+
+    def _host_status(self) -> dict[str, str] | str:
+        from exporter.procfs.cpuinfo import read_cpuinfo
+        from exporter.procfs.crypto import aesni_active, read_crypto, select_watched
+
+        try:
+            info = read_cpuinfo(self.ctx.procfs)
+            selected = select_watched(read_crypto(self.ctx.procfs))
+        except ExporterError as err:
+            return f"unavailable: {err}"
+        ident = info.identities()[0]
+        aes = selected.get("aes")
+        return {
+            "CPU": f"{ident.model_name} ({info.count} logical CPUs)",
+            "AES-NI flag": f"{info.coverage('aes')} ({info.feature_cpus('aes')}/{info.count} CPUs)",
+            "kernel AES driver": aes.driver if aes else "none",
+            "AES-NI used by the kernel": "yes" if aesni_active(selected) else "NO",
+        }
+
+    def _guest_status(self) -> dict[str, str] | str:
+        """Guests and the watched host features they lack; non-blocking (unresolved models say so)."""
+        from exporter.guests.discovery import scan
+        from exporter.guests.effective import resolve
+        from exporter.procfs.cpuinfo import read_cpuinfo
+
+        assert self.knowledge is not None
+        try:
+            host = read_cpuinfo(self.ctx.procfs).flags_everywhere()
+            guests = scan(self.ctx.procfs, self.cfg.guests.process_names).guests
+        except ExporterError as err:
+            return f"unavailable: {err}"
+        out: dict[str, str] = {}
+        for g in guests:
+            eff = resolve(self.knowledge, g.spec.cpu, binary=g.binary, accel=g.accel)
+            where = f"-cpu {g.spec.cpu.model} ({g.accel})"
+            if eff.features is None:
+                out[g.label] = f"{where}: features not known yet" + (f" ({eff.error})" if eff.error else "")
+                continue
+            missing = [f for f in self.ctx.watch if f in host and f not in eff.features]
+            out[g.label] = (
+                f"{where}: missing {', '.join(missing)}"
+                if missing
+                else f"{where}: gets every watched host feature"
+            )
+        return out or "no QEMU guests running"
 
     def start_background(self) -> None:
         if self.knowledge is not None:
