@@ -27,9 +27,13 @@ setup_apt() {
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     # policy-rc.d: packages such as prometheus must not start system services behind our back
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    local own_policy=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+      own_policy=1
+    fi
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    rm -f /usr/sbin/policy-rc.d
+    [ -z "$own_policy" ] || rm -f /usr/sbin/policy-rc.d
   fi
 }
 
@@ -46,7 +50,12 @@ setup_venv() {
 
 setup_image() {
   log "building the canary guest image (cached)"
-  "$VENV/bin/kvm-cpu-exporter" canary build
+  if ! "$VENV/bin/kvm-cpu-exporter" canary build; then
+    # the kernel comes from Debian's archive: stale or emptied apt lists are the usual cause
+    log "canary build failed; refreshing apt lists and trying once more"
+    apt-get update -qq
+    "$VENV/bin/kvm-cpu-exporter" canary build
+  fi
 }
 
 setup() { setup_apt; setup_venv; setup_image; }
