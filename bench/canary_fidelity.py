@@ -33,9 +33,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from exporter.canary.compare import MB, compare, render_comparison
+from exporter.canary.compare import compare, render_comparison
 from exporter.canary.image import CanaryImage, find_image, pack_override_cpio
-from exporter.canary.model import CanaryJob, CanaryResult, Profile
+from exporter.canary.model import MB, CanaryJob, CanaryResult, Profile
 from exporter.canary.runner import CanaryRunner, guest_memory_mib
 from exporter.config import SEED_CIPHERS
 

@@ -128,6 +128,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: argparse dest -> (config section, key): the one place a flag is tied to its config key
+#: (``tests/test_config.py`` checks that every flag the parser declares is listed here)
+FLAG_KEYS: dict[str, tuple[str, str]] = {
+    "procfs": ("paths", "procfs"),
+    "sysfs": ("paths", "sysfs"),
+    "state_dir": ("paths", "state_dir"),
+    "cache_dir": ("paths", "cache_dir"),
+    "qemu_binary": ("qemu", "binary"),
+    "log_level": ("log", "level"),
+    "log_format": ("log", "format"),
+    "listen_address": ("web", "listen_address"),
+    "web_config_file": ("web", "config_file"),
+    "telemetry_path": ("web", "telemetry_path"),
+    "canary_enabled": ("canary", "enabled"),
+    "canary_interval": ("canary", "interval_seconds"),
+    "canary_jitter": ("canary", "jitter_seconds"),
+    "canary_size_mib": ("canary", "size_mib"),
+    "canary_rounds": ("canary", "rounds"),
+    "canary_timeout": ("canary", "timeout_seconds"),
+    "canary_busy_load": ("canary", "busy_load_per_core"),
+    "canary_busy_cpu": ("canary", "busy_cpu_percent"),
+    "canary_duty": ("canary", "duty_cycle_percent"),
+}
+
+
 def config_from_args(args: argparse.Namespace) -> tuple[Config, list[str]]:
     """Defaults <- YAML file <- flags; returns the merged config and every problem found."""
     problems: list[str] = []
@@ -135,33 +160,14 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, list[str]]:
     if getattr(args, "config_file", None):
         cfg, problems = load_file(args.config_file)
 
-    def put(obj: object, attr: str, value: object) -> None:
+    for dest, (section, attr) in FLAG_KEYS.items():
+        value = getattr(args, dest, None)
         if value is not None:
-            setattr(obj, attr, value)
-
-    put(cfg.paths, "procfs", getattr(args, "procfs", None))
-    put(cfg.paths, "sysfs", getattr(args, "sysfs", None))
-    put(cfg.paths, "state_dir", getattr(args, "state_dir", None))
-    put(cfg.paths, "cache_dir", getattr(args, "cache_dir", None))
-    put(cfg.qemu, "binary", getattr(args, "qemu_binary", None))
-    put(cfg.log, "level", getattr(args, "log_level", None))
-    put(cfg.log, "format", getattr(args, "log_format", None))
-    put(cfg.web, "listen_address", getattr(args, "listen_address", None))
-    put(cfg.web, "config_file", getattr(args, "web_config_file", None))
-    put(cfg.web, "telemetry_path", getattr(args, "telemetry_path", None))
+            setattr(getattr(cfg, section), attr, value)
     for name in COLLECTORS:
         value = getattr(args, f"collector_{name}", None)
         if value is not None:
             cfg.collectors[name] = value
-    put(cfg.canary, "enabled", getattr(args, "canary_enabled", None))
-    put(cfg.canary, "interval_seconds", getattr(args, "canary_interval", None))
-    put(cfg.canary, "jitter_seconds", getattr(args, "canary_jitter", None))
-    put(cfg.canary, "size_mib", getattr(args, "canary_size_mib", None))
-    put(cfg.canary, "rounds", getattr(args, "canary_rounds", None))
-    put(cfg.canary, "timeout_seconds", getattr(args, "canary_timeout", None))
-    put(cfg.canary, "busy_load_per_core", getattr(args, "canary_busy_load", None))
-    put(cfg.canary, "busy_cpu_percent", getattr(args, "canary_busy_cpu", None))
-    put(cfg.canary, "duty_cycle_percent", getattr(args, "canary_duty", None))
     problems += validate(cfg, known_collectors=set(COLLECTORS))
     return cfg, problems
 

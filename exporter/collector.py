@@ -12,9 +12,9 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -37,6 +37,15 @@ class Collector(Protocol):
     def collect(self) -> Iterable[Metric]: ...
 
 
+@runtime_checkable
+class BackgroundCollector(Collector, Protocol):
+    """A collector with background work of its own, started and stopped by the daemon."""
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class Context:
     """What collectors may depend on; built once by the daemon (or by a test)."""
@@ -47,7 +56,6 @@ class Context:
     knowledge: QemuKnowledge | None = None
     canary_store: CanaryStore | None = None
     clock: Callable[[], float] = time.time
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def watch(self) -> tuple[str, ...]:
@@ -131,16 +139,14 @@ def enabled_collectors(config: Config) -> list[str]:
 class CollectorStatus:
     success: bool
     duration: float
-    at: float
     error: str | None = None
 
 
 class ScrapeCollector(PromCollector):
     """Runs the enabled collectors on each scrape and reports how each one did."""
 
-    def __init__(self, collectors: dict[str, Collector], clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, collectors: dict[str, Collector]) -> None:
         self._collectors = collectors
-        self._clock = clock
         self._lock = threading.Lock()
         self._errors: dict[tuple[str, str], int] = {}
         self.status: dict[str, CollectorStatus] = {}
@@ -171,7 +177,7 @@ class ScrapeCollector(PromCollector):
             with self._lock:
                 if error is not None:
                     self._errors[(name, error)] = self._errors.get((name, error), 0) + 1
-                self.status[name] = CollectorStatus(error is None, elapsed, self._clock(), error)
+                self.status[name] = CollectorStatus(error is None, elapsed, error)
             yield from families
             success.add_metric([name], 1.0 if error is None else 0.0)
             duration.add_metric([name], elapsed)

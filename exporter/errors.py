@@ -71,11 +71,6 @@ class CanaryError(ExporterError):
 
     reason = "qemu_error"
 
-    def __init__(self, message: str, reason: str | None = None) -> None:
-        if reason is not None:
-            self.reason = reason
-        super().__init__(message)
-
 
 class ImageMissing(CanaryError):
     """The canary kernel/initramfs has not been built (run ``kvm-cpu-exporter canary build``)."""

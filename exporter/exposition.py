@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.exposition import generate_latest as library_text
+from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.exposition import UNDERSCORES
 from prometheus_client.openmetrics.exposition import generate_latest as library_openmetrics
 from prometheus_client.registry import Collector
@@ -139,12 +140,23 @@ def _openmetrics(registry: Collector) -> bytes:
     return "".join(out).encode("utf-8")
 
 
+class _Collected:
+    """Families collected once, so a fallback does not run every collector a second time."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
+
+
 def _with_fallback(fast: Encoder, library: Encoder) -> Encoder:
     def encode(registry: Collector) -> bytes:
+        families = _Collected(list(registry.collect()))
         try:
-            return fast(registry)
+            return fast(families)
         except _Unsupported:
-            return library(registry)
+            return library(families)
 
     return encode
 

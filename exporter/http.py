@@ -12,7 +12,6 @@ import logging
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
@@ -108,9 +107,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlparse(self.path).path
         if path == app.telemetry_path:
             encoder, ctype = choose(self.headers.get("Accept"))
-            start = time.perf_counter()
             body = encoder(app.registry)
-            app.last_scrape_seconds = time.perf_counter() - start
             self._send(200, body, ctype)
         elif path == "/-/healthy":
             self._send(200, b"Healthy\n", "text/plain; charset=utf-8")
@@ -146,7 +143,6 @@ class ExporterHTTP:
         self.status = status or (lambda: {})
         self.ready = ready or (lambda: True)
         self.security = security
-        self.last_scrape_seconds = 0.0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 

@@ -30,7 +30,6 @@ import ssl
 import struct
 import tempfile
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,7 +224,6 @@ class WebSecurity:
         source: str = "web config",
         *,
         context: ssl.SSLContext | None = None,
-        stat_fn: Callable[[str], os.stat_result] = os.stat,
     ) -> None:
         self.tls = tls
         self.tls_enabled = tls is not None
@@ -235,7 +233,6 @@ class WebSecurity:
         # so response times do not reveal which user names exist.
         self._decoy = self.users[min(self.users)] if self.users else b""
         self.source = source
-        self._stat = stat_fn
         self._lock = threading.Lock()
         self._bcrypt_lock = threading.Lock()
         self._cache: dict[bytes, bool] = {}
@@ -253,7 +250,7 @@ class WebSecurity:
         out: list[Any] = []
         for path in self.tls.files():
             try:
-                st = self._stat(path)
+                st = os.stat(path)
                 out.append((path, st.st_mtime_ns, st.st_size, st.st_ino))
             except OSError:
                 out.append((path, None))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from exporter.canary.compare import MB, aggregate, compare, render_comparison, render_rates
-from exporter.canary.model import CanaryResult, Measurement
+from exporter.canary.compare import aggregate, compare, render_comparison, render_rates
+from exporter.canary.model import MB, CanaryResult, Measurement
 
 
 def result(profile: str, rates: dict[tuple[str, str], list[float]], drivers: dict[str, str] | None = None,

@@ -131,3 +131,16 @@ def test_web_config_problems_listed_with_the_rest(tmp_path: Path) -> None:
     text = "\n".join(problems)
     assert "log.level" in text
     assert text.count("web.config_file:") >= 2, text  # the bad hash and the unknown key, not just one
+
+
+def test_every_serve_flag_maps_to_a_config_key() -> None:
+    from exporter.cli import FLAG_KEYS
+    from exporter.config import Config
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    dests = {a.dest for a in serve._actions if a.dest not in ("help", "config_file")}
+    unmapped = {d for d in dests if not d.startswith("collector_") and d not in FLAG_KEYS}
+    assert unmapped == set()
+    cfg = Config()
+    for section, key in FLAG_KEYS.values():
+        assert hasattr(getattr(cfg, section), key), (section, key)

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
-import psutil
 import pytest
-from conftest import RunningDaemon, sample
+from conftest import sample
+from support.canary import gone, qemu_descendants, wait_for_qemu
 
 from exporter.canary.store import STATE_FILE
 
@@ -32,28 +31,6 @@ def _config(tmp_path: Path, **canary: object) -> str:
     path = tmp_path / "config.yml"
     path.write_text(json.dumps(cfg))  # JSON is YAML
     return f"--config.file={path}"
-
-
-def _qemu_children(d: RunningDaemon) -> list[psutil.Process]:
-    try:
-        kids = psutil.Process(d.proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    out = []
-    for p in kids:
-        try:
-            if "qemu-system" in " ".join(p.cmdline()[:1]) or p.name().startswith("qemu-system"):
-                out.append(p)
-        except psutil.Error:
-            pass
-    return out
-
-
-def _gone(p: psutil.Process) -> bool:
-    try:
-        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def _both_profiles_measured(m):  # type: ignore[no-untyped-def]
@@ -84,18 +61,12 @@ def test_scheduled_canaries_export_results_that_survive_sigkill(start_daemon, tm
     assert (d.state_dir / STATE_FILE).is_file()
 
     # SIGKILL while a canary guest is running: the guest must not outlive the daemon
-    deadline = time.monotonic() + 60
-    while not (guests := _qemu_children(d)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert guests, "no canary QEMU seen running"
+    guests = [wait_for_qemu(d.proc.pid, timeout=60)]
     before = d.metrics()
     assert all(g.is_running() for g in guests)  # still the same run: nothing recorded since `before`
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait(10)
-    deadline = time.monotonic() + 10
-    while not all(_gone(g) for g in guests) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert all(_gone(g) for g in guests), [g.pid for g in guests if not _gone(g)]
+    assert all(gone(g.pid) for g in guests), [g.pid for g in guests if not gone(g.pid, 0)]
 
     again = start_daemon(_config(tmp_path), "--no-canary.enabled", state_dir=d.state_dir)
     after = again.metrics()
@@ -129,7 +100,7 @@ def test_busy_threshold_zero_skips_every_tick(start_daemon, tmp_path: Path) -> N
     assert sample(m, "kvmcpu_canary_last_result_info", profile="aesni", result="skipped_busy") == 1
     assert sample(m, "kvmcpu_canary_budget_skips_total", profile="aesni") == 0
     assert sample(m, "kvmcpu_canary_duration_seconds_count", profile="aesni") is None  # nothing launched
-    assert _qemu_children(d) == []
+    assert qemu_descendants(d.proc.pid) == []
     assert "canary skipped" in d.log() and "load per core" in d.log()
 
 

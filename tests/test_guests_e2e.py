@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import sample as _value
 
 from exporter.config import QmpSocketConfig
 from exporter.guests.live import LiveChecker, check, refuses
@@ -32,10 +33,6 @@ def sock_dir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="kvg-", dir="/tmp"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
-
-
-def _value(m: Metrics, name: str, **labels: str) -> float | None:
-    return m.get((name, tuple(sorted(labels.items()))))
 
 
 def _infos(m: Metrics) -> dict[str, dict[str, str]]:

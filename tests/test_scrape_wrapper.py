@@ -6,10 +6,10 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+from conftest import parse_metrics, sample
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
-from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.collector import COLLECTORS, ScrapeCollector
 from exporter.errors import ParseError
@@ -40,14 +40,10 @@ def test_failures_are_isolated_and_counted(caplog: pytest.LogCaptureFixture) -> 
     caplog.set_level(logging.DEBUG)
     generate_latest(registry)
     text = generate_latest(registry).decode()  # second scrape: counters show both
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-    }
+    samples = parse_metrics(text)
 
     def value(name: str, labels: dict[str, str] | None = None) -> float | None:
-        return samples.get((name, tuple(sorted((labels or {}).items()))))
+        return sample(samples, name, **(labels or {}))
 
     assert value("kvmcpu_test_value") == 42.0
     assert value("kvmcpu_scrape_collector_success", {"collector": "good"}) == 1.0

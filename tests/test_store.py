@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from support.scheduling import MB, FakeClock, result
 
+from exporter.canary.model import Measurement
 from exporter.canary.store import (
     DURATION_BUCKETS,
     STATE_FILE,
@@ -198,3 +199,13 @@ def test_state_file_is_plain_json(tmp_path: Path) -> None:
     store.record(result())
     data = json.loads((tmp_path / STATE_FILE).read_text())
     assert data["version"] == 1 and "aesni" in data["profiles"]
+
+
+def test_a_near_zero_guest_time_is_skipped_not_fatal(tmp_path: Path) -> None:
+    """A guest reporting 1e-320 s would make an infinite rate that JSON cannot persist."""
+    store = CanaryStore(tmp_path, FakeClock(), ("aesni", "noaesni"))
+    glitch = result("aesni")
+    glitch.measurements.append(Measurement("aes-xts-plain", "read", 9, 8 * MB, 1e-320))
+    store.record(glitch)
+    reopened = CanaryStore(tmp_path, FakeClock(), ("aesni", "noaesni"))
+    assert reopened.summary()["aesni"].startswith("success")

@@ -11,14 +11,11 @@ Rates are in MB/s (10**6 bytes per second), the unit GNU ``dd`` prints and the g
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from exporter.canary.model import OPS, CanaryResult
-
-MB = 1_000_000.0
+from exporter.canary.model import MB, OPS, CanaryResult
 
 
 @dataclass(frozen=True)
@@ -146,7 +143,7 @@ def aggregate(results: Iterable[CanaryResult]) -> list[RateStats]:
         for cipher, driver in res.drivers.items():
             drivers.setdefault((res.profile, cipher), driver)
         for m in res.measurements:
-            if m.rate <= 0 or not math.isfinite(m.rate):
+            if m.rate <= 0:
                 continue
             rates.setdefault((res.profile, m.cipher, m.op), []).append(m.rate)
     out = []

@@ -86,6 +86,13 @@ def _canary_root(cache_dir: Path) -> Path:
     return Path(cache_dir) / "canary"
 
 
+def current_image(cache_dir: Path, kernel: str | None = None, initrd: str | None = None) -> CanaryImage:
+    """The operator's configured kernel/initramfs when both are given, else the built image."""
+    if kernel and initrd:
+        return CanaryImage(Path(kernel), Path(initrd), kernel_version="configured", key="configured")
+    return find_image(cache_dir)
+
+
 def find_image(cache_dir: Path) -> CanaryImage:
     """The current build in ``cache_dir``; ImageMissing tells the operator how to build one."""
     root = _canary_root(cache_dir)

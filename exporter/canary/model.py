@@ -6,6 +6,7 @@ directory and must survive restarts and upgrades; unknown keys are ignored on lo
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +21,8 @@ RESULTS: tuple[str, ...] = (
     "skipped_busy",
 )
 OPS: tuple[str, ...] = ("read", "write")
+#: throughput tables and logs are in decimal megabytes per second, like dd prints them
+MB = 1_000_000.0
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,12 @@ class Measurement:
 
     @property
     def rate(self) -> float:
-        """Bytes per second (0 when the guest reported no time)."""
-        return self.bytes / self.seconds if self.seconds > 0 else 0.0
+        """Bytes per second; 0 when the guest reported no usable time (none, or so small the rate
+        overflows), so that every consumer skips the same glitches."""
+        if self.seconds <= 0:
+            return 0.0
+        rate = self.bytes / self.seconds
+        return rate if math.isfinite(rate) else 0.0
 
 
 @dataclass

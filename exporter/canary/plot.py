@@ -13,7 +13,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from exporter.canary.compare import MB, Comparison
+from exporter.canary.compare import Comparison
+from exporter.canary.model import MB
 from exporter.errors import ExporterError
 
 INSTALL_HINT = "install it with: pip install 'kvm-cpu-exporter[plot]' (or apt-get install python3-matplotlib)"

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from exporter.canary.model import Profile
 from exporter.config import ProfileConfig
+from exporter.features import full_cpu_model
 
 
 def resolve_cpu(spec: str, kvm_usable: bool) -> str:
     """``auto[,feature...]`` -> ``host``/``max`` with the same feature list; anything else as is."""
     model, sep, rest = spec.partition(",")
     if model.strip() == "auto":
-        model = "host" if kvm_usable else "max"
+        model = full_cpu_model(resolve_accel("auto", kvm_usable))
     return model + sep + rest
 
 

@@ -35,8 +35,9 @@ from typing import IO, Any
 
 from exporter.canary import proc
 from exporter.canary.image import CanaryImage
-from exporter.canary.model import RESULTS, CanaryJob, CanaryResult, Measurement
+from exporter.canary.model import MB, RESULTS, CanaryJob, CanaryResult, Measurement, Profile
 from exporter.canary.protocol import Done, Driver, GuestErrorRecord, Hello, Measure, StreamParser
+from exporter.config import CanaryConfig, Config
 from exporter.errors import ExporterError
 from exporter.features import OWN_GUEST_PREFIX
 
@@ -118,6 +119,18 @@ class _Tail:
             self._f.close()
 
 
+def job_for(c: CanaryConfig, profile: Profile, ciphers: tuple[str, ...]) -> CanaryJob:
+    """The job the configuration asks for: RAM disk size, rounds, timeout, guest memory."""
+    return CanaryJob(
+        profile=profile,
+        ciphers=ciphers,
+        size_mib=c.size_mib,
+        rounds=c.rounds,
+        timeout_seconds=c.timeout_seconds,
+        memory_mib=c.memory_mib,
+    )
+
+
 class CanaryRunner:
     """Runs canary jobs, one at a time per instance; ``cancel`` may be called from any thread."""
 
@@ -142,6 +155,26 @@ class CanaryRunner:
         self._lock = threading.Lock()
         self._pgid: int | None = None
         self._cancelled = threading.Event()
+
+    @classmethod
+    def for_config(
+        cls,
+        cfg: Config,
+        image: CanaryImage | None,
+        *,
+        clock: Callable[[], float] = time.time,
+        progress: Callable[[str], None] | None = None,
+    ) -> CanaryRunner:
+        c = cfg.canary
+        return cls(
+            image,
+            qemu_binary=cfg.qemu.binary,
+            nice=c.nice,
+            cpu_affinity=list(c.cpu_affinity),
+            run_as_user=c.run_as_user,
+            clock=clock,
+            progress=progress,
+        )
 
     # ---- public
 
@@ -422,9 +455,9 @@ class CanaryRunner:
             result.drivers[rec.cipher] = rec.driver
             self.progress(f"{job.profile.name}: {rec.cipher} uses {rec.driver}")
         elif isinstance(rec, Measure):
-            result.measurements.append(Measurement(rec.cipher, rec.op, rec.round, rec.bytes, rec.seconds))
-            rate = rec.bytes / rec.seconds / 1e6 if rec.seconds > 0 else 0.0
-            self.progress(f"{job.profile.name}: {rec.cipher} {rec.op} round {rec.round}: {rate:.1f} MB/s")
+            m = Measurement(rec.cipher, rec.op, rec.round, rec.bytes, rec.seconds)
+            result.measurements.append(m)
+            self.progress(f"{job.profile.name}: {rec.cipher} {rec.op} round {rec.round}: {m.rate / MB:.1f} MB/s")
         elif isinstance(rec, GuestErrorRecord):
             errors.append(f"{rec.cipher}: {rec.message}" if rec.cipher else rec.message)
         return False

@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from exporter.canary.guard import BusyGuard, DutyCycleBudget, HostSampler, PsutilSampler
-from exporter.canary.image import CanaryImage, find_image
-from exporter.canary.model import OPS, RESULTS, CanaryJob, CanaryResult, Profile
+from exporter.canary.image import CanaryImage, current_image
+from exporter.canary.model import RESULTS, CanaryJob, CanaryResult, Profile
+from exporter.canary.profiles import resolve_profile
+from exporter.canary.runner import CanaryRunner, job_for
 from exporter.canary.store import DUTY_WINDOW_SECONDS, CanaryStore, aesni_pair
 from exporter.config import Config, ProfileConfig
 from exporter.errors import ExporterError, ImageMissing
@@ -48,10 +50,6 @@ RunnerFactory = Callable[[CanaryImage | None], Runner]
 Resolver = Callable[[ProfileConfig, bool], Profile]
 
 
-def _resolve_profile(cfg: ProfileConfig, kvm_usable: bool) -> Profile:
-    from exporter.canary.profiles import resolve_profile
-
-    return resolve_profile(cfg, kvm_usable)
 
 
 class _Facts(Protocol):
@@ -113,7 +111,7 @@ class CanaryScheduler:
         self.clock = clock
         self.first_delay = first_delay
         self.runner_factory = runner_factory or self._default_runner
-        self.resolver = resolver or _resolve_profile
+        self.resolver = resolver or resolve_profile
         c = cfg.canary
         self.busy = BusyGuard(c.busy_load_per_core, c.busy_cpu_percent, sampler or PsutilSampler())
         self.budget = DutyCycleBudget(c.duty_cycle_percent, DUTY_WINDOW_SECONDS)
@@ -244,9 +242,7 @@ class CanaryScheduler:
             log_failure(log, "cannot resolve canary profile", err, **fields)
             return self._record(self._failed(profile_cfg.name, err, started), pair)
         image = self._image()
-        c = self.cfg.canary
-        job = CanaryJob(profile=profile, ciphers=(cipher,), ops=OPS, size_mib=c.size_mib, rounds=c.rounds,
-                        timeout_seconds=c.timeout_seconds, memory_mib=c.memory_mib)
+        job = job_for(self.cfg.canary, profile, (cipher,))
         runner = self.runner_factory(image)
         with self._lock:
             if self._stopping:
@@ -287,27 +283,14 @@ class CanaryScheduler:
     def _image(self) -> CanaryImage | None:
         """Looked up every tick: an operator may build the image while the daemon runs."""
         c = self.cfg.canary
-        if c.kernel and c.initrd:
-            return CanaryImage(Path(c.kernel), Path(c.initrd), "", "configured")
         try:
-            return find_image(Path(self.cfg.paths.cache_dir))
+            return current_image(Path(self.cfg.paths.cache_dir), c.kernel, c.initrd)
         except ImageMissing as err:
             log.warning("canary image missing", extra={"fields": {"err": str(err)}})
             return None
 
     def _default_runner(self, image: CanaryImage | None) -> Runner:
-        from exporter.canary.runner import CanaryRunner
-
-        c = self.cfg.canary
-        return CanaryRunner(
-            image,
-            qemu_binary=self.cfg.qemu.binary,
-            nice=c.nice,
-            cpu_affinity=list(c.cpu_affinity),
-            run_as_user=c.run_as_user,
-            clock=self.clock,
-            progress=None,
-        )
+        return CanaryRunner.for_config(self.cfg, image, clock=self.clock)
 
     def _skipped(self, profile: str, reason: str) -> CanaryResult:
         now = self.clock()

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from prometheus_client.utils import floatToGoString as _untyped_float_to_go
 
-from exporter.canary.model import OPS, RESULTS, CanaryResult, Measurement
+from exporter.canary.guard import DutyCycleBudget
+from exporter.canary.model import MB, OPS, RESULTS, CanaryResult, Measurement
 from exporter.errors import StateError
 from exporter.logsetup import log_failure
 
@@ -189,10 +190,15 @@ class StoreSnapshot:
         return out
 
 
+def first_expecting(profiles: Sequence[ProfileConfig], expects: bool) -> str | None:
+    """The first profile whose ``expects_aesni`` is ``expects``."""
+    return next((p.name for p in profiles if p.expects_aesni is expects), None)
+
+
 def aesni_pair(profiles: Sequence[ProfileConfig]) -> tuple[str, str] | None:
     """The first profile expecting AES-NI and the first expecting none: what the speedup compares."""
-    with_p = next((p.name for p in profiles if p.expects_aesni is True), None)
-    without_p = next((p.name for p in profiles if p.expects_aesni is False), None)
+    with_p = first_expecting(profiles, True)
+    without_p = first_expecting(profiles, False)
     if with_p is None or without_p is None:
         return None
     return with_p, without_p
@@ -231,13 +237,16 @@ class CanaryStore:
             clock,
             aesni_pair(cfg.canary.profiles),
             profiles=[p.name for p in cfg.canary.profiles],
-            duty_budget_seconds=cfg.canary.duty_cycle_percent / 100.0 * DUTY_WINDOW_SECONDS,
+            duty_budget_seconds=DutyCycleBudget(
+                cfg.canary.duty_cycle_percent, DUTY_WINDOW_SECONDS
+            ).budget_seconds,
         )
 
     # ------------------------------------------------------------------ writing
 
-    def record(self, result: CanaryResult, *, pair: tuple[str, str] | None = None,
-               budget_skip: bool = False) -> None:
+    def record(
+        self, result: CanaryResult, *, pair: tuple[str, str] | None = None, budget_skip: bool = False
+    ) -> None:
         """Persist ``result``, then make it visible. Never raises for disk problems (they are counted).
 
         ``pair`` is the rotation step that produced it; ``budget_skip`` marks a skipped_busy result
@@ -263,7 +272,7 @@ class CanaryStore:
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -278,8 +287,12 @@ class CanaryStore:
                 self._write_errors += 1
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-            log_failure(log, "cannot write canary state, keeping results in memory",
-                        StateError(f"{self.path}: {err.strerror or err}"), path=str(self.path))
+            log_failure(
+                log,
+                "cannot write canary state, keeping results in memory",
+                StateError(f"{self.path}: {err.strerror or err}"),
+                path=str(self.path),
+            )
 
     # ------------------------------------------------------------------ reading
 
@@ -304,11 +317,6 @@ class CanaryStore:
         with self._lock:
             return self._state.last_pair
 
-    def last_result(self, profile: str) -> CanaryResult | None:
-        with self._lock:
-            stats = self._state.profiles.get(profile)
-        return stats.last if stats else None
-
     def summary(self) -> dict[str, str]:
         """One readable line per profile for the landing page."""
         snap = self.snapshot()
@@ -325,7 +333,7 @@ class CanaryStore:
                 line += f" ({last.message})"
             rates = [s.last for s in stats.throughput.values() if s.last > 0]
             if rates:
-                line += f"; mean {sum(rates) / len(rates) / 1e6:.1f} MB/s over {len(rates)} cipher/op"
+                line += f"; mean {sum(rates) / len(rates) / MB:.1f} MB/s over {len(rates)} cipher/op"
             out[name] = line
         return out
 
@@ -337,8 +345,12 @@ class CanaryStore:
         except FileNotFoundError:
             return StoreState()
         except OSError as err:
-            log_failure(log, "cannot read canary state, starting clean",
-                        StateError(f"{self.path}: {err.strerror or err}"), path=str(self.path))
+            log_failure(
+                log,
+                "cannot read canary state, starting clean",
+                StateError(f"{self.path}: {err.strerror or err}"),
+                path=str(self.path),
+            )
             return StoreState()
         try:
             state = _state_from_json(json.loads(raw.decode("utf-8")))
@@ -349,19 +361,31 @@ class CanaryStore:
                 moved = str(aside)
             except OSError as move_err:
                 moved = f"not moved: {move_err.strerror or move_err}"
-            log_failure(log, "corrupt canary state, moved aside and starting clean",
-                        StateError(f"{self.path}: {err}"), path=str(self.path), moved_to=moved)
+            log_failure(
+                log,
+                "corrupt canary state, moved aside and starting clean",
+                StateError(f"{self.path}: {err}"),
+                path=str(self.path),
+                moved_to=moved,
+            )
             return StoreState()
-        log.info("canary state loaded", extra={"fields": {
-            "path": str(self.path), "profiles": ",".join(sorted(state.profiles))}})
+        log.info(
+            "canary state loaded",
+            extra={"fields": {"path": str(self.path), "profiles": ",".join(sorted(state.profiles))}},
+        )
         return state
 
 
 # ---------------------------------------------------------------------- applying a result
 
 
-def _apply(state: StoreState, result: CanaryResult, pair: tuple[str, str] | None, budget_skip: bool,
-           window_start: float) -> None:
+def _apply(
+    state: StoreState,
+    result: CanaryResult,
+    pair: tuple[str, str] | None,
+    budget_skip: bool,
+    window_start: float,
+) -> None:
     stats = state.profiles.setdefault(result.profile, ProfileStats())
     stats.last = copy.deepcopy(result)  # published state is immutable; the caller keeps its object
     if result.result in stats.runs:
@@ -407,7 +431,11 @@ def _state_to_json(state: StoreState) -> dict[str, Any]:
     for name, s in state.profiles.items():
         throughput: dict[str, dict[str, Any]] = {}
         for (cipher, op), ops in s.throughput.items():
-            throughput.setdefault(cipher, {})[op] = {"last": ops.last, "at": ops.at, "hist": ops.hist.to_json()}
+            throughput.setdefault(cipher, {})[op] = {
+                "last": ops.last,
+                "at": ops.at,
+                "hist": ops.hist.to_json(),
+            }
         profiles[name] = {
             "last": s.last.to_dict() if s.last else None,
             "last_success_at": s.last_success_at,
@@ -464,7 +492,9 @@ def _profile_from_json(raw: Any, where: str) -> ProfileStats:
         s.runs[result] = _int(n, f"{where}.runs.{result}")
     s.budget_skips = _int(d.get("budget_skips", 0), f"{where}.budget_skips")
     s.duration = Histogram.from_json(d.get("duration"), DURATION_BUCKETS, f"{where}.duration")
-    s.drivers = {k: _str(v, f"{where}.drivers") for k, v in _dict(d.get("drivers", {}), f"{where}.drivers").items()}
+    s.drivers = {
+        k: _str(v, f"{where}.drivers") for k, v in _dict(d.get("drivers", {}), f"{where}.drivers").items()
+    }
     for cipher, ops in _dict(d.get("throughput", {}), f"{where}.throughput").items():
         for op, raw_ops in _dict(ops, f"{where}.throughput.{cipher}").items():
             w = f"{where}.throughput.{cipher}.{op}"
@@ -499,11 +529,15 @@ def _result_from_json(raw: Any, where: str) -> CanaryResult:
     for i, m in enumerate(_list(d.get("measurements", []), f"{where}.measurements")):
         md = _dict(m, f"{where}.measurements[{i}]")
         w = f"{where}.measurements[{i}]"
-        measurements.append(Measurement(
-            cipher=_str(md.get("cipher"), f"{w}.cipher"), op=_str(md.get("op"), f"{w}.op"),
-            round=_int(md.get("round"), f"{w}.round"), bytes=_int(md.get("bytes"), f"{w}.bytes"),
-            seconds=_num(md.get("seconds"), f"{w}.seconds"),
-        ))
+        measurements.append(
+            Measurement(
+                cipher=_str(md.get("cipher"), f"{w}.cipher"),
+                op=_str(md.get("op"), f"{w}.op"),
+                round=_int(md.get("round"), f"{w}.round"),
+                bytes=_int(md.get("bytes"), f"{w}.bytes"),
+                seconds=_num(md.get("seconds"), f"{w}.seconds"),
+            )
+        )
     try:
         result = CanaryResult.from_dict({**d, "measurements": []})
     except TypeError as err:
@@ -540,4 +574,3 @@ def _int(v: Any, where: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise StateError(f"{where}: expected a non-negative integer, got {v!r}")
     return v
-

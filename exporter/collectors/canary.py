@@ -12,7 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 
 from exporter.canary.model import RESULTS
-from exporter.canary.store import CanaryStore, Histogram
+from exporter.canary.store import CanaryStore
 
 
 class CanaryCollector:
@@ -174,4 +174,4 @@ class CanaryCollector:
         )
 
 
-__all__ = ["CanaryCollector", "Histogram"]
+__all__ = ["CanaryCollector"]

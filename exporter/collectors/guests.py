@@ -176,8 +176,6 @@ class GuestsCollector:
         yield from families
 
     def _collect(self) -> Iterator[Metric]:
-        if self.live is not None:
-            self.live.start()
         result: Scan = scan(self.procfs, self.config.process_names, parse=self._parse)
         for issue in result.issues:
             self._count(issue.pid, issue.reason, issue.detail,
@@ -279,6 +277,11 @@ class GuestsCollector:
         self._counted = {k for k in self._counted if k[0] in pids}
         if len(self._sample_cache) > 2 * max(len(current), 16):
             self._sample_cache = {k: v for k, v in self._sample_cache.items() if (k[0], k[2]) in current}
+
+    def start(self) -> None:
+        """Start the opt-in live QMP checks in the background (never from a scrape)."""
+        if self.live is not None:
+            self.live.start()
 
     def close(self) -> None:
         if self.live is not None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from exporter.canary.compare import aggregate, compare, render_comparison, render_rates
+from exporter.canary.image import SOURCES
 from exporter.config import DEFAULT_CACHE_DIR, Config, ProfileConfig
 from exporter.errors import ExporterError, ImageMissing
 
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("exporter.canary.cli")
 
-BUILD_SOURCES = ("auto", "apt", "host", "paths")
 _CIPHER = re.compile(r"[a-z0-9]+(-[a-z0-9]+){1,3}")
 
 
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser, add_common: Callable[[argpars
         "already up to date is reused at once.",
     )
     add_common(build)
-    build.add_argument("--source", choices=BUILD_SOURCES, default="auto",
+    build.add_argument("--source", choices=SOURCES, default="auto",
                        help="where the guest kernel and modules come from: paths (--kernel/--modules), "
                        "host (the running kernel, if it has every module the canary needs), apt (Debian's "
                        "linux-image-amd64, downloaded); auto (default): paths if --kernel is given, else "
@@ -240,29 +240,19 @@ def _kvm_usable(cfg: Config, profiles: Sequence[ProfileConfig], progress: Callab
 
     progress("probing QEMU accelerators (is KVM proven usable?)")
     try:
-        facts = QemuKnowledge(
-            cfg.qemu.binary,
-            accelerators=tuple(cfg.qemu.accelerators),
-            probe_timeout=cfg.qemu.probe_timeout_seconds,
-            cache_dir=Path(cfg.paths.cache_dir),
-        ).probe()
+        facts = QemuKnowledge.for_config(cfg).probe()
     except ExporterError as err:
         progress(f"QEMU probe failed ({err}); assuming KVM is not usable, guests run under TCG")
         return False
-    usable = bool(facts.accelerators.get("kvm", False))
+    usable = facts.kvm_usable
     progress("KVM is usable" if usable else "KVM is not usable here: guests run under TCG (software emulation)")
     return usable
 
 
 def _image(cfg: Config) -> CanaryImage:
-    from exporter.canary.image import find_image
+    from exporter.canary.image import current_image
 
-    if cfg.canary.kernel and cfg.canary.initrd:
-        from exporter.canary.image import CanaryImage
-
-        return CanaryImage(kernel=Path(cfg.canary.kernel), initrd=Path(cfg.canary.initrd),
-                           kernel_version="configured", key="configured")
-    return find_image(Path(cfg.paths.cache_dir))
+    return current_image(Path(cfg.paths.cache_dir), cfg.canary.kernel, cfg.canary.initrd)
 
 
 def _run_profiles(
@@ -270,9 +260,8 @@ def _run_profiles(
 ) -> tuple[list[Profile], list[CanaryResult]]:
     """Resolve and run each profile once, in order; results in the same order (never raises for guests)."""
     image = _image(cfg)  # first: a missing image is the most useful error, and costs nothing to find
-    from exporter.canary.model import CanaryJob
     from exporter.canary.profiles import resolve_profile
-    from exporter.canary.runner import CanaryRunner
+    from exporter.canary.runner import CanaryRunner, job_for
 
     kvm = _kvm_usable(cfg, profile_cfgs, progress)
     profiles: list[Profile] = [resolve_profile(p, kvm) for p in profile_cfgs]
@@ -282,23 +271,9 @@ def _run_profiles(
         progress.scoped(prof.name)(
             f"{len(ciphers)} cipher(s) x read/write x {c.rounds} round(s), RAM disk of {c.size_mib} MiB"
         )
-        runner = CanaryRunner(
-            image,
-            qemu_binary=cfg.qemu.binary,
-            nice=c.nice,
-            cpu_affinity=list(c.cpu_affinity),
-            run_as_user=c.run_as_user,
-            clock=time.time,
-            progress=progress,  # the runner prefixes its lines with the profile name itself
-        )
-        job = CanaryJob(
-            profile=prof,
-            ciphers=ciphers,
-            size_mib=c.size_mib,
-            rounds=c.rounds,
-            timeout_seconds=c.timeout_seconds,
-            memory_mib=c.memory_mib,
-        )
+        # the runner prefixes its progress lines with the profile name itself
+        runner = CanaryRunner.for_config(cfg, image, progress=progress)
+        job = job_for(c, prof, ciphers)
         result = runner.run(job)
         why = f": {result.message}" if result.message else ""
         progress.scoped(prof.name)(f"{result.result} after {result.duration:.1f}s{why}")
@@ -352,9 +327,11 @@ def _run(cfg: Config, args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _default_side(cfg: Config, expects: bool, flag: str) -> str:
-    for p in cfg.canary.profiles:
-        if p.expects_aesni is expects:
-            return p.name
+    from exporter.canary.store import first_expecting
+
+    name = first_expecting(cfg.canary.profiles, expects)
+    if name is not None:
+        return name
     raise UsageError(f"{flag} not given and no configured profile has expects_aesni: {str(expects).lower()}")
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from exporter import __version__
 from exporter.config import Config
 from exporter.errors import ExporterError
-from exporter.features import qemu_to_cpuinfo, watchlist
+from exporter.features import watchlist
 from exporter.logsetup import setup_logging
 from exporter.procfs.cpuinfo import CpuInfo, read_cpuinfo
 from exporter.procfs.crypto import WATCHED_AES_ALGORITHMS, aesni_active, read_crypto, select_watched
@@ -96,18 +96,6 @@ def _cpu_section(procfs: Path) -> tuple[Section, CpuInfo | None]:
 # --------------------------------------------------------------------------- QEMU
 
 
-def _knowledge(cfg: Config) -> QemuKnowledge:
-    """One knowledge source for the whole report, so guests reuse the probe's cached expansions."""
-    from exporter.qemu.knowledge import QemuKnowledge
-
-    return QemuKnowledge(
-        cfg.qemu.binary,
-        accelerators=tuple(cfg.qemu.accelerators),
-        probe_timeout=cfg.qemu.probe_timeout_seconds,
-        cache_dir=Path(cfg.paths.cache_dir),
-    )
-
-
 def _qemu_section(cfg: Config, knowledge: QemuKnowledge) -> tuple[Section, HostQemuFacts | None]:
     if sys.stderr.isatty():
         print(f"probing {cfg.qemu.binary} (accelerators: {', '.join(cfg.qemu.accelerators)})...",
@@ -154,7 +142,7 @@ def _empty_qemu(cfg: Config, error: str) -> dict[str, Any]:
 
 
 def _features_section(info: CpuInfo | None, facts: HostQemuFacts | None, watch: tuple[str, ...]) -> Section:
-    exposable = {qemu_to_cpuinfo(f) for f in facts.exposable} if facts is not None else None
+    exposable = facts.exposable if facts is not None else None
     model = facts.exposable_model if facts is not None else None
     rows = []
     for feature in watch:
@@ -266,7 +254,10 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     watch = watchlist(cfg.features.include, cfg.features.exclude)
     cpu, info = _cpu_section(procfs)
     crypto = _crypto_section(procfs, sysfs)
-    knowledge = _knowledge(cfg)
+    from exporter.qemu.knowledge import QemuKnowledge
+
+    # one knowledge source for the whole report, so guests reuse the probe's cached expansions
+    knowledge = QemuKnowledge.for_config(cfg)
     qemu, facts = _qemu_section(cfg, knowledge)
     features = _features_section(info, facts, watch)
     try:

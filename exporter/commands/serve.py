@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry
 
 from exporter.cli import report_config_problems
-from exporter.collector import COLLECTORS, Context, ScrapeCollector, build_collectors, enabled_collectors
+from exporter.collector import (
+    COLLECTORS,
+    BackgroundCollector,
+    Context,
+    ScrapeCollector,
+    build_collectors,
+    enabled_collectors,
+)
 from exporter.config import Config
 from exporter.errors import ConfigError, ExporterError
 from exporter.http import ExporterHTTP
@@ -45,12 +52,7 @@ class Daemon:
         if needs_qemu:
             from exporter.qemu.knowledge import QemuKnowledge
 
-            self.knowledge = QemuKnowledge(
-                cfg.qemu.binary,
-                accelerators=tuple(cfg.qemu.accelerators),
-                probe_timeout=cfg.qemu.probe_timeout_seconds,
-                cache_dir=Path(cfg.paths.cache_dir),
-            )
+            self.knowledge = QemuKnowledge.for_config(cfg)
         self.store: CanaryStore | None = None
         if cfg.canary.enabled or "canary" in names:
             from exporter.canary.store import CanaryStore
@@ -63,7 +65,8 @@ class Daemon:
             knowledge=self.knowledge,
             canary_store=self.store,
         )
-        self.scrape = ScrapeCollector(build_collectors(self.ctx, names))
+        self.collectors = build_collectors(self.ctx, names)
+        self.scrape = ScrapeCollector(self.collectors)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.scrape)
         self.http = ExporterHTTP(
@@ -130,34 +133,41 @@ class Daemon:
 
     def _guest_status(self) -> dict[str, str] | str:
         """Guests and the watched host features they lack; non-blocking (unresolved models say so)."""
-        from exporter.guests.discovery import scan
-        from exporter.guests.effective import resolve
-        from exporter.procfs.cpuinfo import read_cpuinfo
+        from exporter.collectors.guests import host_flags
+        from exporter.guests.report import guest_reports
 
         assert self.knowledge is not None
         try:
-            host = read_cpuinfo(self.ctx.procfs).flags_everywhere()
-            guests = scan(self.ctx.procfs, self.cfg.guests.process_names).guests
+            reports, _ = guest_reports(
+                self.ctx.procfs,
+                self.knowledge,
+                self.ctx.watch,
+                host_flags(self.ctx.procfs),
+                self.cfg.guests.process_names,
+                prefill=False,
+            )
         except ExporterError as err:
             return f"unavailable: {err}"
         out: dict[str, str] = {}
-        for g in guests:
-            eff = resolve(self.knowledge, g.spec.cpu, binary=g.binary, accel=g.accel)
-            where = f"-cpu {g.spec.cpu.model} ({g.accel})"
+        for r in reports:
+            where = f"-cpu {r.guest.spec.cpu.model} ({r.guest.accel})"
+            eff = r.effective
             if eff.features is None:
-                out[g.label] = f"{where}: features not known yet" + (f" ({eff.error})" if eff.error else "")
-                continue
-            missing = [f for f in self.ctx.watch if f in host and f not in eff.features]
-            out[g.label] = (
-                f"{where}: missing {', '.join(missing)}"
-                if missing
-                else f"{where}: gets every watched host feature"
-            )
+                out[r.guest.label] = f"{where}: features not known yet" + (
+                    f" ({eff.error})" if eff.error else ""
+                )
+            elif r.missing:
+                out[r.guest.label] = f"{where}: missing {', '.join(r.missing)}"
+            else:
+                out[r.guest.label] = f"{where}: gets every watched host feature"
         return out or "no QEMU guests running"
 
     def start_background(self) -> None:
         if self.knowledge is not None:
             self.knowledge.start(self.cfg.qemu.refresh_interval_seconds)
+        for collector in self.collectors.values():
+            if isinstance(collector, BackgroundCollector):
+                collector.start()
         if self.cfg.canary.enabled:
             from exporter.canary.scheduler import CanaryScheduler
 
@@ -168,6 +178,9 @@ class Daemon:
     def stop(self) -> None:
         if self.scheduler is not None:
             self.scheduler.stop()
+        for collector in self.collectors.values():
+            if isinstance(collector, BackgroundCollector):
+                collector.close()
         if self.knowledge is not None:
             self.knowledge.stop()
         self.http.shutdown()
@@ -217,7 +230,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
             "fields": {
                 "address": f"{host}:{port}",
                 "tls": security is not None and security.tls_enabled,
-                "collectors": ",".join(daemon.scrape.status or enabled_collectors(cfg)),
+                "collectors": ",".join(daemon.collectors),
             }
         },
     )

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from exporter.errors import QemuError, UnknownCpuModel
-from exporter.features import qemu_to_cpuinfo
+from exporter.features import full_cpu_model, qemu_to_cpuinfo
 from exporter.guests.cmdline import CpuSpec
 
 #: models that pass the host CPU through: such a guest cannot migrate to a different host CPU
@@ -92,10 +92,10 @@ def _lookup(
     if model == "host" and accel == "kvm":
         facts = knowledge.facts()
         if facts is not None and facts.exposable_model == "host":
-            return normalise(facts.exposable), None
+            return facts.exposable, None  # already in /proc/cpuinfo spelling
     exp = knowledge.expansion(model, binary=binary, accel=accel)
     if exp is not None:
-        return normalise(exp.features), None
+        return exp.features, None
     return None, knowledge.cached_failure(model, binary=binary, accel=accel)
 
 
@@ -112,7 +112,7 @@ def resolve(knowledge: KnowledgeSource, cpu: CpuSpec, *, binary: str | None, acc
             return EffectiveCpu(PENDING)
         return EffectiveCpu(UNKNOWN, error=err)
     requested = (base | normalise(cpu.enabled)) - normalise(cpu.disabled)
-    supported_model = "host" if accel == "kvm" else "max"
+    supported_model = full_cpu_model(accel)
     if model.lower() == supported_model:
         supported: frozenset[str] | None = base
     else:

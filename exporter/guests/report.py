@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from exporter.errors import QemuError
+from exporter.features import full_cpu_model
 from exporter.guests.discovery import Guest, ScanIssue, scan
 from exporter.guests.effective import EffectiveCpu, KnowledgeSource, migratable, resolve
 
@@ -51,7 +52,7 @@ def _prefill(knowledge: BlockingKnowledge, guests: Iterable[Guest]) -> None:
     wanted: set[tuple[str, str | None, str]] = set()
     for g in guests:
         wanted.add((g.spec.cpu.model, g.binary, g.accel))
-        wanted.add(("host" if g.accel == "kvm" else "max", g.binary, g.accel))
+        wanted.add((full_cpu_model(g.accel), g.binary, g.accel))
     for model, binary, accel in sorted(wanted, key=lambda w: (w[0], w[1] or "", w[2])):
         if model.lower() == "host" and accel != "kvm":
             continue
@@ -67,10 +68,17 @@ def guest_reports(
     watch: Sequence[str],
     host: frozenset[str] | None,
     process_names: Iterable[str] = (),
+    *,
+    prefill: bool = True,
 ) -> tuple[list[GuestReport], list[ScanIssue]]:
-    """Every running guest with its effective features and the watched host features it misses."""
+    """Every running guest with its effective features and the watched host features it misses.
+
+    ``prefill`` asks QEMU (blocking) for models not yet known; without it (the landing page) a
+    guest whose model is still being resolved in the background is reported as not known yet.
+    """
     result = scan(procfs, process_names)
-    _prefill(knowledge, result.guests)
+    if prefill:
+        _prefill(knowledge, result.guests)
     reports = []
     for g in result.guests:
         eff = resolve(knowledge, g.spec.cpu, binary=g.binary, accel=g.accel)

@@ -39,8 +39,6 @@ class CryptoAlg:
     priority: int
     selftest: str
     internal: bool
-    type: str
-    position: int
 
     @property
     def selectable(self) -> bool:
@@ -82,8 +80,6 @@ def parse_crypto(text: str, path: str = "/proc/crypto") -> list[CryptoAlg]:
                 priority=priority,
                 selftest=fields.get("selftest", "passed"),
                 internal=fields.get("internal", "no") == "yes",
-                type=fields.get("type", ""),
-                position=len(entries),
             )
         )
     if not entries:

@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exporter.config import Config
 from exporter.errors import QemuBinaryMissing, QemuError, UnknownCpuModel
-from exporter.features import qemu_to_cpuinfo
+from exporter.features import full_cpu_model, qemu_to_cpuinfo
 from exporter.logsetup import log_failure
 from exporter.qemu.proof import prove_accelerators
 from exporter.qemu.qmp import BinaryId, QmpCommandFailed, ScratchQemu, kill_group, resolve_binary
@@ -96,8 +97,12 @@ class HostQemuFacts:
     probed_at: float
 
     @property
+    def kvm_usable(self) -> bool:
+        return bool(self.accelerators.get("kvm", False))
+
+    @property
     def best_accel(self) -> str:
-        return "kvm" if self.accelerators.get("kvm") else "tcg"
+        return "kvm" if self.kvm_usable else "tcg"
 
 
 def parse_cpu_spec(spec: str) -> tuple[str, dict[str, bool | str]]:
@@ -169,6 +174,15 @@ class _BinaryRecord:
 
 class QemuKnowledge:
     """The one source of QEMU facts and CPU model expansions for the daemon, inspect and canaries."""
+
+    @classmethod
+    def for_config(cls, cfg: Config) -> QemuKnowledge:
+        return cls(
+            cfg.qemu.binary,
+            accelerators=tuple(cfg.qemu.accelerators),
+            probe_timeout=cfg.qemu.probe_timeout_seconds,
+            cache_dir=Path(cfg.paths.cache_dir),
+        )
 
     def __init__(
         self,
@@ -393,7 +407,7 @@ class QemuKnowledge:
             if not accelerators[a]
         }
         best = "kvm" if accelerators["kvm"] else "tcg"
-        exposable_model = "host" if best == "kvm" else "max"
+        exposable_model = full_cpu_model(best)
         with self._lock:
             record = self._records.get(bid.key)
             exposable = self._expansions.get((bid.key, exposable_model, best))

@@ -17,13 +17,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporter.features import OWN_GUEST_PREFIX
+from exporter.features import OWN_GUEST_PREFIX, full_cpu_model
 from exporter.qemu.qmp import BinaryId, first_error_line, kill_group
 
 #: What the proof guest writes to its serial port; long enough that firmware output cannot fake it.
 MARKER = b"KVMCPU-PROOF-OK\n"
 #: CPU model each accelerator is proven with: the one guests and canaries are given.
-PROOF_CPU = {"kvm": "host", "tcg": "max"}
+PROOF_CPU = {accel: full_cpu_model(accel) for accel in ("kvm", "tcg")}
 
 
 def boot_sector(marker: bytes = MARKER) -> bytes:
