@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from exporter import __version__
 from exporter.collector import COLLECTORS
-from exporter.config import Config, load_file, validate
+from exporter.config import DISABLE_DEFAULTS, Config, load_file, validate
 
 SUBCOMMANDS = ("serve", "inspect", "canary")
 
@@ -60,6 +60,27 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         dest="telemetry_path",
         metavar="PATH",
         help="path under which to expose metrics (default /metrics)",
+    )
+    parser.add_argument(
+        "--web.max-requests",
+        dest="web_max_requests",
+        type=int,
+        metavar="N",
+        help="parallel scrape requests served at once, 503 beyond (default 40, 0 = unlimited)",
+    )
+    parser.add_argument(
+        "--web.disable-exporter-metrics",
+        dest="web_disable_exporter_metrics",
+        action="store_const",
+        const=True,
+        help="leave out the exporter's own process, Python and HTTP metrics",
+    )
+    parser.add_argument(
+        "--collector.disable-defaults",
+        dest="collector_disable_defaults",
+        action="store_const",
+        const=True,
+        help="run only the collectors enabled explicitly with --collector.NAME",
     )
     for name, spec in COLLECTORS.items():
         parser.add_argument(
@@ -141,6 +162,8 @@ FLAG_KEYS: dict[str, tuple[str, str]] = {
     "listen_address": ("web", "listen_address"),
     "web_config_file": ("web", "config_file"),
     "telemetry_path": ("web", "telemetry_path"),
+    "web_max_requests": ("web", "max_requests"),
+    "web_disable_exporter_metrics": ("web", "disable_exporter_metrics"),
     "canary_enabled": ("canary", "enabled"),
     "canary_interval": ("canary", "interval_seconds"),
     "canary_jitter": ("canary", "jitter_seconds"),
@@ -164,6 +187,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, list[str]]:
         value = getattr(args, dest, None)
         if value is not None:
             setattr(getattr(cfg, section), attr, value)
+    if getattr(args, "collector_disable_defaults", None):
+        cfg.collectors[DISABLE_DEFAULTS] = True
     for name in COLLECTORS:
         value = getattr(args, f"collector_{name}", None)
         if value is not None:

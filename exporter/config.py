@@ -29,6 +29,8 @@ SEED_CIPHERS: tuple[str, ...] = (
     "aes-pcbc-plain",
     "aes-xts-plain",
 )
+#: the key in ``collectors`` that is a switch, not a collector name
+DISABLE_DEFAULTS = "disable_defaults"
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("logfmt", "json")
 _PROFILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")
@@ -39,6 +41,10 @@ class WebConfig:
     listen_address: str = DEFAULT_LISTEN
     config_file: str | None = None  # exporter-toolkit web config (TLS, basic auth)
     telemetry_path: str = "/metrics"
+    #: parallel scrape/landing requests served at once; beyond it 503 (0 = unlimited)
+    max_requests: int = 40
+    #: leave out the process, Python and HTTP self-metrics
+    disable_exporter_metrics: bool = False
 
 
 @dataclass
@@ -145,7 +151,14 @@ class Config:
     canary: CanaryConfig = field(default_factory=CanaryConfig)
 
     def collector_enabled(self, name: str, default: bool = True) -> bool:
+        if self.collectors_disable_defaults:
+            default = False
         return self.collectors.get(name, default)
+
+    @property
+    def collectors_disable_defaults(self) -> bool:
+        """``collectors.disable_defaults``: only collectors enabled explicitly run."""
+        return self.collectors.get(DISABLE_DEFAULTS, False)
 
 
 # --------------------------------------------------------------------------- loading
@@ -293,6 +306,8 @@ def validate(cfg: Config, known_collectors: set[str] | None = None) -> list[str]
         problems.append(f"web.listen_address: {err}")
     if not cfg.web.telemetry_path.startswith("/"):
         problems.append("web.telemetry_path: must start with '/'")
+    if cfg.web.max_requests < 0:
+        problems.append("web.max_requests: must be >= 0 (0 = unlimited)")
     if cfg.web.config_file is not None:
         if not Path(cfg.web.config_file).is_file():
             problems.append(f"web.config_file: {cfg.web.config_file}: no such file")
@@ -314,7 +329,7 @@ def validate(cfg: Config, known_collectors: set[str] | None = None) -> list[str]
             problems.append(f"paths.{key}: {value}: not a directory")
     if known_collectors is not None:
         for name in cfg.collectors:
-            if name not in known_collectors:
+            if name not in known_collectors and name != DISABLE_DEFAULTS:
                 problems.append(
                     f"collectors.{name}: unknown collector (known: {', '.join(sorted(known_collectors))})"
                 )
