@@ -19,25 +19,20 @@ Example (``deploy/web-config.example.yml``)::
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import ipaddress
 import logging
 import os
-import secrets
 import ssl
-import struct
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import bcrypt
 import yaml
 
 from exporter.errors import ConfigError
+from exporter.webauth import BasicAuth, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +101,6 @@ _TLS_KEYS = {
 }
 _HTTP_KEYS = {"http2", "headers"}
 _TOP_KEYS = {"tls_server_config", "http_server_config", "basic_auth_users"}
-
-_CACHE_MAX = 1024
 
 
 def _no_key_password() -> bytes:
@@ -227,16 +220,11 @@ class WebSecurity:
     ) -> None:
         self.tls = tls
         self.tls_enabled = tls is not None
-        self.users: dict[bytes, bytes] = {u.encode("utf-8"): h.encode("utf-8") for u, h in (users or {}).items()}
+        self.auth = BasicAuth(users or {})
+        self.users = self.auth.users
         self.headers: dict[str, str] = dict(headers or {})
-        # Unknown users are checked against a real user's hash (same cost, result forced to False),
-        # so response times do not reveal which user names exist.
-        self._decoy = self.users[min(self.users)] if self.users else b""
         self.source = source
         self._lock = threading.Lock()
-        self._bcrypt_lock = threading.Lock()
-        self._cache: dict[bytes, bool] = {}
-        self._cache_key = secrets.token_bytes(32)
         self._context: ssl.SSLContext | None = None
         self._fingerprint: tuple[Any, ...] = ()
         if tls is not None:
@@ -275,52 +263,13 @@ class WebSecurity:
 
     # ------------------------------------------------------------------ basic auth
 
+    def verdict(self, header: str | None) -> Verdict:
+        """See ``exporter.webauth.BasicAuth.verdict`` (cached, bounded bcrypt work)."""
+        return self.auth.verdict(header)
+
     def authorize(self, header: str | None) -> bool:
         """Whether an ``Authorization`` header grants access (always, when no users are set)."""
-        if not self.users:
-            return True
-        creds = _parse_basic(header)
-        if creds is None:
-            return False
-        user, password = creds
-        known_hash = self.users.get(user)
-        hashed = known_hash if known_hash is not None else self._decoy
-        # The cache key is a keyed digest of the attacker's input, so neither lookup timing nor a
-        # memory dump of the cache says anything about the real password.
-        # (length-prefixed, so no user name can be crafted to collide with another entry)
-        framed = struct.pack(">II", len(user), len(hashed)) + user + hashed + password
-        key = hmac.new(self._cache_key, framed, hashlib.sha256).digest()
-        cached = self._cache.get(key)
-        if cached is None:
-            with self._bcrypt_lock:  # bcrypt is CPU-bound by design: one at a time
-                cached = _bcrypt_check(password, hashed) and known_hash is not None
-                if len(self._cache) >= _CACHE_MAX:
-                    self._cache.clear()
-                self._cache[key] = cached
-        return cached
-
-
-def _bcrypt_check(password: bytes, hashed: bytes) -> bool:
-    try:
-        return bool(bcrypt.checkpw(password, hashed))
-    except ValueError:  # over 72 bytes, or a malformed hash
-        return False
-
-
-def _parse_basic(header: str | None) -> tuple[bytes, bytes] | None:
-    if not header:
-        return None
-    scheme, _, value = header.strip().partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(value.strip(), validate=True)
-    except ValueError:
-        return None
-    user, sep, password = decoded.partition(b":")
-    if not sep:
-        return None
-    return user, password
+        return self.auth.authorize(header)
 
 
 # ---------------------------------------------------------------------- loading
