@@ -1,8 +1,11 @@
-"""The registration table of collectors and the wrapper that makes every scrape survive failures.
+"""The wrapper that makes every scrape survive failures, and the exporter's own health metrics.
 
 Like node_exporter's NodeCollector: each collector runs inside ``ScrapeCollector.collect``, is
 timed, and a failure marks only that collector (``kvmcpu_scrape_collector_success 0``, a reason in
 ``kvmcpu_scrape_collector_errors_total``); the rest of the scrape is served.
+
+The table of collectors lives in ``exporter/collectors/registry.py``; its names are re-exported
+here for the modules that import them from this one.
 """
 
 from __future__ import annotations
@@ -11,128 +14,45 @@ import logging
 import platform
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.gc_collector import GCCollector
 from prometheus_client.metrics_core import Metric
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector as PromCollector
 
 from exporter import __version__
-from exporter.config import Config
+from exporter.buildinfo import revision
+from exporter.collectors.registry import (
+    COLLECTORS,
+    BackgroundCollector,
+    Collector,
+    CollectorSpec,
+    Context,
+    build_collectors,
+    enabled_collectors,
+)
 from exporter.errors import ExporterError
-from exporter.features import watchlist
 from exporter.logsetup import log_failure
 
-if TYPE_CHECKING:
-    from exporter.canary.store import CanaryStore
-    from exporter.qemu.knowledge import QemuKnowledge
+__all__ = [
+    "COLLECTORS",
+    "BackgroundCollector",
+    "Collector",
+    "CollectorSpec",
+    "CollectorStatus",
+    "Context",
+    "ScrapeCollector",
+    "build_collectors",
+    "enabled_collectors",
+    "register_exporter_metrics",
+]
 
 log = logging.getLogger(__name__)
-
-
-class Collector(Protocol):
-    def collect(self) -> Iterable[Metric]: ...
-
-
-@runtime_checkable
-class BackgroundCollector(Collector, Protocol):
-    """A collector with background work of its own, started and stopped by the daemon."""
-
-    def start(self) -> None: ...
-
-    def close(self) -> None: ...
-
-
-@dataclass
-class Context:
-    """What collectors may depend on; built once by the daemon (or by a test)."""
-
-    config: Config
-    procfs: Path
-    sysfs: Path
-    knowledge: QemuKnowledge | None = None
-    canary_store: CanaryStore | None = None
-    clock: Callable[[], float] = time.time
-
-    @property
-    def watch(self) -> tuple[str, ...]:
-        return watchlist(self.config.features.include, self.config.features.exclude)
-
-
-@dataclass(frozen=True)
-class CollectorSpec:
-    name: str
-    help: str
-    factory: Callable[[Context], Collector]
-    default_enabled: bool = True
-    #: needs the QEMU knowledge source (the daemon starts it only when such a collector is on)
-    needs_qemu: bool = False
-
-
-def _cpu(ctx: Context) -> Collector:
-    from exporter.collectors.cpu import CpuCollector
-
-    return CpuCollector(procfs=ctx.procfs, watch=ctx.watch)
-
-
-def _crypto(ctx: Context) -> Collector:
-    from exporter.collectors.crypto import CryptoCollector
-
-    return CryptoCollector(procfs=ctx.procfs, sysfs=ctx.sysfs)
-
-
-def _qemu(ctx: Context) -> Collector:
-    from exporter.collectors.qemu import QemuCollector
-
-    assert ctx.knowledge is not None
-    return QemuCollector(knowledge=ctx.knowledge, watch=ctx.watch)
-
-
-def _guests(ctx: Context) -> Collector:
-    from exporter.collectors.guests import GuestsCollector
-
-    assert ctx.knowledge is not None
-    return GuestsCollector(
-        procfs=ctx.procfs,
-        knowledge=ctx.knowledge,
-        watch=ctx.watch,
-        config=ctx.config.guests,
-        clock=ctx.clock,
-    )
-
-
-def _canary(ctx: Context) -> Collector:
-    from exporter.collectors.canary import CanaryCollector
-
-    assert ctx.canary_store is not None
-    return CanaryCollector(store=ctx.canary_store, watch=ctx.watch)
-
-
-#: name -> collector; generates --collector.NAME / --no-collector.NAME
-COLLECTORS: dict[str, CollectorSpec] = {
-    spec.name: spec
-    for spec in (
-        CollectorSpec("cpu", "host CPU identity and features from /proc/cpuinfo", _cpu),
-        CollectorSpec("crypto", "kernel crypto drivers selected for AES from /proc/crypto", _crypto),
-        CollectorSpec(
-            "qemu",
-            "QEMU's usable CPU models, proven accelerators, exposable features",
-            _qemu,
-            needs_qemu=True,
-        ),
-        CollectorSpec(
-            "guests", "running QEMU guests and the host features they do not get", _guests, needs_qemu=True
-        ),
-        CollectorSpec("canary", "results of the last canary guest benchmark runs", _canary),
-    )
-}
-
-
-def enabled_collectors(config: Config) -> list[str]:
-    return [name for name, spec in COLLECTORS.items() if config.collector_enabled(name, spec.default_enabled)]
 
 
 @dataclass
@@ -192,18 +112,33 @@ class ScrapeCollector(PromCollector):
             for (name, reason), count in sorted(self._errors.items()):
                 errors.add_metric([name, reason], float(count))
         yield errors
-        build = GaugeMetricFamily(
-            "kvmcpu_build_info",
-            "A metric with a constant '1' value labeled by the exporter's version and Python version.",
-            labels=["version", "python_version"],
-        )
-        build.add_metric([__version__, platform.python_version()], 1.0)
-        yield build
+        yield self._build
+
+    _build = GaugeMetricFamily(
+        "kvmcpu_build_info",
+        "A metric with a constant '1' value labeled by the exporter's version, source revision and "
+        "Python version.",
+        labels=["version", "revision", "python_version"],
+    )
+    _build.add_metric([__version__, revision(), platform.python_version()], 1.0)
 
 
-def build_collectors(ctx: Context, names: Iterable[str]) -> dict[str, Collector]:
-    """Instantiate the named collectors; a collector that cannot even be built is an error up front."""
-    out: dict[str, Collector] = {}
-    for name in names:
-        out[name] = COLLECTORS[name].factory(ctx)
-    return out
+def register_exporter_metrics(registry: CollectorRegistry, *extra: PromCollector) -> None:
+    """The exporter's own health, as exporters do it (off with ``--web.disable-exporter-metrics``).
+
+    prometheus_client's ``process_*`` (memory, CPU, file descriptors, threads: this daemon starts
+    QEMU processes, so a leak shows here first), ``python_info`` and ``python_gc_*`` families, plus
+    ``extra`` collectors such as the HTTP server's request counters.
+
+    Example::
+
+        process_resident_memory_bytes 3.1e+07
+        process_open_fds 12
+        python_info{implementation="CPython",major="3",minor="11",patchlevel="2",version="3.11.2"} 1.0
+        python_gc_collections_total{generation="0"} 112.0
+    """
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    for collector in extra:
+        registry.register(collector)
