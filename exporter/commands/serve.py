@@ -26,6 +26,7 @@ from exporter.collector import (
     ScrapeCollector,
     build_collectors,
     enabled_collectors,
+    register_exporter_metrics,
 )
 from exporter.config import Config
 from exporter.errors import ConfigError, ExporterError
@@ -76,7 +77,10 @@ class Daemon:
             status=self.status,
             ready=self.ready,
             security=security,
+            max_requests=cfg.web.max_requests,
         )
+        if not cfg.web.disable_exporter_metrics:
+            register_exporter_metrics(self.registry, self.http.metrics)
         self.scheduler: CanaryScheduler | None = None
         self.started_at = time.time()
 
