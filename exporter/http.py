@@ -72,7 +72,7 @@ class Limits:
     #: open connections; at the limit the oldest idle or reading one is closed
     max_connections: int = 128
     #: listen(2) backlog
-    backlog: int = 128
+    backlog: int = 512
 
 
 def gzip_accepted(accept_encoding: str | None) -> bool:
@@ -343,8 +343,27 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.settimeout(self.server.app.limits.write_timeout)
             self._send(code, body, "text/plain; charset=utf-8", {"Connection": "close"})
             self.wfile.flush()
+            self._linger()
         except OSError:
             pass
+
+    def _linger(self, max_bytes: int = 256 * 1024, seconds: float = 0.5) -> None:
+        """Read and drop what the client is still sending, briefly, so that closing does not reset
+        the connection before the client has read the answer (a close with unread data sends RST)."""
+        sock = self.connection
+        if not isinstance(sock, ssl.SSLSocket):  # TLS: a half-close would need an SSL shutdown first
+            socket.socket.shutdown(sock, socket.SHUT_WR)
+        deadline = time.monotonic() + seconds
+        left = max_bytes
+        while left > 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            sock.settimeout(remaining)
+            data = self.rfile.read1(min(left, 65536))
+            if not data:
+                return
+            left -= len(data)
 
     # ------------------------------------------------------------------ responses
 
