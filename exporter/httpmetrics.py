@@ -61,6 +61,10 @@ class HttpMetrics(Collector):
         with self._lock:
             self._in_flight -= 1
 
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._in_flight
+
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
             "kvmcpu_http_requests",

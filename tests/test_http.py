@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import gzip
 import socket
+import threading
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry, Gauge
+import yaml
+from conftest import parse_metrics, sample
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from support.host import registry_for
+from support.web import read_response, request, request_bytes
 
-from exporter.http import ExporterHTTP
+from exporter.http import ExporterHTTP, Limits, gzip_accepted
+from exporter.webconfig import load_web_config
 
 
 @pytest.fixture
@@ -67,3 +79,139 @@ def test_port_in_use_raises_before_serving() -> None:
         app = ExporterHTTP(CollectorRegistry(), f"127.0.0.1:{port}")
         with pytest.raises(OSError):
             app.bind()
+
+
+# ---------------------------------------------------------------- gzip, limits, headers (in-process)
+
+
+@pytest.mark.parametrize(
+    ("header", "accepted"),
+    [
+        ("gzip", True),
+        ("gzip, deflate, br", True),  # Prometheus and browsers
+        ("GZIP;q=0.5", True),
+        ("gzip;q=0", False),
+        ("gzip;q=0.0, *", False),  # an explicit refusal wins over the wildcard
+        ("*", True),
+        ("identity", False),
+        ("", False),
+        (None, False),
+        ("gzip;q=nonsense", False),
+    ],
+)
+def test_gzip_accepted(header: str | None, accepted: bool) -> None:
+    assert gzip_accepted(header) is accepted
+
+
+def test_gzip_body_is_byte_identical_after_decompression() -> None:
+    registry = registry_for("broadwell-e5-2699v4")  # real exposition, fixed content
+    app = ExporterHTTP(registry, "127.0.0.1:0")
+    _, port = app.bind()
+    app.serve_in_thread()
+    try:
+        for accept in (None, "application/openmetrics-text; version=1.0.0"):
+            headers = {"Accept": accept} if accept else {}
+            plain = request(port, headers=headers)
+            zipped = request(port, headers={**headers, "Accept-Encoding": "gzip"})
+            assert "content-encoding" not in plain.headers
+            assert zipped.headers["content-encoding"] == "gzip"
+            assert zipped.headers["vary"] == "Accept-Encoding"
+            assert zipped.headers["content-type"] == plain.headers["content-type"]
+            assert gzip.decompress(zipped.body) == plain.body
+            assert len(zipped.body) < len(plain.body) / 3
+    finally:
+        app.shutdown()
+
+
+class _Blocking:
+    """A collector that holds its scrape until released, to occupy a request slot for certain."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def collect(self) -> Iterator[Metric]:
+        self.entered.set()
+        self.release.wait(10)
+        yield GaugeMetricFamily("kvmcpu_probe", "Probe.", value=1.0)
+
+
+def test_max_requests_503_and_headers_on_every_response(tmp_path: Path) -> None:
+    web = tmp_path / "web.yml"
+    web.write_text(yaml.safe_dump({"http_server_config": {"headers": {"X-Frame-Options": "deny"}}}))
+    blocking = _Blocking()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(blocking)  # type: ignore[arg-type]
+    app = ExporterHTTP(registry, "127.0.0.1:0", security=load_web_config(str(web)), max_requests=1)
+    _, port = app.bind()
+    app.serve_in_thread()
+    holder = threading.Thread(target=request, args=(port,))
+    holder.start()
+    try:
+        assert blocking.entered.wait(10)
+        busy = request(port)
+        landing = request(port, "/")  # the landing page shares the slots: it collects too
+        health = request(port, "/-/healthy")  # probes never do
+        assert (busy.status, landing.status, health.status) == (503, 503, 200)
+        assert busy.headers["x-frame-options"] == "deny" and landing.headers["x-frame-options"] == "deny"
+        assert app.metrics.in_flight() == 1
+    finally:
+        blocking.release.set()
+        holder.join()
+    assert request(port).status == 200
+    deadline = time.monotonic() + 5  # the server counts a request done just after its last byte
+    while app.metrics.in_flight() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert app.metrics.in_flight() == 0
+    samples = parse_metrics(generate_latest(app.metrics).decode())
+    assert sample(samples, "kvmcpu_http_requests_total", handler="metrics", code="503") == 1.0
+    assert sample(samples, "kvmcpu_http_requests_total", handler="metrics", code="200") == 2.0
+    app.shutdown()
+
+
+def test_pipelined_requests_are_answered_in_order() -> None:
+    registry = CollectorRegistry()
+    Gauge("kvmcpu_probe", "Probe.", registry=registry).set(7)
+    app = ExporterHTTP(registry, "127.0.0.1:0")
+    _, port = app.bind()
+    app.serve_in_thread()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(request_bytes("/-/healthy") + request_bytes("/nope") + request_bytes("/metrics"))
+            buf = bytearray()
+            codes = []
+            for _ in range(3):
+                resp, buf = read_response(sock, buf)
+                codes.append(resp.status)
+            assert codes == [200, 404, 200] and b"kvmcpu_probe 7.0" in resp.body
+    finally:
+        app.shutdown()
+
+
+def test_head_limit_counts_folded_lines(tmp_path: Path) -> None:
+    app = ExporterHTTP(CollectorRegistry(), "127.0.0.1:0", limits=Limits(max_head_bytes=4096))
+    _, port = app.bind()
+    app.serve_in_thread()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            # every line is short; only their sum is over the limit
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nAccept: x\r\n" + b" continued\r\n" * 500 + b"\r\n")
+            assert read_response(sock)[0].status == 431
+        assert request(port, headers={"X-Fits": "a" * 3000}).status == 200
+    finally:
+        app.shutdown()
+
+
+def test_idle_keep_alive_connection_is_closed(tmp_path: Path) -> None:
+    app = ExporterHTTP(CollectorRegistry(), "127.0.0.1:0", limits=Limits(idle_timeout=0.5))
+    _, port = app.bind()
+    app.serve_in_thread()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(request_bytes("/-/healthy"))
+            assert read_response(sock)[0].status == 200
+            start = time.monotonic()
+            assert sock.recv(1) == b""
+            assert time.monotonic() - start < 3
+    finally:
+        app.shutdown()

@@ -13,7 +13,6 @@ import pytest
 import yaml
 from support.pki import Pki, issue, make_pki
 
-from exporter import webconfig
 from exporter.errors import ConfigError
 from exporter.webconfig import load_web_config
 
@@ -66,24 +65,6 @@ def test_basic_auth_accepts_only_the_right_password(tmp_path: Path) -> None:
     assert sec.authorize("Basic !!!notbase64") is False
     assert sec.authorize("Basic " + base64.b64encode(b"no-colon").decode()) is False
     assert sec.authorize("basic " + basic("alice", "s3cret").split()[1]) is True  # scheme is case-insensitive
-
-
-def test_verifications_are_cached_so_scrapes_stay_cheap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[bytes] = []
-    real = webconfig._bcrypt_check
-
-    def counting(password: bytes, hashed: bytes) -> bool:
-        calls.append(password)
-        return real(password, hashed)
-
-    monkeypatch.setattr(webconfig, "_bcrypt_check", counting)
-    sec = load_web_config(write(tmp_path, {"basic_auth_users": {"alice": HASH}}))
-    for _ in range(5):
-        assert sec.authorize(basic("alice", "s3cret")) is True
-        assert sec.authorize(basic("alice", "nope")) is False
-        assert sec.authorize(basic("ghost", "s3cret")) is False
-    assert sorted(calls) == [b"nope", b"s3cret", b"s3cret"]  # once per distinct (user, password)
-    assert b"s3cret" not in b"".join(sec._cache)  # keys are keyed digests, not passwords
 
 
 def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
