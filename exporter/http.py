@@ -426,13 +426,16 @@ class _Handler(BaseHTTPRequestHandler):
             if not app.acquire():
                 self._send(503, b"Too many concurrent requests; retry\n", "text/plain; charset=utf-8")
                 return
+            # the slot bounds the collecting and encoding; it is free again before the response
+            # is written, so clients that read slowly cannot hold the slots
             try:
                 if path == app.telemetry_path:
-                    self._metrics()
+                    body, ctype, extra = self._metrics()
                 else:
-                    self._send(200, app.landing_page().encode(), "text/html; charset=utf-8")
+                    body, ctype, extra = app.landing_page().encode(), "text/html; charset=utf-8", {}
             finally:
                 app.release()
+            self._send(200, body, ctype, extra)
         elif path == "/-/healthy":
             self._send(200, b"Healthy\n", "text/plain; charset=utf-8")
         elif path == "/-/ready":
@@ -445,7 +448,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, b"Not found\n", "text/plain; charset=utf-8")
 
-    def _metrics(self) -> None:
+    def _metrics(self) -> tuple[bytes, str, dict[str, str]]:
         app = self.server.app
         encoder, ctype = choose(self.headers.get("Accept"))
         body = encoder(app.registry)
@@ -453,7 +456,7 @@ class _Handler(BaseHTTPRequestHandler):
         if gzip_accepted(self.headers.get("Accept-Encoding")):
             body = gzip.compress(body, compresslevel=GZIP_LEVEL, mtime=0)
             extra["Content-Encoding"] = "gzip"
-        self._send(200, body, ctype, extra)
+        return body, ctype, extra
 
 
 class ExporterHTTP:
