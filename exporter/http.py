@@ -212,7 +212,8 @@ class _Handler(BaseHTTPRequestHandler):
     handler_label = "none"
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http " + format % args)
+        if log.isEnabledFor(logging.DEBUG):  # formatting every request line costs under a flood
+            log.debug("http " + format % args)
 
     def setup(self) -> None:
         self._accepted = time.monotonic()
@@ -347,7 +348,7 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def _linger(self, max_bytes: int = 256 * 1024, seconds: float = 0.5) -> None:
+    def _linger(self, max_bytes: int = 64 * 1024, seconds: float = 0.25) -> None:
         """Read and drop what the client is still sending, briefly, so that closing does not reset
         the connection before the client has read the answer (a close with unread data sends RST)."""
         sock = self.connection
