@@ -52,8 +52,9 @@ log = logging.getLogger(__name__)
 
 StatusFn = Callable[[], dict[str, Any]]
 
-#: gzip level for /metrics: 1 is several times faster than 6 and within ~15% of its size on our
-#: exposition text (bench/web_abuse.py prints both)
+#: gzip level for /metrics: on a 2.3 MB 500-guest exposition level 1 takes 11 ms against 64 ms
+#: for level 6, for 119 KB against 105 KB (both ~20x smaller than plain; bench/web_abuse.py
+#: prints both). Nothing slow on the scrape path.
 GZIP_LEVEL = 1
 
 
