@@ -28,6 +28,7 @@ import gzip
 import html
 import io
 import logging
+import queue
 import socket
 import ssl
 import threading
@@ -158,6 +159,44 @@ class Connections:
                 _abort(conn.sock)
 
 
+class Workers:
+    """Daemon threads reused across connections, grown on demand up to ``limit``.
+
+    ``ThreadingMixIn`` starts a thread per connection, and ``Thread.start`` waits until the new
+    thread runs: under a connection flood the accept loop then waits on the GIL once per
+    connection. Reused workers make accepting a queue put.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._queue: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._count = 0
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        with self._lock:
+            if self._idle > 0:
+                self._idle -= 1  # claimed: that worker takes this task
+                spawn = False
+            else:
+                spawn = self._count < self.limit
+                self._count += spawn
+        self._queue.put((fn, args))
+        if spawn:
+            threading.Thread(target=self._run, name="http-worker", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            fn, args = self._queue.get()
+            try:
+                fn(*args)
+            except Exception:  # process_request_thread handles its own errors; belt and braces
+                log.debug("worker task failed", exc_info=True)
+            with self._lock:
+                self._idle += 1
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -172,6 +211,8 @@ class _Server(ThreadingHTTPServer):
         self.app = app
         self.request_queue_size = app.limits.backlog
         self.connections = Connections(app.limits.max_connections, app.metrics)
+        # a few more than the connections: an evicted connection's worker may still be finishing
+        self.workers = Workers(app.limits.max_connections + 8)
         super().__init__(addr, _Handler)
 
     def server_bind(self) -> None:
@@ -194,7 +235,7 @@ class _Server(ThreadingHTTPServer):
             self.app.metrics.dropped("overload")
             self.shutdown_request(request)
             return
-        super().process_request(request, client_address)
+        self.workers.submit(self.process_request_thread, request, client_address)
 
     def shutdown_request(self, request: Any) -> None:
         self.connections.remove(request)
