@@ -11,9 +11,9 @@ What the stdlib server lacked, and this module adds:
 * **deadlines**: the whole head must arrive within ``read_timeout`` of the connection (or of its
   first byte on a kept-alive one); an idle keep-alive connection is closed after ``idle_timeout``;
   a client that stops reading the response is dropped after ``write_timeout``;
-* **a connection limit** (``max_connections``): at the limit the oldest connection that is not
-  being served (idle or still sending its head) is closed to make room, so slow clients cannot
-  hold every thread; a real listen backlog;
+* **a connection limit** (``max_connections``): at the limit the oldest connection that has
+  been idle or sending its head for over 0.25 s is closed to make room, so slow clients cannot
+  hold every thread; otherwise new connections wait in a real listen backlog;
 * **bounded concurrency**: at most ``max_requests`` scrapes (/metrics and /) at once, 503 beyond,
   as promhttp's ``MaxRequestsInFlight``;
 * **no Nagle stall**: TCP_NODELAY, and status line, headers and body leave in one send;
@@ -99,7 +99,8 @@ def gzip_accepted(accept_encoding: str | None) -> bool:
     return weights.get("*", 0.0) > 0
 
 
-READING, IDLE, SERVING = "reading", "idle", "serving"
+#: accepted, waiting for a worker; reading the request head; between requests; being answered
+QUEUED, READING, IDLE, SERVING = "queued", "reading", "idle", "serving"
 
 
 class _Connection:
@@ -107,7 +108,7 @@ class _Connection:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.state = READING
+        self.state = QUEUED
         self.since = time.monotonic()
 
 
@@ -118,43 +119,65 @@ def _abort(sock: socket.socket) -> None:
 
 
 class Connections:
-    """Every open client connection and what it is doing; makes room at the limit."""
+    """Every open client connection and what it is doing; makes room at the limit.
 
-    def __init__(self, limit: int, metrics: HttpMetrics) -> None:
+    At the limit the oldest connection that has been idle or reading its request head for at
+    least ``grace`` seconds is closed (slowloris connections and forgotten keep-alives; a real
+    client's head arrives in one read). Connections still waiting for a worker, being answered, or
+    younger than that (a burst of real clients) are never closed: the server stops accepting for a
+    moment and new connections wait in the listen backlog.
+    """
+
+    def __init__(self, limit: int, metrics: HttpMetrics, grace: float = 0.25) -> None:
         self.limit = limit
+        self.grace = grace
         self._metrics = metrics
-        self._lock = threading.Lock()
+        self._room = threading.Condition()
         self._open: dict[socket.socket, _Connection] = {}
 
     def __len__(self) -> int:
         return len(self._open)
 
-    def admit(self, sock: socket.socket) -> bool:
-        """Track a new connection; at the limit close the oldest one not being served, if any."""
-        with self._lock:
-            if len(self._open) >= self.limit:
-                waiting = [c for c in self._open.values() if c.state != SERVING]
-                if not waiting:
+    def wait_for_room(self, timeout: float) -> bool:
+        """Room for one more connection within ``timeout``, closing a stale one if need be."""
+        deadline = time.monotonic() + timeout
+        with self._room:
+            while len(self._open) >= self.limit:
+                now = time.monotonic()
+                stale = [
+                    c
+                    for c in self._open.values()
+                    if c.state in (READING, IDLE) and now - c.since >= self.grace
+                ]
+                if stale:
+                    victim = min(stale, key=lambda c: c.since)
+                    del self._open[victim.sock]
+                    _abort(victim.sock)
+                    self._metrics.dropped("evicted")
+                    break
+                if now >= deadline:
                     return False
-                victim = min(waiting, key=lambda c: c.since)
-                del self._open[victim.sock]
-                _abort(victim.sock)
-                self._metrics.dropped("evicted")
-            self._open[sock] = _Connection(sock)
+                # woken by a closed connection; else look again when the oldest turns stale
+                self._room.wait(min(deadline - now, 0.02))
             return True
 
+    def admit(self, sock: socket.socket) -> None:
+        with self._room:
+            self._open[sock] = _Connection(sock)
+
     def set(self, sock: socket.socket, state: str) -> None:
-        with self._lock:
+        with self._room:
             conn = self._open.get(sock)
             if conn is not None:
                 conn.state, conn.since = state, time.monotonic()
 
     def remove(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._open.pop(sock, None)
+        with self._room:
+            if self._open.pop(sock, None) is not None:
+                self._room.notify()
 
     def close_all(self) -> None:
-        with self._lock:
+        with self._room:
             for conn in self._open.values():
                 _abort(conn.sock)
 
@@ -222,6 +245,9 @@ class _Server(ThreadingHTTPServer):
         super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, Any]:
+        if not self.connections.wait_for_room(0.25):
+            # not accepted: the client waits in the listen backlog; serve_forever polls again
+            raise OSError("at the connection limit")
         sock, addr = super().get_request()
         ctx = self.app.security.ssl_context() if self.app.security else None
         if ctx is not None:
@@ -231,10 +257,7 @@ class _Server(ThreadingHTTPServer):
         return sock, addr
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.connections.admit(request):
-            self.app.metrics.dropped("overload")
-            self.shutdown_request(request)
-            return
+        self.connections.admit(request)
         self.workers.submit(self.process_request_thread, request, client_address)
 
     def shutdown_request(self, request: Any) -> None:
@@ -258,6 +281,7 @@ class _Handler(BaseHTTPRequestHandler):
             log.debug("http " + format % args)
 
     def setup(self) -> None:
+        self.server.connections.set(self.request, READING)
         self._accepted = time.monotonic()
         self._code = 0
         self._body = b""

@@ -28,8 +28,7 @@ HANDLERS = ("metrics", "landing", "healthy", "ready", "other", "none")
 #: why the server closed a connection without a normal end
 DROP_REASONS = (
     "read_timeout",  # the request head did not arrive in time (slowloris, bare request line)
-    "evicted",  # closed to make room while at the connection limit (oldest idle/reading first)
-    "overload",  # refused at accept: the limit is reached and every connection is being served
+    "evicted",  # closed to make room at the connection limit (oldest stale idle/reading first)
 )
 
 
