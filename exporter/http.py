@@ -12,7 +12,7 @@ What the stdlib server lacked, and this module adds:
   first byte on a kept-alive one); an idle keep-alive connection is closed after ``idle_timeout``;
   a client that stops reading the response is dropped after ``write_timeout``;
 * **a connection limit** (``max_connections``): at the limit the oldest connection that has
-  been idle or sending its head for over 0.25 s is closed to make room, so slow clients cannot
+  been idle or sending its head for over 0.1 s is closed to make room, so slow clients cannot
   hold every thread; otherwise new connections wait in a real listen backlog;
 * **bounded concurrency**: at most ``max_requests`` scrapes (/metrics and /) at once, 503 beyond,
   as promhttp's ``MaxRequestsInFlight``;
@@ -73,6 +73,9 @@ class Limits:
     write_timeout: float = 30.0
     #: open connections; at the limit the oldest idle or reading one is closed
     max_connections: int = 128
+    #: seconds a connection must have been idle or reading its head before it may be closed for
+    #: room: a real client's head arrives in one read, a slowloris one never completes
+    eviction_grace: float = 0.1
     #: listen(2) backlog
     backlog: int = 512
 
@@ -128,7 +131,7 @@ class Connections:
     moment and new connections wait in the listen backlog.
     """
 
-    def __init__(self, limit: int, metrics: HttpMetrics, grace: float = 0.25) -> None:
+    def __init__(self, limit: int, metrics: HttpMetrics, grace: float) -> None:
         self.limit = limit
         self.grace = grace
         self._metrics = metrics
@@ -233,7 +236,7 @@ class _Server(ThreadingHTTPServer):
         self.address_family = family
         self.app = app
         self.request_queue_size = app.limits.backlog
-        self.connections = Connections(app.limits.max_connections, app.metrics)
+        self.connections = Connections(app.limits.max_connections, app.metrics, app.limits.eviction_grace)
         # a few more than the connections: an evicted connection's worker may still be finishing
         self.workers = Workers(app.limits.max_connections + 8)
         super().__init__(addr, _Handler)
