@@ -197,17 +197,20 @@ class Workers:
         self.limit = limit
         self._queue: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]]] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._idle = 0
+        self._idle = 0  # workers waiting for a task nobody has claimed
         self._count = 0
+        self._backlog = 0  # tasks queued while every worker was busy and none could be added
 
     def submit(self, fn: Callable[..., None], *args: Any) -> None:
         with self._lock:
+            spawn = False
             if self._idle > 0:
-                self._idle -= 1  # claimed: that worker takes this task
-                spawn = False
+                self._idle -= 1  # claimed: that waiting worker takes this task
+            elif self._count < self.limit:
+                self._count += 1
+                spawn = True
             else:
-                spawn = self._count < self.limit
-                self._count += spawn
+                self._backlog += 1  # the next worker to finish takes it
         self._queue.put((fn, args))
         if spawn:
             threading.Thread(target=self._run, name="http-worker", daemon=True).start()
@@ -220,7 +223,10 @@ class Workers:
             except Exception:  # process_request_thread handles its own errors; belt and braces
                 log.debug("worker task failed", exc_info=True)
             with self._lock:
-                self._idle += 1
+                if self._backlog > 0:
+                    self._backlog -= 1
+                else:
+                    self._idle += 1
 
 
 class _Server(ThreadingHTTPServer):
@@ -317,11 +323,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return False
             conns.set(sock, READING)
             start = time.monotonic()
+        self.handler_label = "none"  # until the request line says which handler
+        self._code = 0
         head = self._read_head(start + limits.read_timeout, limits.max_head_bytes)
         if head is None:
             return False
-        self.handler_label = "none"
-        self._code = 0
         nl = head.find(b"\n")
         self.raw_requestline = bytes(head[: nl + 1])
         rfile = self.rfile

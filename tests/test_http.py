@@ -20,7 +20,7 @@ from prometheus_client.metrics_core import Metric
 from support.host import registry_for
 from support.web import read_response, request, request_bytes
 
-from exporter.http import ExporterHTTP, Limits, gzip_accepted
+from exporter.http import ExporterHTTP, Limits, Workers, gzip_accepted
 from exporter.webconfig import load_web_config
 
 
@@ -220,3 +220,27 @@ def test_idle_keep_alive_connection_is_closed(tmp_path: Path) -> None:
             assert time.monotonic() - start < 3
     finally:
         app.shutdown()
+
+
+def test_workers_are_reused_and_bounded() -> None:
+    workers = Workers(limit=2)
+    gate = threading.Event()
+    done: list[int] = []
+    lock = threading.Lock()
+
+    def task(i: int) -> None:
+        gate.wait(10)
+        with lock:
+            done.append(i)
+
+    before = threading.active_count()
+    for i in range(5):  # more tasks than workers: the rest wait for the next free worker
+        workers.submit(task, i)
+    assert threading.active_count() - before == 2
+    gate.set()
+    assert _settles(lambda: len(done), 5)
+    for i in range(5, 9):
+        workers.submit(task, i)
+    assert _settles(lambda: len(done), 9)
+    assert sorted(done) == list(range(9))
+    assert threading.active_count() - before == 2  # reused, not respawned
