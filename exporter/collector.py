@@ -25,6 +25,7 @@ from exporter.config import Config
 from exporter.errors import ExporterError
 from exporter.features import watchlist
 from exporter.logsetup import log_failure
+from exporter.version import revision
 
 if TYPE_CHECKING:
     from exporter.canary.store import CanaryStore
@@ -194,10 +195,10 @@ class ScrapeCollector(PromCollector):
         yield errors
         build = GaugeMetricFamily(
             "kvmcpu_build_info",
-            "A metric with a constant '1' value labeled by the exporter's version and Python version.",
-            labels=["version", "python_version"],
+            "A metric with a constant '1' value labeled by the exporter's version, git revision and Python version.",
+            labels=["version", "revision", "python_version"],
         )
-        build.add_metric([__version__, platform.python_version()], 1.0)
+        build.add_metric([__version__, revision(), platform.python_version()], 1.0)
         yield build
 
 

@@ -27,6 +27,7 @@ import logging
 import os
 import secrets
 import ssl
+import stat
 import struct
 import tempfile
 import threading
@@ -35,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import bcrypt
-import yaml
 
+from exporter.config.yamlfile import read_yaml
 from exporter.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -335,19 +336,23 @@ class _Problems:
         self.items.append(f"{self.source}: {where}: {message}" if where else f"{self.source}: {message}")
 
 
+@dataclass(frozen=True)
+class LoadedWebConfig:
+    """A checked web config: the security the server uses, and what is worth a warning."""
+
+    security: WebSecurity
+    warnings: tuple[str, ...] = ()
+
+
 def load_web_config(path: str) -> WebSecurity:
     """Read and check a web config file; raises ConfigError listing every problem found."""
+    return check_web_config(path).security
+
+
+def check_web_config(path: str) -> LoadedWebConfig:
+    """Read and check a web config file (TLS context built once, here); raises ConfigError."""
     problems = _Problems(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError([f"{path}: cannot read web config: {err.strerror or err}"]) from err
-    except UnicodeDecodeError as err:
-        raise ConfigError([f"{path}: not UTF-8 text: {err}"]) from err
-    try:
-        data = yaml.safe_load(text)
-    except (yaml.YAMLError, RecursionError) as err:  # RecursionError: absurdly deep nesting
-        raise ConfigError([f"{path}: invalid YAML: {' '.join(str(err).split())}"]) from err
+    data = read_yaml(path, "web config")
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -371,7 +376,24 @@ def load_web_config(path: str) -> WebSecurity:
             problems.add("tls_server_config", f"cannot load certificate/key/CA: {err}")
     if problems.items:
         raise ConfigError(problems.items)
-    return WebSecurity(tls, users, headers, path, context=context)
+    warnings = key_file_warnings(tls, path)
+    return LoadedWebConfig(WebSecurity(tls, users, headers, path, context=context), warnings)
+
+
+def key_file_warnings(tls: TlsSettings | None, source: str) -> tuple[str, ...]:
+    """A private key others can read is a leak waiting to happen; say so (see docs/security.md)."""
+    if tls is None or tls.key_file is None:
+        return ()
+    try:
+        mode = os.stat(tls.key_file).st_mode
+    except OSError:
+        return ()
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        return (
+            f"{source}: tls_server_config.key_file: {tls.key_file} is readable by every user "
+            f"(mode {stat.S_IMODE(mode):04o}); chmod 600 or 640 it",
+        )
+    return ()
 
 
 def _mapping(value: Any, where: str, problems: _Problems) -> dict[Any, Any] | None:

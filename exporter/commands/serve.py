@@ -1,24 +1,29 @@
 """The daemon: validate everything, bind the port, then start the background work.
 
 Order matters for operators: configuration errors (including the web config) exit 2 before the
-port is bound; a port in use is one clear line and exit 1; only then do the QEMU probe and the
-canary scheduler start, so a scrape never waits for them.
+port is bound (``exporter.cli`` checks them); a port in use is one clear line and exit 1; only
+then do the QEMU probe and the canary scheduler start, so a scrape never waits for them.
+
+Signals: SIGTERM and SIGINT stop the daemon (a running canary is cancelled and its work dir
+removed); SIGHUP reloads the config file and the web config (``exporter.commands.reload`` says
+what a reload can change; a reload that fails validation changes nothing).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import queue
 import signal
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
-from exporter.cli import report_config_problems
 from exporter.collector import (
     COLLECTORS,
     BackgroundCollector,
@@ -27,8 +32,10 @@ from exporter.collector import (
     build_collectors,
     enabled_collectors,
 )
-from exporter.config import Config
-from exporter.errors import ConfigError, ExporterError
+from exporter.commands.reload import ReloadStatus, restart_needed
+from exporter.config import CanaryConfig, Config
+from exporter.config.settings import Settings, load_settings
+from exporter.errors import ExporterError
 from exporter.http import ExporterHTTP
 from exporter.logsetup import log_failure, setup_logging
 
@@ -69,6 +76,8 @@ class Daemon:
         self.scrape = ScrapeCollector(self.collectors)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.scrape)
+        self.reloads = ReloadStatus()
+        self.registry.register(self.reloads)
         self.http = ExporterHTTP(
             self.registry,
             cfg.web.listen_address,
@@ -169,11 +178,71 @@ class Daemon:
             if isinstance(collector, BackgroundCollector):
                 collector.start()
         if self.cfg.canary.enabled:
-            from exporter.canary.scheduler import CanaryScheduler
+            self._start_scheduler()
 
-            assert self.knowledge is not None and self.store is not None
-            self.scheduler = CanaryScheduler(self.cfg, self.knowledge, self.store)
-            self.scheduler.start()
+    def reload(self, load: Callable[[], Settings]) -> bool:
+        """Load the config again and apply what can change at run time; on any problem keep all."""
+        try:
+            settings = load()
+        except Exception as err:  # a reload must never take the daemon down
+            settings = Settings(self.cfg, problems=[f"{type(err).__name__}: {err}"])
+        if settings.problems:
+            log.error(
+                "configuration reload failed; keeping the running configuration",
+                extra={"fields": {"problems": len(settings.problems), "err": "; ".join(settings.problems)}},
+            )
+            self.reloads.record(False)
+            return False
+        new = settings.config
+        if new.log != self.cfg.log:
+            setup_logging(new.log.level, new.log.format)
+            self.cfg.log = new.log
+        for warning in settings.warnings:
+            log.warning(warning)
+        for key in restart_needed(self.cfg, new):
+            log.warning("configuration change needs a restart; keeping the running value", extra={"fields": {"key": key}})
+        self.cfg.web.config_file = new.web.config_file
+        self.http.security = settings.security
+        if new.canary != self.cfg.canary:
+            self._apply_canary(new.canary)
+        self.reloads.record(True)
+        log.info(
+            "configuration reloaded",
+            extra={"fields": {"web_config": new.web.config_file or "none", "log_level": new.log.level}},
+        )
+        return True
+
+    def _apply_canary(self, canary: CanaryConfig) -> None:
+        """Restart the canary schedule with the new settings (a canary in flight is cancelled)."""
+        if canary.enabled and (self.knowledge is None or self.store is None):
+            log.warning(
+                "configuration change needs a restart; keeping the running value",
+                extra={"fields": {"key": "canary.enabled"}},
+            )
+            canary = dataclasses.replace(canary, enabled=False)
+        if self.scheduler is not None:
+            self.scheduler.stop()
+            self.scheduler = None
+        self.cfg.canary = canary
+        if self.store is not None:
+            from exporter.canary.guard import DutyCycleBudget
+            from exporter.canary.store import DUTY_WINDOW_SECONDS, aesni_pair
+
+            # the same rules CanaryStore.for_config applies at start
+            self.store.pair = aesni_pair(canary.profiles)
+            self.store.profiles = tuple(p.name for p in canary.profiles)
+            self.store.duty_budget_seconds = DutyCycleBudget(
+                canary.duty_cycle_percent, DUTY_WINDOW_SECONDS
+            ).budget_seconds
+        if canary.enabled:
+            self._start_scheduler()
+
+    def _start_scheduler(self) -> None:
+        from exporter.canary.scheduler import CanaryScheduler
+
+        assert self.knowledge is not None and self.store is not None
+        self.scheduler = CanaryScheduler(self.cfg, self.knowledge, self.store)
+        self.scheduler.start()
 
     def stop(self) -> None:
         if self.scheduler is not None:
@@ -186,22 +255,11 @@ class Daemon:
         self.http.shutdown()
 
 
-def load_security(cfg: Config) -> tuple[WebSecurity | None, list[str]]:
-    if not cfg.web.config_file:
-        return None, []
-    from exporter.webconfig import load_web_config
-
-    try:
-        return load_web_config(cfg.web.config_file), []
-    except ConfigError as err:
-        return None, err.problems
-
-
-def run(cfg: Config, args: argparse.Namespace) -> int:
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    cfg, security = settings.config, settings.security
     setup_logging(cfg.log.level, cfg.log.format)
-    security, problems = load_security(cfg)
-    if problems:
-        return report_config_problems(problems)
+    for warning in settings.warnings:
+        log.warning(warning)
     try:
         daemon = Daemon(cfg, security)
     except ExporterError as err:
@@ -215,14 +273,15 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
             extra={"fields": {"address": cfg.web.listen_address, "err": err.strerror or str(err)}},
         )
         return 1
-    stop = threading.Event()
+    # Handlers only queue the signal; the main thread acts on it (a reload logs, takes locks and
+    # may stop the canary: none of that belongs in a signal handler).
+    signals: queue.SimpleQueue[signal.Signals] = queue.SimpleQueue()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("shutting down", extra={"fields": {"signal": signal.Signals(signum).name}})
-        stop.set()
+        signals.put(signal.Signals(signum))
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     daemon.http.serve_in_thread()
     log.info(
         "listening",
@@ -235,6 +294,13 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         },
     )
     daemon.start_background()
-    stop.wait()
+    while True:
+        received = signals.get()
+        if received == signal.SIGHUP:
+            log.info("reloading configuration", extra={"fields": {"signal": received.name}})
+            daemon.reload(lambda: load_settings(args, COLLECTORS))
+            continue
+        log.info("shutting down", extra={"fields": {"signal": received.name}})
+        break
     daemon.stop()
     return 0
