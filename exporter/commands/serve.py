@@ -12,11 +12,14 @@ what a reload can change; a reload that fails validation changes nothing).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
-import queue
+import select
 import signal
+import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -273,12 +276,18 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             extra={"fields": {"address": cfg.web.listen_address, "err": err.strerror or str(err)}},
         )
         return 1
-    # Handlers only queue the signal; the main thread acts on it (a reload logs, takes locks and
-    # may stop the canary: none of that belongs in a signal handler).
-    signals: queue.SimpleQueue[signal.Signals] = queue.SimpleQueue()
+    # Handlers only note the signal; the main thread acts on it (a reload logs, takes locks and may
+    # stop the canary: none of that belongs in a signal handler). The kernel may deliver a signal
+    # to any thread, and only the main thread runs Python handlers, so the main thread sleeps in
+    # select() on the wakeup fd, which Python's C-level handler writes to whichever thread got it.
+    pending: deque[signal.Signals] = deque()
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        signals.put(signal.Signals(signum))
+        pending.append(signal.Signals(signum))
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
@@ -294,13 +303,21 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         },
     )
     daemon.start_background()
-    while True:
-        received = signals.get()
+    received: signal.Signals | None = None
+    while received not in (signal.SIGTERM, signal.SIGINT):
+        if not pending:
+            select.select([wake_r], [], [])
+            with contextlib.suppress(BlockingIOError):
+                wake_r.recv(4096)
+            continue  # the Python handlers run before the next bytecode: pending is filled now
+        received = pending.popleft()
         if received == signal.SIGHUP:
             log.info("reloading configuration", extra={"fields": {"signal": received.name}})
             daemon.reload(lambda: load_settings(args, COLLECTORS))
-            continue
-        log.info("shutting down", extra={"fields": {"signal": received.name}})
-        break
+    assert received is not None
+    log.info("shutting down", extra={"fields": {"signal": received.name}})
+    signal.set_wakeup_fd(-1)
+    wake_r.close()
+    wake_w.close()
     daemon.stop()
     return 0
