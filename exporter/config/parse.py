@@ -13,7 +13,7 @@ import os
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import annotated_types
 from pydantic import TypeAdapter, ValidationError
@@ -25,6 +25,7 @@ from exporter.config.yamlfile import read_yaml
 from exporter.errors import ConfigError
 
 Loc = tuple[int | str, ...]
+T = TypeVar("T")
 
 _CONFIG = TypeAdapter(Config)
 _MAX_PRUNE_ROUNDS = 8
@@ -40,11 +41,23 @@ def parse_config(
     """
     if data is None:
         data = {}
+    return validate_data(_CONFIG, Config, data, source, flags)
+
+
+def validate_data(
+    adapter: TypeAdapter[T],
+    root: type[T],
+    data: Any,
+    source: str | None = None,
+    flags: Mapping[Loc, str] | None = None,
+) -> tuple[T, list[str]]:
+    """Validate ``data`` against the schema ``root``: the result (bad values at their defaults, or
+    ``root()`` when nothing is usable) and every problem, worded with its location."""
     try:
-        return _CONFIG.validate_python(data), []
+        return adapter.validate_python(data), []
     except ValidationError as err:
-        problems = [_describe(e, source, flags or {}) for e in err.errors()]
-        return _best_effort(data, err), problems
+        problems = [_describe(e, root, source, flags or {}) for e in err.errors()]
+        return _best_effort(adapter, root, data, err), problems
 
 
 def load_file(path: str | os.PathLike[str]) -> tuple[Config, list[str]]:
@@ -67,7 +80,7 @@ def location(loc: Loc) -> str:
 # --------------------------------------------------------------------------- wording
 
 
-def _describe(error: ErrorDetails, source: str | None, flags: Mapping[Loc, str]) -> str:
+def _describe(error: ErrorDetails, root: type[Any], source: str | None, flags: Mapping[Loc, str]) -> str:
     loc: Loc = tuple(error["loc"])
     where = location(loc)
     flag = flags.get(loc)
@@ -75,17 +88,18 @@ def _describe(error: ErrorDetails, source: str | None, flags: Mapping[Loc, str])
         where = f"{where} (from {flag})"  # the command line, not the file, set this one
     elif source:
         where = f"{source}: {where}" if where else source
-    return f"{where}: {_message(error, loc)}" if where else _message(error, loc)
+    message = _message(error, root, loc)
+    return f"{where}: {message}" if where else message
 
 
-def _message(error: ErrorDetails, loc: Loc) -> str:
+def _message(error: ErrorDetails, root: type[Any], loc: Loc) -> str:
     kind = error["type"]
     value = error.get("input")
     ctx = error.get("ctx") or {}
     if kind == "missing":
         return "required"
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):
-        parent, _ = _resolve(loc[:-1])
+        parent, _ = _resolve(root, loc[:-1])
         known = _field_names(parent)
         return "unknown key" + (f" (known: {', '.join(known)})" if known else "")
     if kind == "invalid_key":
@@ -106,7 +120,7 @@ def _message(error: ErrorDetails, loc: Loc) -> str:
         expected = str(ctx.get("expected", "?")).replace("'", "")
         return f"{value!r} is not one of {expected}"
     if kind in ("finite_number", "greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        _, field = _resolve(loc)
+        _, field = _resolve(root, loc)
         return f"must be {_range(field, ctx)}, got {value!r}"
     if kind == "string_too_short":
         return "must not be empty"
@@ -142,9 +156,16 @@ def _num(value: Any) -> str:
 
 
 def _field_names(tp: Any) -> list[str]:
+    """The keys a schema class accepts, as written in YAML (an alias when the field has one)."""
+    fields: dict[str, FieldInfo] = getattr(tp, "__pydantic_fields__", {})
     if tp is not None and dataclasses.is_dataclass(tp):
-        return sorted(f.name for f in dataclasses.fields(tp))
+        return sorted(_key(name, fields.get(name)) for name in (f.name for f in dataclasses.fields(tp)))
     return []
+
+
+def _key(name: str, field: FieldInfo | None) -> str:
+    alias = field.alias if field is not None else None
+    return alias if alias and alias.replace("-", "_") != name else name
 
 
 def _unwrap(tp: Any) -> Any:
@@ -162,9 +183,9 @@ def _unwrap(tp: Any) -> Any:
             return tp
 
 
-def _resolve(loc: Loc) -> tuple[Any, FieldInfo | None]:
+def _resolve(root: type[Any], loc: Loc) -> tuple[Any, FieldInfo | None]:
     """The type at ``loc`` in the schema and the field that declared it (None when unknown)."""
-    tp: Any = Config
+    tp: Any = root
     field: FieldInfo | None = None
     for part in loc:
         tp = _unwrap(tp)
@@ -185,20 +206,23 @@ def _resolve(loc: Loc) -> tuple[Any, FieldInfo | None]:
 # --------------------------------------------------------------------------- best effort
 
 
-def _best_effort(data: Any, err: ValidationError) -> Config:
-    """The config with every value pydantic refused removed (so its default applies)."""
-    current = copy.deepcopy(data)
+def _best_effort(adapter: TypeAdapter[T], root: type[T], data: Any, err: ValidationError) -> T:
+    """The result with every value pydantic refused removed (so its default applies)."""
+    try:
+        current = copy.deepcopy(data)
+    except RecursionError:
+        return root()
     for _ in range(_MAX_PRUNE_ROUNDS):
         targets = {_target(tuple(e["loc"]), e["type"]) for e in err.errors()}
         if () in targets or not isinstance(current, dict):
-            return Config()
+            return root()
         for loc in sorted(targets, key=_sort_key, reverse=True):
             _remove(current, loc)
         try:
-            return _CONFIG.validate_python(current)
+            return adapter.validate_python(current)
         except ValidationError as again:
             err = again
-    return Config()
+    return root()
 
 
 def _target(loc: Loc, kind: str) -> Loc:
