@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from exporter.collector import COLLECTORS
 from exporter.config import Config, report_config_problems
-from exporter.config.flags import FLAG_KEYS, add_common_flags, add_serve_flags
+from exporter.config.flags import FLAG_KEYS, OPTION_NAMES, add_common_flags, add_serve_flags
 from exporter.config.settings import load_settings
 from exporter.version import version_text
 
@@ -96,8 +96,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Parse; an unknown flag is reported with the usage of the command it was given to."""
     parser = build_parser()
     args, extra = parser.parse_known_args(list(argv))
+    command = _command_parser(parser, args)
     if extra:
-        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
+    # so that a problem names the flag as this command spells it
+    setattr(args, OPTION_NAMES, {a.dest: a.option_strings[0] for a in command._actions if a.option_strings})
     return args
 
 

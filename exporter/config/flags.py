@@ -68,6 +68,9 @@ def flag_specs() -> list[FlagSpec]:
     return sorted(specs, key=lambda s: not s.common)
 
 
+#: Namespace attribute holding argparse dest -> the option string of the command that was run
+OPTION_NAMES = "_option_names"
+
 #: argparse dest -> (config section, key): the one place a flag is tied to its config key
 FLAG_KEYS: dict[str, tuple[str, str]] = {s.dest: (s.section, s.key) for s in flag_specs()}
 
@@ -149,11 +152,13 @@ def overrides_from_args(
     """The flags given, as a partial config mapping, and which flag set which location."""
     data: dict[str, Any] = {}
     origin: dict[Loc, str] = {}
+    # a subcommand may spell a flag its own way (``canary run --size-mib``); see OPTION_NAMES
+    spelled: Mapping[str, str] = getattr(args, OPTION_NAMES, {})
     for spec in flag_specs():
         value = getattr(args, spec.dest, None)
         if value is not None:
             data.setdefault(spec.section, {})[spec.key] = value
-            origin[(spec.section, spec.key)] = f"--{spec.flag}"
+            origin[(spec.section, spec.key)] = spelled.get(spec.dest, f"--{spec.flag}")
     for name in [*collectors, DISABLE_DEFAULTS]:
         value = getattr(args, f"collector_{name}", None)
         if value is not None:
