@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import pytest
@@ -137,7 +138,7 @@ def test_every_serve_flag_maps_to_a_config_key() -> None:
     from exporter.cli import FLAG_KEYS
     from exporter.config import Config
 
-    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr,index]
     dests = {a.dest for a in serve._actions if a.dest not in ("help", "config_file")}
     unmapped = {d for d in dests if not d.startswith("collector_") and d not in FLAG_KEYS}
     assert unmapped == set()
@@ -279,7 +280,11 @@ def test_web_config_is_loaded_once_and_kept(tmp_path: Path, monkeypatch: pytest.
     web.write_text(f"tls_server_config: {{cert_file: {pki.server_cert}, key_file: {pki.server_key}}}\n")
     built: list[object] = []
     real = webconfig.build_ssl_context
-    monkeypatch.setattr(webconfig, "build_ssl_context", lambda tls: built.append(tls) or real(tls))
+    def counting(tls: webconfig.TlsSettings) -> ssl.SSLContext:
+        built.append(tls)
+        return real(tls)
+
+    monkeypatch.setattr(webconfig, "build_ssl_context", counting)
     settings = load_settings(_args(f"--web.config.file={web}"), COLLECTORS)
     assert settings.problems == []
     assert settings.security is not None and settings.security.ssl_context() is not None
