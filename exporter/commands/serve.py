@@ -203,7 +203,10 @@ class Daemon:
         for warning in settings.warnings:
             log.warning(warning)
         for key in restart_needed(self.cfg, new):
-            log.warning("configuration change needs a restart; keeping the running value", extra={"fields": {"key": key}})
+            log.warning(
+                "configuration change needs a restart; keeping the running value",
+                extra={"fields": {"key": key}},
+            )
         self.cfg.web.config_file = new.web.config_file
         self.http.security = settings.security
         if new.canary != self.cfg.canary:

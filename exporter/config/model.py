@@ -322,7 +322,7 @@ class CanaryConfig:
     cpu_affinity: list[Annotated[StrictInt, Field(ge=0)]] = setting(
         help="CPUs the canary QEMU may run on ([] = any)", factory=list
     )
-    run_as_user: OptText = setting("nobody", "user the canary QEMU runs as when the daemon runs as root")
+    run_as_user: Text = setting("nobody", "user the canary QEMU runs as when the daemon runs as root")
     kernel: OptText = setting(None, "explicit canary kernel instead of the built image")
     initrd: OptText = setting(None, "explicit canary initramfs instead of the built image")
 
