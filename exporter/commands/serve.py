@@ -261,7 +261,55 @@ class Daemon:
         self.http.shutdown()
 
 
+class SignalQueue:
+    """Signals noted by their handlers and acted on by the main thread, in order.
+
+    A reload logs, takes locks and may stop the canary: none of that belongs in a signal handler.
+    The kernel may deliver a signal to any thread and only the main thread runs Python handlers, so
+    ``get`` sleeps in select() on Python's wakeup fd, which the C-level handler writes to whichever
+    thread took the signal (a plain blocking wait would sleep through it).
+    """
+
+    def __init__(self) -> None:
+        self._pending: deque[signal.Signals] = deque()
+        self._read, self._write = socket.socketpair()
+        self._read.setblocking(False)
+        self._write.setblocking(False)
+        signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+
+    def install(self, *signals: signal.Signals) -> None:
+        for sig in signals:
+            signal.signal(sig, self._note)
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        self._pending.append(signal.Signals(signum))
+
+    def get(self) -> signal.Signals:
+        while not self._pending:
+            select.select([self._read], [], [])
+            with contextlib.suppress(BlockingIOError):
+                self._read.recv(4096)
+            # the Python handlers run before the next bytecode: _pending is filled by now
+        return self._pending.popleft()
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(-1)
+        self._read.close()
+        self._write.close()
+
+
 def run(settings: Settings, args: argparse.Namespace) -> int:
+    signals = SignalQueue()
+    # SIGHUP's default action kills the process: queue it from the start (it is acted on once
+    # serving), SIGTERM/SIGINT keep their default until there is something to stop cleanly.
+    signals.install(signal.SIGHUP)
+    try:
+        return _serve(settings, args, signals)
+    finally:
+        signals.close()
+
+
+def _serve(settings: Settings, args: argparse.Namespace, signals: SignalQueue) -> int:
     cfg, security = settings.config, settings.security
     setup_logging(cfg.log.level, cfg.log.format)
     for warning in settings.warnings:
@@ -279,21 +327,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             extra={"fields": {"address": cfg.web.listen_address, "err": err.strerror or str(err)}},
         )
         return 1
-    # Handlers only note the signal; the main thread acts on it (a reload logs, takes locks and may
-    # stop the canary: none of that belongs in a signal handler). The kernel may deliver a signal
-    # to any thread, and only the main thread runs Python handlers, so the main thread sleeps in
-    # select() on the wakeup fd, which Python's C-level handler writes to whichever thread got it.
-    pending: deque[signal.Signals] = deque()
-    wake_r, wake_w = socket.socketpair()
-    wake_r.setblocking(False)
-    wake_w.setblocking(False)
-    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        pending.append(signal.Signals(signum))
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    signals.install(signal.SIGTERM, signal.SIGINT)
     daemon.http.serve_in_thread()
     log.info(
         "listening",
@@ -306,21 +340,9 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         },
     )
     daemon.start_background()
-    received: signal.Signals | None = None
-    while received not in (signal.SIGTERM, signal.SIGINT):
-        if not pending:
-            select.select([wake_r], [], [])
-            with contextlib.suppress(BlockingIOError):
-                wake_r.recv(4096)
-            continue  # the Python handlers run before the next bytecode: pending is filled now
-        received = pending.popleft()
-        if received == signal.SIGHUP:
-            log.info("reloading configuration", extra={"fields": {"signal": received.name}})
-            daemon.reload(lambda: load_settings(args, COLLECTORS))
-    assert received is not None
+    while (received := signals.get()) == signal.SIGHUP:
+        log.info("reloading configuration", extra={"fields": {"signal": received.name}})
+        daemon.reload(lambda: load_settings(args, COLLECTORS))
     log.info("shutting down", extra={"fields": {"signal": received.name}})
-    signal.set_wakeup_fd(-1)
-    wake_r.close()
-    wake_w.close()
     daemon.stop()
     return 0
