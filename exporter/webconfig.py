@@ -8,6 +8,10 @@ is bound, so nobody starts an exporter they believe is protected while it is not
 Where Python's ``ssl`` module cannot do what Go's ``crypto/tls`` does, the file is refused rather
 than silently weakened (``RequireAnyClientCert``, ``rate_limit``; see docs/security.md).
 
+The file's schema and its checks are ``exporter.config.web`` (typed models, like the config file);
+this module turns a checked file into what the server uses: the TLS context (built once, here,
+and kept) and the basic-auth check.
+
 Example (``deploy/web-config.example.yml``)::
 
     tls_server_config:
@@ -37,59 +41,19 @@ from typing import Any
 
 import bcrypt
 
-from exporter.config.web import TlsServerConfig, parse_web_config, tls_problems
+from exporter.config.web import (
+    CIPHER_SUITES,
+    CLIENT_AUTH_TYPES,
+    CURVES,
+    TLS_VERSIONS,
+    TlsServerConfig,
+    parse_web_config,
+    tls_problems,
+)
 from exporter.config.yamlfile import read_yaml
 from exporter.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-#: exporter-toolkit client_auth_type -> ssl verify mode. ``RequestClientCert`` asks for a certificate
-#: but lets everyone in, which is access-equivalent to not asking; ``RequireAnyClientCert`` needs a
-#: verify callback Python's ssl module does not offer, so it is refused (see exporter.config.web).
-CLIENT_AUTH_TYPES: dict[str, ssl.VerifyMode] = {
-    "NoClientCert": ssl.CERT_NONE,
-    "RequestClientCert": ssl.CERT_NONE,
-    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
-    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
-}
-
-TLS_VERSIONS: dict[str, ssl.TLSVersion] = {
-    "TLS10": ssl.TLSVersion.TLSv1,
-    "TLS11": ssl.TLSVersion.TLSv1_1,
-    "TLS12": ssl.TLSVersion.TLSv1_2,
-    "TLS13": ssl.TLSVersion.TLSv1_3,
-}
-
-#: Go's crypto/tls suite names (the ones tls.CipherSuites() accepts) -> OpenSSL names.
-#: TLS 1.3 suites are accepted and ignored, as Go does: they are not configurable there either.
-CIPHER_SUITES: dict[str, str | None] = {
-    "TLS_RSA_WITH_AES_128_CBC_SHA": "AES128-SHA",
-    "TLS_RSA_WITH_AES_256_CBC_SHA": "AES256-SHA",
-    "TLS_RSA_WITH_AES_128_GCM_SHA256": "AES128-GCM-SHA256",
-    "TLS_RSA_WITH_AES_256_GCM_SHA384": "AES256-GCM-SHA384",
-    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
-    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
-    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
-    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA": "ECDHE-RSA-AES256-SHA",
-    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
-    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
-    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
-    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
-    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
-    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
-    "TLS_AES_128_GCM_SHA256": None,
-    "TLS_AES_256_GCM_SHA384": None,
-    "TLS_CHACHA20_POLY1305_SHA256": None,
-}
-
-#: Go curve names -> OpenSSL group names. Python's ssl can set one ECDH group only: the first
-#: preference is used.
-CURVES: dict[str, str] = {
-    "CurveP256": "prime256v1",
-    "CurveP384": "secp384r1",
-    "CurveP521": "secp521r1",
-    "X25519": "X25519",
-}
 
 _CACHE_MAX = 1024
 

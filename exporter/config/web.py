@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,39 +22,62 @@ from pydantic.dataclasses import dataclass
 
 from exporter.config.parse import validate_data
 
-#: exporter-toolkit client_auth_type values this exporter implements (see exporter.webconfig)
-CLIENT_AUTH_NAMES = (
-    "NoClientCert",
-    "RequestClientCert",
-    "VerifyClientCertIfGiven",
-    "RequireAndVerifyClientCert",
-)
+#: exporter-toolkit client_auth_type -> ssl verify mode. ``RequestClientCert`` asks for a certificate
+#: but lets everyone in, which is access-equivalent to not asking; ``RequireAnyClientCert`` needs a
+#: verify callback Python's ssl module does not offer, so it is refused (see UNSUPPORTED_AUTH).
+CLIENT_AUTH_TYPES: dict[str, ssl.VerifyMode] = {
+    "NoClientCert": ssl.CERT_NONE,
+    "RequestClientCert": ssl.CERT_NONE,
+    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+}
+
+TLS_VERSIONS: dict[str, ssl.TLSVersion] = {
+    "TLS10": ssl.TLSVersion.TLSv1,
+    "TLS11": ssl.TLSVersion.TLSv1_1,
+    "TLS12": ssl.TLSVersion.TLSv1_2,
+    "TLS13": ssl.TLSVersion.TLSv1_3,
+}
+
+#: Go's crypto/tls suite names (the ones tls.CipherSuites() accepts) -> OpenSSL names.
+#: TLS 1.3 suites are accepted and ignored, as Go does: they are not configurable there either.
+CIPHER_SUITES: dict[str, str | None] = {
+    "TLS_RSA_WITH_AES_128_CBC_SHA": "AES128-SHA",
+    "TLS_RSA_WITH_AES_256_CBC_SHA": "AES256-SHA",
+    "TLS_RSA_WITH_AES_128_GCM_SHA256": "AES128-GCM-SHA256",
+    "TLS_RSA_WITH_AES_256_GCM_SHA384": "AES256-GCM-SHA384",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA": "ECDHE-RSA-AES256-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "TLS_AES_128_GCM_SHA256": None,
+    "TLS_AES_256_GCM_SHA384": None,
+    "TLS_CHACHA20_POLY1305_SHA256": None,
+}
+
+#: Go curve names -> OpenSSL group names. Python's ssl can set one ECDH group only: the first
+#: preference is used.
+CURVES: dict[str, str] = {
+    "CurveP256": "prime256v1",
+    "CurveP384": "secp384r1",
+    "CurveP521": "secp521r1",
+    "X25519": "X25519",
+}
+
+CLIENT_AUTH_NAMES = tuple(CLIENT_AUTH_TYPES)
 #: the ones that verify a client certificate against client_ca
-VERIFYING_AUTH = ("VerifyClientCertIfGiven", "RequireAndVerifyClientCert")
+VERIFYING_AUTH = tuple(name for name, mode in CLIENT_AUTH_TYPES.items() if mode != ssl.CERT_NONE)
 #: accepted by the toolkit, refused here: Python's ssl cannot accept an unverified certificate
 UNSUPPORTED_AUTH = ("RequireAnyClientCert", "RequireClientCert")
-TLS_VERSION_NAMES = ("TLS10", "TLS11", "TLS12", "TLS13")
-#: Go's crypto/tls suite names accepted in cipher_suites (exporter.webconfig maps them to OpenSSL's)
-CIPHER_SUITE_NAMES = (
-    "TLS_RSA_WITH_AES_128_CBC_SHA",
-    "TLS_RSA_WITH_AES_256_CBC_SHA",
-    "TLS_RSA_WITH_AES_128_GCM_SHA256",
-    "TLS_RSA_WITH_AES_256_GCM_SHA384",
-    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA",
-    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA",
-    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA",
-    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA",
-    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
-    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
-    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
-    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
-    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
-    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
-    "TLS_AES_128_GCM_SHA256",
-    "TLS_AES_256_GCM_SHA384",
-    "TLS_CHACHA20_POLY1305_SHA256",
-)
-CURVE_NAMES = ("CurveP256", "CurveP384", "CurveP521", "X25519")
+TLS_VERSION_NAMES = tuple(TLS_VERSIONS)
+CIPHER_SUITE_NAMES = tuple(CIPHER_SUITES)
+CURVE_NAMES = tuple(CURVES)
 HTPASSWD_HINT = "generate one with `htpasswd -nBC 10 \"\" | tr -d ':\\n'`"
 
 _STRICT = ConfigDict(extra="forbid")
