@@ -306,3 +306,22 @@ def test_world_readable_private_key_is_a_warning(tmp_path: Path) -> None:
     os.chmod(pki.server_key, 0o644)
     warnings = check_web_config(str(web)).warnings
     assert len(warnings) == 1 and "readable by every user (mode 0644)" in warnings[0], warnings
+
+
+def test_reload_names_what_needs_a_restart() -> None:
+    from exporter.commands.reload import restart_needed
+
+    old = Config()
+    new, problems = parse_config(
+        {
+            "web": {"listen_address": "127.0.0.1:1", "config_file": "/x.yml"},
+            "log": {"level": "debug"},
+            "canary": {"interval_seconds": 60},
+            "qemu": {"binary": "/opt/qemu"},
+            "collectors": {"cpu": False},
+        }
+    )
+    assert problems == []
+    # log, canary and the web config file apply at run time; the rest is named, key by key
+    assert restart_needed(old, new) == ["web.listen_address", "collectors", "qemu.binary"]
+    assert restart_needed(old, Config()) == []
