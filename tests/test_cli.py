@@ -118,3 +118,12 @@ def test_cli_and_commands_do_not_import_each_other() -> None:
             path.read_text(),
             re.M,
         ), path
+
+
+def test_readme_lists_every_flag() -> None:
+    from exporter.config.flags import flag_specs
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [s.flag for s in flag_specs() if not re.search(rf"--(\[no-\])?{re.escape(s.flag)}\b", readme)]
+    assert missing == [], f"add these flags to README.md's configuration table: {missing}"
+    assert "--collector.disable-defaults" in readme
