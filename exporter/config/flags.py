@@ -17,7 +17,7 @@ from typing import Any
 from pydantic.fields import FieldInfo
 
 from exporter.config.model import DISABLE_DEFAULTS, Config
-from exporter.config.parse import Loc, _unwrap
+from exporter.config.parse import Loc, unwrap_type
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +37,7 @@ class FlagSpec:
 
     @property
     def kind(self) -> Any:
-        return _unwrap(self.field.annotation)
+        return unwrap_type(self.field.annotation)
 
     @property
     def location(self) -> str:
@@ -49,7 +49,7 @@ def flag_specs() -> list[FlagSpec]:
     specs: list[FlagSpec] = []
     for section in dataclasses.fields(Config):
         sections: dict[str, FieldInfo] = getattr(Config, "__pydantic_fields__", {})
-        cls = _unwrap(sections[section.name].annotation)
+        cls = unwrap_type(sections[section.name].annotation)
         fields: dict[str, FieldInfo] = getattr(cls, "__pydantic_fields__", {})
         for name, info in fields.items():
             extra = info.json_schema_extra

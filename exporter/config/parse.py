@@ -168,7 +168,7 @@ def _key(name: str, field: FieldInfo | None) -> str:
     return alias if alias and alias.replace("-", "_") != name else name
 
 
-def _unwrap(tp: Any) -> Any:
+def unwrap_type(tp: Any) -> Any:
     """Strip Annotated and ``X | None`` down to the type that holds the next location part."""
     while True:
         origin = typing.get_origin(tp)
@@ -188,7 +188,7 @@ def _resolve(root: type[Any], loc: Loc) -> tuple[Any, FieldInfo | None]:
     tp: Any = root
     field: FieldInfo | None = None
     for part in loc:
-        tp = _unwrap(tp)
+        tp = unwrap_type(tp)
         fields: dict[str, FieldInfo] = getattr(tp, "__pydantic_fields__", {})
         origin = typing.get_origin(tp)
         if isinstance(part, str) and part in fields:
@@ -200,7 +200,7 @@ def _resolve(root: type[Any], loc: Loc) -> tuple[Any, FieldInfo | None]:
             tp = typing.get_args(tp)[1]
         else:
             return None, None
-    return _unwrap(tp), field
+    return unwrap_type(tp), field
 
 
 # --------------------------------------------------------------------------- best effort
