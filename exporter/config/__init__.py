@@ -13,6 +13,7 @@ fixing a fleet's config sees the whole list in one run, not one per restart.
 
 from exporter.config.checks import validate
 from exporter.config.model import (
+    CIPHER_SPEC,
     DEFAULT_CACHE_DIR,
     DEFAULT_LISTEN,
     DEFAULT_STATE_DIR,
@@ -36,6 +37,7 @@ from exporter.config.parse import load_file, parse_config
 from exporter.config.problems import report_config_problems
 
 __all__ = [
+    "CIPHER_SPEC",
     "DEFAULT_CACHE_DIR",
     "DEFAULT_LISTEN",
     "DEFAULT_STATE_DIR",
