@@ -178,6 +178,7 @@ def comparison_svg(c: Comparison) -> str:
         f'<rect class="without" x="{label_w + 180}" y="6" width="12" height="10"/>'
         f'<text x="{label_w + 196}" y="15">{e(c.without_profile)}</text>',
     ]
+    parts.append('<g class="bars">')
     for i, b in enumerate(c.bars):
         y = top + i * row_h
         ratio = b.ratio
@@ -190,7 +191,7 @@ def comparison_svg(c: Comparison) -> str:
                 f'<rect class="{cls}" x="{label_w}" y="{by}" width="{w:.1f}" height="12"/>'
                 f'<text x="{label_w + w + 4:.1f}" y="{by + 10}">{rate / MB:.1f}</text>'
             )
-    parts.append("</svg>")
+    parts.append("</g></svg>")
     return "".join(parts)
 
 
