@@ -177,7 +177,9 @@ class Status:
             out.append(
                 Problem(
                     "warning",
-                    f"{len(hidden)} guest{'s' if len(hidden) != 1 else ''} miss host CPU features",
+                    f"{len(hidden)} guests miss host CPU features"
+                    if len(hidden) != 1
+                    else "1 guest misses host CPU features",
                     ", ".join(g.name for g in hidden[:5])
                     + (f" + {len(hidden) - 5} more" if len(hidden) > 5 else ""),
                 )

@@ -6,15 +6,14 @@ checked through the DOM at 1280 px. A full-page screenshot is kept under ``tmp/a
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import sync_playwright
+from support.scheduling import MB, result
 
 from exporter.canary.store import CanaryStore
-from support.scheduling import MB, result
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("KVMCPU_ARTIFACTS", ROOT / "tmp" / "artifacts"))
@@ -30,13 +29,20 @@ def _seed_canary(state_dir: Path) -> None:
     store = CanaryStore(state_dir)
     now = time.time()
     for cipher, (fast, slow) in {"aes-xts-plain": (110, 40), "aes-cbc-plain": (95, 38)}.items():
-        store.record(result("aesni", at=now - 600, cipher=cipher, rates={"read": [fast * MB], "write": [fast * 0.8 * MB]}))
-        store.record(result("noaesni", at=now - 500, cipher=cipher, rates={"read": [slow * MB], "write": [slow * 0.9 * MB]}))
+        store.record(
+            result(
+                "aesni", at=now - 600, cipher=cipher, rates={"read": [fast * MB], "write": [fast * 0.8 * MB]}
+            )
+        )
+        store.record(
+            result(
+                "noaesni",
+                at=now - 500,
+                cipher=cipher,
+                rates={"read": [slow * MB], "write": [slow * 0.9 * MB]},
+            )
+        )
     store.record(result("noaesni", "guest_panic", at=now - 60, message="invalid opcode in aesni_init"))
-
-
-def _text(html_text: str) -> str:
-    return re.sub(r"<[^>]+>", "", html_text)
 
 
 @pytest.mark.slow
@@ -56,7 +62,7 @@ def test_landing_page_layout_in_chromium(start_daemon, qemu_guest, tmp_path: Pat
             break
         time.sleep(0.5)
     assert code == 200 and row, body
-    assert f"<td class=\"mono\">{long_guest.pid}</td>" in row
+    assert f'<td class="mono">{long_guest.pid}</td>' in row
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "landing-1280.png"
