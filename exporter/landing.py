@@ -51,7 +51,7 @@ def _page(title: str, body: str, telemetry_path: str) -> str:
 <title>{e(title)}</title><style>{_css()}</style></head>
 <body><header><h1>{e(title)}</h1>
 <p>Which CPU features this KVM/QEMU host has, which its guests get, and what AES-NI is worth to them.</p>
-<nav><a href="/">Status</a><a href="{e(telemetry_path)}">Metrics</a><a href="/config">Config</a>
+<nav><a href="/">Status</a><a href="{e(telemetry_path)}">Metrics</a><a href="/config">Config</a>\
 <a href="/-/healthy">Health</a><a href="/-/ready">Readiness</a></nav></header>
 {body}
 </body></html>

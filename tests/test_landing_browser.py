@@ -80,6 +80,10 @@ def test_landing_page_layout_in_chromium(start_daemon, qemu_guest, tmp_path: Pat
             )
             scripts = page.evaluate("document.querySelectorAll('script, img, #guests b').length")
             title = page.title()
+            colours = page.evaluate(
+                "['#canary .yes', '#canary .no'].map(s => getComputedStyle(document.querySelector(s)))"
+                ".map(c => [c.color, c.backgroundColor])"
+            )
             bars = page.locator("#canary svg .bars rect.with").count()
             # the "+ N more" line expands to the full list without JavaScript
             summary = page.locator("#guests details summary").first
@@ -97,6 +101,7 @@ def test_landing_page_layout_in_chromium(start_daemon, qemu_guest, tmp_path: Pat
     assert any(p.startswith("canary noaesni failed: guest_panic") for p in problems), problems
     assert LONG_NAME in names and HTML_NAME in names, names  # shown as text, not markup
     assert scripts == 0 and title.startswith("kvm-cpu-exporter"), (scripts, title)
+    assert colours[0] != colours[1] and colours[0][1] != colours[1][1], colours  # NO never looks like YES
     assert bars == 4  # 2 ciphers x read/write, with AES-NI
     assert (details_open_before, details_open_after) == (False, True)
     assert shot.stat().st_size > 10_000
