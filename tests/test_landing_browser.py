@@ -24,6 +24,15 @@ LONG_NAME = "vm-" + "x" * 217  # 220 characters, no break point
 HTML_NAME = '<b>bold</b><img src=x onerror="document.title=1"><script>document.title=2</script>'
 
 
+#: watched features QEMU's qemu64 model never has (docs: PLATFORM, QEMU 7.2 under TCG)
+NOT_IN_QEMU64 = {"aes", "pclmulqdq", "avx", "avx2", "xsave", "ssse3", "sse4_1", "sse4_2"}
+
+
+def _host_flags() -> set[str]:
+    line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    return set(line.split(":", 1)[1].split())
+
+
 def _seed_canary(state_dir: Path) -> None:
     """Two successful runs (the comparison), then a failed one of the same profile (a problem)."""
     store = CanaryStore(state_dir)
@@ -86,10 +95,11 @@ def test_landing_page_layout_in_chromium(start_daemon, qemu_guest, tmp_path: Pat
             )
             bars = page.locator("#canary svg .bars rect.with").count()
             # the "+ N more" line expands to the full list without JavaScript
-            summary = page.locator("#guests details summary").first
-            details_open_before = page.evaluate("document.querySelector('#guests details').open")
-            summary.click()
-            details_open_after = page.evaluate("document.querySelector('#guests details').open")
+            details_open_before = details_open_after = None
+            if page.locator("#guests details").count():
+                details_open_before = page.evaluate("document.querySelector('#guests details').open")
+                page.locator("#guests details summary").first.click()
+                details_open_after = page.evaluate("document.querySelector('#guests details').open")
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
@@ -103,5 +113,6 @@ def test_landing_page_layout_in_chromium(start_daemon, qemu_guest, tmp_path: Pat
     assert scripts == 0 and title.startswith("kvm-cpu-exporter"), (scripts, title)
     assert colours[0] != colours[1] and colours[0][1] != colours[1][1], colours  # NO never looks like YES
     assert bars == 4  # 2 ciphers x read/write, with AES-NI
-    assert (details_open_before, details_open_after) == (False, True)
+    if len(NOT_IN_QEMU64 & _host_flags()) > 2:  # the qemu64 guest misses more than the line names
+        assert (details_open_before, details_open_after) == (False, True)
     assert shot.stat().st_size > 10_000
