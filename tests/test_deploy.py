@@ -10,9 +10,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tomllib
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -494,3 +496,42 @@ def test_compose_stack_mounts_exist_and_configs_validate(tmp_path: Path) -> None
     am = subprocess.run(["amtool", "check-config", str(COMPOSE / "alertmanager.yml")], capture_output=True,
                         text=True, timeout=60)
     assert am.returncode == 0, am.stdout + am.stderr
+
+
+# --------------------------------------------------------------------------- scripts/dev.sh run
+
+
+@pytest.mark.slow
+def test_dev_run_hands_the_process_over_to_the_exporter(tmp_path: Path) -> None:
+    """`bash scripts/dev.sh run` ends with exec: the PID a supervisor (or `timeout`) signals is the
+    exporter itself, and nothing is left running after SIGTERM."""
+    import psutil
+    from support.prometheus import wait_until
+
+    port = free_port()
+    marker = f"--path.state-dir={tmp_path / 'state'}"
+    proc = subprocess.Popen(
+        ["bash", "scripts/dev.sh", "run", f"--web.listen-address=127.0.0.1:{port}", marker,
+         "--no-canary.enabled"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        def healthy() -> bool:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/healthy", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_until(healthy, 240, "the exporter started by dev.sh run", interval=0.5)
+        cmdline = psutil.Process(proc.pid).cmdline()
+        assert any(part.endswith("kvm-cpu-exporter") for part in cmdline[:2]) and "serve" in cmdline, cmdline
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if marker in (p.info["cmdline"] or [])]
+    assert left == []
