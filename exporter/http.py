@@ -7,7 +7,6 @@ CAs) and the stdlib server lets us add that without another framework.
 
 from __future__ import annotations
 
-import html
 import logging
 import socket
 import ssl
@@ -22,13 +21,15 @@ from prometheus_client import CollectorRegistry
 from exporter import __version__
 from exporter.config import parse_listen_address
 from exporter.exposition import choose
+from exporter.landing import render_landing
+from exporter.status import Status
 
 if TYPE_CHECKING:
     from exporter.webconfig import WebSecurity
 
 log = logging.getLogger(__name__)
 
-StatusFn = Callable[[], dict[str, Any]]
+StatusFn = Callable[[], Status]
 
 
 class _Server(ThreadingHTTPServer):
@@ -120,6 +121,8 @@ class _Handler(BaseHTTPRequestHandler):
                 )
         elif path == "/":
             self._send(200, app.landing_page().encode(), "text/html; charset=utf-8")
+        elif path == "/config" and app.config_page is not None:
+            self._send(200, app.config_page().encode(), "text/html; charset=utf-8")
         else:
             self._send(404, b"Not found\n", "text/plain; charset=utf-8")
 
@@ -136,11 +139,13 @@ class ExporterHTTP:
         status: StatusFn | None = None,
         ready: Callable[[], bool] | None = None,
         security: WebSecurity | None = None,
+        config_page: Callable[[], str] | None = None,
     ) -> None:
         self.registry = registry
         self.listen_address = listen_address
         self.telemetry_path = telemetry_path
-        self.status = status or (lambda: {})
+        self.status = status or Status
+        self.config_page = config_page
         self.ready = ready or (lambda: True)
         self.security = security
         self._server: _Server | None = None
@@ -171,25 +176,4 @@ class ExporterHTTP:
             self._server.server_close()
 
     def landing_page(self) -> str:
-        status = self.status()
-        rows = []
-        for section, items in status.items():
-            rows.append(f"<h2>{html.escape(section)}</h2>")
-            if isinstance(items, dict):
-                rows.append("<table>")
-                for k, v in items.items():
-                    rows.append(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>")
-                rows.append("</table>")
-            else:
-                rows.append(f"<p>{html.escape(str(items))}</p>")
-        return f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>kvm-cpu-exporter</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}
-th{{text-align:left;padding-right:1em;font-weight:normal;color:#555}}td{{font-family:monospace}}</style></head>
-<body><h1>kvm-cpu-exporter {html.escape(__version__)}</h1>
-<p>Which CPU features this KVM/QEMU host has, which its guests get, and what AES-NI is worth to them.</p>
-<ul><li><a href="{html.escape(self.telemetry_path)}">Metrics</a></li>
-<li><a href="/-/healthy">Health</a></li><li><a href="/-/ready">Readiness</a></li></ul>
-{"".join(rows)}
-</body></html>
-"""
+        return render_landing(self.status(), self.telemetry_path)

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
 from exporter.http import ExporterHTTP
+from exporter.status import CanaryProfileStatus, Status
 
 
 @pytest.fixture
@@ -20,7 +21,7 @@ def server():  # type: ignore[no-untyped-def]
     app = ExporterHTTP(
         registry,
         "127.0.0.1:0",
-        status=lambda: {"Collectors": {"cpu": "ok in 1.0 ms"}, "Canary": "<no run yet>"},
+        status=lambda: Status(collectors={"cpu": (True, 0.001, None)}, canary=(CanaryProfileStatus("<no run yet>"),)),
         ready=lambda: ready["v"],
     )
     host, port = app.bind()

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
@@ -40,7 +40,9 @@ from exporter.config import CanaryConfig, Config
 from exporter.config.settings import Settings, load_settings
 from exporter.errors import ExporterError
 from exporter.http import ExporterHTTP
+from exporter.landing import render_config
 from exporter.logsetup import log_failure, setup_logging
+from exporter.status import Status, read_status
 
 if TYPE_CHECKING:
     from exporter.canary.scheduler import CanaryScheduler
@@ -88,6 +90,7 @@ class Daemon:
             status=self.status,
             ready=self.ready,
             security=security,
+            config_page=lambda: render_config(cfg, cfg.web.telemetry_path),
         )
         self.scheduler: CanaryScheduler | None = None
         self.started_at = time.time()
@@ -95,84 +98,8 @@ class Daemon:
     def ready(self) -> bool:
         return self.knowledge is None or self.knowledge.ready.is_set()
 
-    def status(self) -> dict[str, Any]:
-        """The landing page's summary: what an operator checks first, in words."""
-        out: dict[str, Any] = {}
-        out["Host"] = self._host_status()
-        if self.knowledge is not None:
-            out["Guests"] = self._guest_status()
-        out["Collectors"] = {
-            name: (f"ok in {st.duration * 1000:.1f} ms" if st.success else f"FAILED ({st.error})")
-            for name, st in sorted(self.scrape.status.items())
-        } or "not scraped yet"
-        if self.knowledge is not None:
-            facts = self.knowledge.facts()
-            if facts is None:
-                err = self.knowledge.last_error()
-                out["QEMU"] = f"probe failed: {err}" if err else "probe running"
-            else:
-                out["QEMU"] = {
-                    "binary": facts.binary,
-                    "version": facts.version,
-                    "accelerators usable": ", ".join(a for a, ok in facts.accelerators.items() if ok)
-                    or "none",
-                    "usable CPU models": sum(1 for m in facts.models.values() if m.usable),
-                    "guest could be given (-cpu " + facts.exposable_model + ")": " ".join(
-                        sorted(facts.exposable)
-                    ),
-                }
-        if self.store is not None:
-            out["Canary"] = self.store.summary() or "no canary run yet"
-        return out
-
-    def _host_status(self) -> dict[str, str] | str:
-        from exporter.procfs.cpuinfo import read_cpuinfo
-        from exporter.procfs.crypto import aesni_active, read_crypto, select_watched
-
-        try:
-            info = read_cpuinfo(self.ctx.procfs)
-            selected = select_watched(read_crypto(self.ctx.procfs))
-        except ExporterError as err:
-            return f"unavailable: {err}"
-        ident = info.identities()[0]
-        aes = selected.get("aes")
-        return {
-            "CPU": f"{ident.model_name} ({info.count} logical CPUs)",
-            "AES-NI flag": f"{info.coverage('aes')} ({info.feature_cpus('aes')}/{info.count} CPUs)",
-            "kernel AES driver": aes.driver if aes else "none",
-            "AES-NI used by the kernel": "yes" if aesni_active(selected) else "NO",
-        }
-
-    def _guest_status(self) -> dict[str, str] | str:
-        """Guests and the watched host features they lack; non-blocking (unresolved models say so)."""
-        from exporter.collectors.guests import host_flags
-        from exporter.guests.report import guest_reports
-
-        assert self.knowledge is not None
-        try:
-            reports, _ = guest_reports(
-                self.ctx.procfs,
-                self.knowledge,
-                self.ctx.watch,
-                host_flags(self.ctx.procfs),
-                self.cfg.guests.process_names,
-                prefill=False,
-            )
-        except ExporterError as err:
-            return f"unavailable: {err}"
-        out: dict[str, str] = {}
-        for r in reports:
-            where = f"-cpu {r.guest.spec.cpu.model} ({r.guest.accel})"
-            eff = r.effective
-            if eff.features is None:
-                out[r.guest.label] = f"{where}: features not known yet" + (
-                    f" ({eff.error})" if eff.error else ""
-                )
-            elif r.missing:
-                out[r.guest.label] = f"{where}: missing {', '.join(r.missing)}"
-            else:
-                out[r.guest.label] = f"{where}: gets every watched host feature"
-        return out or "no QEMU guests running"
+    def status(self) -> Status:
+        return read_status(self.ctx, self.scrape.status)
 
     def start_background(self) -> None:
         if self.knowledge is not None:
