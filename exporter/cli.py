@@ -1,7 +1,9 @@
 """Command line: ``serve`` (default), ``inspect``, ``canary build|run|compare``.
 
-Flags follow the Prometheus exporter style (``--web.listen-address``, ``--collector.cpu``) and
-every one of them maps to a key of the YAML config; flags win over the file, the file over defaults.
+Flags follow the Prometheus exporter style (``--web.listen-address``, ``--collector.cpu``) and are
+generated from the config schema (``exporter.config.flags``): every one maps to a key of the YAML
+config; flags win over the file, the file over defaults. Layers point down: this module ->
+``exporter.commands`` -> the domain packages; nothing below imports it.
 """
 
 from __future__ import annotations
@@ -10,121 +12,45 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from exporter import __version__
 from exporter.collector import COLLECTORS
-from exporter.config import DISABLE_DEFAULTS, Config, load_file, validate
+from exporter.config import Config, report_config_problems
+from exporter.config.flags import FLAG_KEYS, OPTION_NAMES, add_common_flags, add_serve_flags
+from exporter.config.settings import load_settings
+from exporter.version import version_text
+
+__all__ = ["FLAG_KEYS", "build_parser", "config_from_args", "main", "report_config_problems"]
 
 SUBCOMMANDS = ("serve", "inspect", "canary")
 
 
+class _Version(argparse.Action):
+    """``--version`` printed as one line (argparse's own action re-wraps it to the terminal width)."""
+
+    def __init__(
+        self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: object
+    ) -> None:
+        super().__init__(
+            option_strings,
+            dest,
+            nargs=0,
+            default=argparse.SUPPRESS,
+            help="print version, git revision and build date, then exit",
+        )
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def add_common(parser: argparse.ArgumentParser) -> None:
     """Options every subcommand understands (where to look, how to log)."""
-    g = parser.add_argument_group("common")
-    g.add_argument("--config.file", dest="config_file", metavar="FILE", help="YAML configuration file")
-    g.add_argument("--path.procfs", dest="procfs", metavar="DIR", help="procfs mountpoint (default /proc)")
-    g.add_argument("--path.sysfs", dest="sysfs", metavar="DIR", help="sysfs mountpoint (default /sys)")
-    g.add_argument("--path.state-dir", dest="state_dir", metavar="DIR", help="where canary results are kept")
-    g.add_argument(
-        "--path.cache-dir", dest="cache_dir", metavar="DIR", help="where the canary image is built"
-    )
-    g.add_argument("--qemu.binary", dest="qemu_binary", metavar="PATH", help="QEMU system emulator to use")
-    g.add_argument(
-        "--log.level",
-        dest="log_level",
-        metavar="LEVEL",
-        help="log level: debug, info, warn, error (default info)",
-    )
-    g.add_argument(
-        "--log.format",
-        dest="log_format",
-        metavar="FORMAT",
-        help="log format: logfmt or json (default logfmt)",
-    )
-
-
-def add_serve_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--web.listen-address",
-        dest="listen_address",
-        metavar="ADDR",
-        help="address to listen on (default :10437)",
-    )
-    parser.add_argument(
-        "--web.config.file",
-        dest="web_config_file",
-        metavar="FILE",
-        help="exporter-toolkit web config: TLS and basic auth",
-    )
-    parser.add_argument(
-        "--web.telemetry-path",
-        dest="telemetry_path",
-        metavar="PATH",
-        help="path under which to expose metrics (default /metrics)",
-    )
-    parser.add_argument(
-        "--web.max-requests",
-        dest="web_max_requests",
-        type=int,
-        metavar="N",
-        help="parallel scrape requests served at once, 503 beyond (default 40, 0 = unlimited)",
-    )
-    parser.add_argument(
-        "--web.disable-exporter-metrics",
-        dest="web_disable_exporter_metrics",
-        action="store_const",
-        const=True,
-        help="leave out the exporter's own process, Python and HTTP metrics",
-    )
-    parser.add_argument(
-        "--collector.disable-defaults",
-        dest="collector_disable_defaults",
-        action="store_const",
-        const=True,
-        help="run only the collectors enabled explicitly with --collector.NAME",
-    )
-    for name, spec in COLLECTORS.items():
-        parser.add_argument(
-            f"--collector.{name}",
-            dest=f"collector_{name}",
-            action="store_const",
-            const=True,
-            help=f"enable the {name} collector: {spec.help}",
-        )
-        parser.add_argument(
-            f"--no-collector.{name}",
-            dest=f"collector_{name}",
-            action="store_const",
-            const=False,
-            help=argparse.SUPPRESS,
-        )
-    parser.add_argument(
-        "--canary.enabled",
-        dest="canary_enabled",
-        action="store_const",
-        const=True,
-        help="run canary guests on a schedule (default on)",
-    )
-    parser.add_argument(
-        "--no-canary.enabled",
-        dest="canary_enabled",
-        action="store_const",
-        const=False,
-        help=argparse.SUPPRESS,
-    )
-    parser.add_argument(
-        "--canary.interval",
-        dest="canary_interval",
-        type=float,
-        metavar="SECONDS",
-        help="seconds between canary ticks",
-    )
-    parser.add_argument("--canary.jitter", dest="canary_jitter", type=float, metavar="SECONDS")
-    parser.add_argument("--canary.size-mib", dest="canary_size_mib", type=int, metavar="MIB")
-    parser.add_argument("--canary.rounds", dest="canary_rounds", type=int, metavar="N")
-    parser.add_argument("--canary.timeout", dest="canary_timeout", type=float, metavar="SECONDS")
-    parser.add_argument("--canary.busy-load-per-core", dest="canary_busy_load", type=float, metavar="LOAD")
-    parser.add_argument("--canary.busy-cpu-percent", dest="canary_busy_cpu", type=float, metavar="PCT")
-    parser.add_argument("--canary.duty-cycle-percent", dest="canary_duty", type=float, metavar="PCT")
+    add_common_flags(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,11 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kvm-cpu-exporter",
         description="Prometheus exporter for KVM/QEMU hosts: CPU features, guest exposure, AES-NI canaries.",
     )
-    parser.add_argument("--version", action="version", version=f"kvm-cpu-exporter {__version__}")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    serve = sub.add_parser("serve", help="run the exporter daemon (default)")
+    serve = sub.add_parser(
+        "serve",
+        help="run the exporter daemon (default)",
+        description="Run the exporter daemon. Every flag can also be set in --config.file; "
+        "SIGHUP reloads the config file and the web config.",
+    )
     add_common(serve)
-    add_serve_flags(serve)
+    add_serve_flags(serve, {name: (spec.help, spec.default_enabled) for name, spec in COLLECTORS.items()})
     inspect = sub.add_parser("inspect", help="one-shot report of host, QEMU and guests")
     add_common(inspect)
     from exporter.commands import inspect as inspect_cmd
@@ -149,59 +80,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: argparse dest -> (config section, key): the one place a flag is tied to its config key
-#: (``tests/test_config.py`` checks that every flag the parser declares is listed here)
-FLAG_KEYS: dict[str, tuple[str, str]] = {
-    "procfs": ("paths", "procfs"),
-    "sysfs": ("paths", "sysfs"),
-    "state_dir": ("paths", "state_dir"),
-    "cache_dir": ("paths", "cache_dir"),
-    "qemu_binary": ("qemu", "binary"),
-    "log_level": ("log", "level"),
-    "log_format": ("log", "format"),
-    "listen_address": ("web", "listen_address"),
-    "web_config_file": ("web", "config_file"),
-    "telemetry_path": ("web", "telemetry_path"),
-    "web_max_requests": ("web", "max_requests"),
-    "web_disable_exporter_metrics": ("web", "disable_exporter_metrics"),
-    "canary_enabled": ("canary", "enabled"),
-    "canary_interval": ("canary", "interval_seconds"),
-    "canary_jitter": ("canary", "jitter_seconds"),
-    "canary_size_mib": ("canary", "size_mib"),
-    "canary_rounds": ("canary", "rounds"),
-    "canary_timeout": ("canary", "timeout_seconds"),
-    "canary_busy_load": ("canary", "busy_load_per_core"),
-    "canary_busy_cpu": ("canary", "busy_cpu_percent"),
-    "canary_duty": ("canary", "duty_cycle_percent"),
-}
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser the command line selected, so errors show that command's usage."""
+    current = parser
+    for dest in ("command", "canary_command"):
+        name = getattr(args, dest, None)
+        subs = [a for a in current._actions if isinstance(a, argparse._SubParsersAction) and a.dest == dest]
+        if not name or not subs or name not in subs[0].choices:
+            break
+        current = subs[0].choices[name]
+    return current
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse; an unknown flag is reported with the usage of the command it was given to."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(list(argv))
+    command = _command_parser(parser, args)
+    if extra:
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
+    # so that a problem names the flag as this command spells it
+    setattr(args, OPTION_NAMES, {a.dest: a.option_strings[0] for a in command._actions if a.option_strings})
+    return args
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[Config, list[str]]:
     """Defaults <- YAML file <- flags; returns the merged config and every problem found."""
-    problems: list[str] = []
-    cfg = Config()
-    if getattr(args, "config_file", None):
-        cfg, problems = load_file(args.config_file)
-
-    for dest, (section, attr) in FLAG_KEYS.items():
-        value = getattr(args, dest, None)
-        if value is not None:
-            setattr(getattr(cfg, section), attr, value)
-    if getattr(args, "collector_disable_defaults", None):
-        cfg.collectors[DISABLE_DEFAULTS] = True
-    for name in COLLECTORS:
-        value = getattr(args, f"collector_{name}", None)
-        if value is not None:
-            cfg.collectors[name] = value
-    problems += validate(cfg, known_collectors=set(COLLECTORS))
-    return cfg, problems
-
-
-def report_config_problems(problems: Sequence[str]) -> int:
-    print(f"kvm-cpu-exporter: invalid configuration ({len(problems)} problem(s)):", file=sys.stderr)
-    for p in problems:
-        print(f"  - {p}", file=sys.stderr)
-    return 2
+    settings = load_settings(args, COLLECTORS)
+    return settings.config, settings.problems
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -210,19 +116,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         args_list[0] not in SUBCOMMANDS and args_list[0] not in ("-h", "--help", "--version")
     ):
         args_list.insert(0, "serve")
-    parser = build_parser()
-    args = parser.parse_args(args_list)
-    cfg, problems = config_from_args(args)
-    if problems:
-        return report_config_problems(problems)
+    args = parse_args(args_list)
+    settings = load_settings(args, COLLECTORS)
+    if settings.problems:
+        return report_config_problems(settings.problems)
     if args.command == "serve":
         from exporter.commands import serve
 
-        return serve.run(cfg, args)
+        return serve.run(settings, args)
     if args.command == "inspect":
         from exporter.commands import inspect as inspect_cmd
 
-        return inspect_cmd.run(cfg, args)
+        return inspect_cmd.run(settings.config, args)
     from exporter.commands import canary as canary_cmd
 
-    return canary_cmd.run(cfg, args)
+    return canary_cmd.run(settings.config, args)

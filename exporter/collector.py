@@ -26,7 +26,6 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector as PromCollector
 
 from exporter import __version__
-from exporter.buildinfo import revision
 from exporter.collectors.registry import (
     COLLECTORS,
     BackgroundCollector,
@@ -38,6 +37,7 @@ from exporter.collectors.registry import (
 )
 from exporter.errors import ExporterError
 from exporter.logsetup import log_failure
+from exporter.version import revision
 
 __all__ = [
     "COLLECTORS",
@@ -112,15 +112,13 @@ class ScrapeCollector(PromCollector):
             for (name, reason), count in sorted(self._errors.items()):
                 errors.add_metric([name, reason], float(count))
         yield errors
-        yield self._build
-
-    _build = GaugeMetricFamily(
-        "kvmcpu_build_info",
-        "A metric with a constant '1' value labeled by the exporter's version, source revision and "
-        "Python version.",
-        labels=["version", "revision", "python_version"],
-    )
-    _build.add_metric([__version__, revision(), platform.python_version()], 1.0)
+        build = GaugeMetricFamily(
+            "kvmcpu_build_info",
+            "A metric with a constant '1' value labeled by the exporter's version, git revision and Python version.",
+            labels=["version", "revision", "python_version"],
+        )
+        build.add_metric([__version__, revision(), platform.python_version()], 1.0)
+        yield build
 
 
 def register_exporter_metrics(registry: CollectorRegistry, *extra: PromCollector) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import html
 import io
 import logging
 import queue
@@ -44,6 +43,8 @@ from exporter import __version__
 from exporter.config import parse_listen_address
 from exporter.exposition import choose
 from exporter.httpmetrics import HttpMetrics
+from exporter.landing import render_landing
+from exporter.status import Status
 from exporter.webauth import Verdict
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-StatusFn = Callable[[], dict[str, Any]]
+StatusFn = Callable[[], Status]
 
 #: gzip level for /metrics: on a 2.3 MB 500-guest exposition level 1 takes 11 ms against 64 ms
 #: for level 6, for 119 KB against 105 KB (both ~20x smaller than plain; bench/web_abuse.py
@@ -512,6 +513,8 @@ class _Handler(BaseHTTPRequestHandler):
             finally:
                 app.release()
             self._send(200, body, ctype, extra)
+        elif path == "/config" and app.config_page is not None:
+            self._send(200, app.config_page().encode(), "text/html; charset=utf-8")
         elif path == "/-/healthy":
             self._send(200, b"Healthy\n", "text/plain; charset=utf-8")
         elif path == "/-/ready":
@@ -547,13 +550,15 @@ class ExporterHTTP:
         status: StatusFn | None = None,
         ready: Callable[[], bool] | None = None,
         security: WebSecurity | None = None,
+        config_page: Callable[[], str] | None = None,
         max_requests: int = 40,
         limits: Limits | None = None,
     ) -> None:
         self.registry = registry
         self.listen_address = listen_address
         self.telemetry_path = telemetry_path
-        self.status = status or (lambda: {})
+        self.status = status or Status
+        self.config_page = config_page
         self.ready = ready or (lambda: True)
         self.security = security
         self.limits = limits or Limits()
@@ -567,7 +572,7 @@ class ExporterHTTP:
     def handler_label(self, path: str) -> str:
         if path == self.telemetry_path:
             return "metrics"
-        return {"/": "landing", "/-/healthy": "healthy", "/-/ready": "ready"}.get(path, "other")
+        return {"/": "landing", "/config": "config", "/-/healthy": "healthy", "/-/ready": "ready"}.get(path, "other")
 
     def acquire(self) -> bool:
         """A slot for one scrape or landing page, without waiting (promhttp's MaxRequestsInFlight)."""
@@ -603,25 +608,4 @@ class ExporterHTTP:
             self._server.server_close()
 
     def landing_page(self) -> str:
-        status = self.status()
-        rows = []
-        for section, items in status.items():
-            rows.append(f"<h2>{html.escape(section)}</h2>")
-            if isinstance(items, dict):
-                rows.append("<table>")
-                for k, v in items.items():
-                    rows.append(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>")
-                rows.append("</table>")
-            else:
-                rows.append(f"<p>{html.escape(str(items))}</p>")
-        return f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>kvm-cpu-exporter</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}
-th{{text-align:left;padding-right:1em;font-weight:normal;color:#555}}td{{font-family:monospace}}</style></head>
-<body><h1>kvm-cpu-exporter {html.escape(__version__)}</h1>
-<p>Which CPU features this KVM/QEMU host has, which its guests get, and what AES-NI is worth to them.</p>
-<ul><li><a href="{html.escape(self.telemetry_path)}">Metrics</a></li>
-<li><a href="/-/healthy">Health</a></li><li><a href="/-/ready">Readiness</a></li></ul>
-{"".join(rows)}
-</body></html>
-"""
+        return render_landing(self.status(), self.telemetry_path)

@@ -24,7 +24,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 #: handler label values: a fixed set, so no client can create series by requesting odd paths
-HANDLERS = ("metrics", "landing", "healthy", "ready", "other", "none")
+HANDLERS = ("metrics", "landing", "config", "healthy", "ready", "other", "none")
 #: why the server closed a connection without a normal end
 DROP_REASONS = (
     "read_timeout",  # the request head did not arrive in time (slowloris, bare request line)

@@ -8,6 +8,10 @@ is bound, so nobody starts an exporter they believe is protected while it is not
 Where Python's ``ssl`` module cannot do what Go's ``crypto/tls`` does, the file is refused rather
 than silently weakened (``RequireAnyClientCert``, ``rate_limit``; see docs/security.md).
 
+The file's schema and its checks are ``exporter.config.web`` (typed models, like the config file);
+this module turns a checked file into what the server uses: the TLS context (built once, here,
+and kept) and the basic-auth check.
+
 Example (``deploy/web-config.example.yml``)::
 
     tls_server_config:
@@ -23,84 +27,27 @@ import ipaddress
 import logging
 import os
 import ssl
+import stat
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from exporter.config.web import (
+    CIPHER_SUITES,
+    CLIENT_AUTH_TYPES,
+    CURVES,
+    TLS_VERSIONS,
+    TlsServerConfig,
+    parse_web_config,
+    tls_problems,
+)
+from exporter.config.yamlfile import read_yaml
 from exporter.errors import ConfigError
 from exporter.webauth import BasicAuth, Verdict
 
 log = logging.getLogger(__name__)
-
-#: exporter-toolkit client_auth_type -> ssl verify mode. ``RequestClientCert`` asks for a certificate
-#: but lets everyone in, which is access-equivalent to not asking; ``RequireAnyClientCert`` needs a
-#: verify callback Python's ssl module does not offer, so it is refused (see _UNSUPPORTED_AUTH).
-CLIENT_AUTH_TYPES: dict[str, ssl.VerifyMode] = {
-    "NoClientCert": ssl.CERT_NONE,
-    "RequestClientCert": ssl.CERT_NONE,
-    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
-    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
-}
-_UNSUPPORTED_AUTH = ("RequireAnyClientCert", "RequireClientCert")
-
-TLS_VERSIONS: dict[str, ssl.TLSVersion] = {
-    "TLS10": ssl.TLSVersion.TLSv1,
-    "TLS11": ssl.TLSVersion.TLSv1_1,
-    "TLS12": ssl.TLSVersion.TLSv1_2,
-    "TLS13": ssl.TLSVersion.TLSv1_3,
-}
-
-#: Go's crypto/tls suite names (the ones tls.CipherSuites() accepts) -> OpenSSL names.
-#: TLS 1.3 suites are accepted and ignored, as Go does: they are not configurable there either.
-CIPHER_SUITES: dict[str, str | None] = {
-    "TLS_RSA_WITH_AES_128_CBC_SHA": "AES128-SHA",
-    "TLS_RSA_WITH_AES_256_CBC_SHA": "AES256-SHA",
-    "TLS_RSA_WITH_AES_128_GCM_SHA256": "AES128-GCM-SHA256",
-    "TLS_RSA_WITH_AES_256_GCM_SHA384": "AES256-GCM-SHA384",
-    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
-    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
-    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
-    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA": "ECDHE-RSA-AES256-SHA",
-    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
-    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
-    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
-    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
-    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
-    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
-    "TLS_AES_128_GCM_SHA256": None,
-    "TLS_AES_256_GCM_SHA384": None,
-    "TLS_CHACHA20_POLY1305_SHA256": None,
-}
-
-#: Go curve names -> OpenSSL group names. Python's ssl can set one ECDH group only: the first
-#: preference is used.
-CURVES: dict[str, str] = {
-    "CurveP256": "prime256v1",
-    "CurveP384": "secp384r1",
-    "CurveP521": "secp521r1",
-    "X25519": "X25519",
-}
-
-#: the exporter-toolkit's header whitelist; None = any value
-ALLOWED_HEADERS: dict[str, tuple[str, ...] | None] = {
-    "Strict-Transport-Security": None,
-    "X-Content-Type-Options": ("nosniff",),
-    "X-Frame-Options": ("deny", "sameorigin"),
-    "X-XSS-Protection": None,
-    "Content-Security-Policy": None,
-}
-
-_TLS_KEYS = {
-    "cert", "key", "client_ca", "cert_file", "key_file", "client_auth_type", "client_ca_file",
-    "client_allowed_sans", "min_version", "max_version", "cipher_suites",
-    "prefer_server_cipher_suites", "curve_preferences",
-}
-_HTTP_KEYS = {"http2", "headers"}
-_TOP_KEYS = {"tls_server_config", "http_server_config", "basic_auth_users"}
 
 
 def _no_key_password() -> bytes:
@@ -275,226 +222,78 @@ class WebSecurity:
 # ---------------------------------------------------------------------- loading
 
 
-@dataclass
-class _Problems:
-    source: str
-    items: list[str] = field(default_factory=list)
+@dataclass(frozen=True)
+class LoadedWebConfig:
+    """A checked web config: the security the server uses, and what is worth a warning."""
 
-    def add(self, where: str, message: str) -> None:
-        self.items.append(f"{self.source}: {where}: {message}" if where else f"{self.source}: {message}")
+    security: WebSecurity
+    warnings: tuple[str, ...] = ()
 
 
 def load_web_config(path: str) -> WebSecurity:
     """Read and check a web config file; raises ConfigError listing every problem found."""
-    problems = _Problems(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError([f"{path}: cannot read web config: {err.strerror or err}"]) from err
-    except UnicodeDecodeError as err:
-        raise ConfigError([f"{path}: not UTF-8 text: {err}"]) from err
-    try:
-        data = yaml.safe_load(text)
-    except (yaml.YAMLError, RecursionError) as err:  # RecursionError: absurdly deep nesting
-        raise ConfigError([f"{path}: invalid YAML: {' '.join(str(err).split())}"]) from err
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError([f"{path}: expected a mapping at the top level, got {type(data).__name__}"])
-    base = Path(path).resolve().parent
-    for key in data:
-        if key == "rate_limit":
-            problems.add("rate_limit", "not supported by kvm-cpu-exporter (put a reverse proxy in front)")
-        elif key not in _TOP_KEYS:
-            problems.add(str(key), f"unknown key (known: {', '.join(sorted(_TOP_KEYS))})")
-    tls = _parse_tls(data.get("tls_server_config"), base, problems)
-    headers = _parse_http(data.get("http_server_config"), problems)
-    users = _parse_users(data.get("basic_auth_users"), problems)
+    return check_web_config(path).security
+
+
+def check_web_config(path: str) -> LoadedWebConfig:
+    """Read and check a web config file (TLS context built once, here); raises ConfigError."""
+    model, problems = parse_web_config(read_yaml(path, "web config"), path)
+    tls = _tls_settings(model.tls_server_config, Path(path).resolve().parent, path, problems)
+    section = model.http_server_config.headers if model.http_server_config else None
+    headers = section.as_dict() if section is not None else {}
+    users = dict(model.basic_auth_users or {})
     context: ssl.SSLContext | None = None
-    if tls is not None and not problems.items:
+    if tls is not None and not problems:
         try:
             context = build_ssl_context(tls)
         except ssl.SSLError as err:
-            problems.add("tls_server_config", f"cannot load certificate/key/CA: {err.reason or err}")
+            problems.append(f"{path}: tls_server_config: cannot load certificate/key/CA: {err.reason or err}")
         except (OSError, ValueError) as err:
-            problems.add("tls_server_config", f"cannot load certificate/key/CA: {err}")
-    if problems.items:
-        raise ConfigError(problems.items)
-    return WebSecurity(tls, users, headers, path, context=context)
+            problems.append(f"{path}: tls_server_config: cannot load certificate/key/CA: {err}")
+    if problems:
+        raise ConfigError(problems)
+    warnings = key_file_warnings(tls, path)
+    return LoadedWebConfig(WebSecurity(tls, users, headers, path, context=context), warnings)
 
 
-def _mapping(value: Any, where: str, problems: _Problems) -> dict[Any, Any] | None:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        problems.add(where, f"expected a mapping, got {type(value).__name__}")
+def _tls_settings(
+    tls: TlsServerConfig | None, base: Path, source: str, problems: list[str]
+) -> TlsSettings | None:
+    """The checked ``tls_server_config`` as what build_ssl_context takes; None when TLS is off."""
+    if tls is None:
         return None
-    return value
-
-
-def _string(section: dict[Any, Any], key: str, where: str, problems: _Problems) -> str | None:
-    value = section.get(key)
-    if value is None or value == "":
+    files, found = tls_problems(tls, base)
+    problems += [f"{source}: {where}: {message}" for where, message in found]
+    if not tls.enabled:
         return None
-    if not isinstance(value, str):
-        problems.add(f"{where}.{key}", f"expected a string, got {value!r}")
-        return None
-    return value
-
-
-def _string_list(section: dict[Any, Any], key: str, where: str, problems: _Problems) -> tuple[str, ...]:
-    value = section.get(key)
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        problems.add(f"{where}.{key}", "expected a list of strings")
-        return ()
-    return tuple(value)
-
-
-def _parse_tls(value: Any, base: Path, problems: _Problems) -> TlsSettings | None:
-    where = "tls_server_config"
-    section = _mapping(value, where, problems)
-    if section is None:
-        return None
-    for key in section:
-        if key not in _TLS_KEYS:
-            problems.add(f"{where}.{key}", f"unknown key (known: {', '.join(sorted(_TLS_KEYS))})")
-    s = {k: _string(section, k, where, problems) for k in (
-        "cert", "key", "client_ca", "cert_file", "key_file", "client_auth_type", "client_ca_file",
-        "min_version", "max_version")}
-    enabled = any(s[k] for k in ("cert", "key", "client_ca", "cert_file", "key_file", "client_auth_type",
-                                 "client_ca_file"))
-    ciphers = _string_list(section, "cipher_suites", where, problems)
-    curves = _string_list(section, "curve_preferences", where, problems)
-    sans = _string_list(section, "client_allowed_sans", where, problems)
-    prefer = section.get("prefer_server_cipher_suites", True)
-    if not isinstance(prefer, bool):
-        problems.add(f"{where}.prefer_server_cipher_suites", f"expected true or false, got {prefer!r}")
-        prefer = True
-    for name in ciphers:
-        if name not in CIPHER_SUITES:
-            problems.add(f"{where}.cipher_suites", f"unknown cipher {name!r} (known: {', '.join(CIPHER_SUITES)})")
-    for name in curves:
-        if name not in CURVES:
-            problems.add(f"{where}.curve_preferences", f"unknown curve {name!r} (known: {', '.join(CURVES)})")
-    versions = {}
-    for key, default in (("min_version", "TLS12"), ("max_version", "TLS13")):
-        versions[key] = s[key] or default
-        if versions[key] not in TLS_VERSIONS:
-            problems.add(f"{where}.{key}", f"unknown TLS version {versions[key]!r} (known: {', '.join(TLS_VERSIONS)})")
-            versions[key] = default
-    if TLS_VERSIONS[versions["min_version"]] > TLS_VERSIONS[versions["max_version"]]:
-        problems.add(where, f"min_version {versions['min_version']} is above max_version {versions['max_version']}")
-    auth = s["client_auth_type"] or "NoClientCert"
-    if auth in _UNSUPPORTED_AUTH:
-        problems.add(f"{where}.client_auth_type", f"{auth} (accept any unverified certificate) is not supported; "
-                     "use RequireAndVerifyClientCert with client_ca_file")
-        auth = "NoClientCert"
-    elif auth not in CLIENT_AUTH_TYPES:
-        problems.add(f"{where}.client_auth_type", f"unknown value {auth!r} (known: {', '.join(CLIENT_AUTH_TYPES)})")
-        auth = "NoClientCert"
-    if not enabled:
-        if ciphers or curves or sans:
-            problems.add(where, "TLS options given but no certificate: set cert_file and key_file")
-        return None
-    for inline, path_key in (("cert", "cert_file"), ("key", "key_file"), ("client_ca", "client_ca_file")):
-        if s[inline] and s[path_key]:
-            problems.add(where, f"give {inline} or {path_key}, not both")
-    if not (s["cert"] or s["cert_file"]):
-        problems.add(where, "missing one of cert or cert_file")
-    if not (s["key"] or s["key_file"]):
-        problems.add(where, "missing one of key or key_file")
-    has_ca = bool(s["client_ca"] or s["client_ca_file"])
-    if has_ca and CLIENT_AUTH_TYPES[auth] == ssl.CERT_NONE:
-        problems.add(where, "client CA configured without a client_auth_type that verifies "
-                     "(VerifyClientCertIfGiven or RequireAndVerifyClientCert)")
-    if not has_ca and CLIENT_AUTH_TYPES[auth] != ssl.CERT_NONE:
-        problems.add(where, f"client_auth_type {auth} needs client_ca_file (or client_ca)")
-    if sans and auth != "RequireAndVerifyClientCert":
-        problems.add(f"{where}.client_allowed_sans", "requires client_auth_type RequireAndVerifyClientCert")
-    files: dict[str, str | None] = {}
-    for key in ("cert_file", "key_file", "client_ca_file"):
-        raw = s[key]
-        if raw is None:
-            files[key] = None
-            continue
-        p = Path(raw) if os.path.isabs(raw) else base / raw
-        if not p.is_file():
-            problems.add(f"{where}.{key}", f"{p}: no such file")
-        elif not os.access(p, os.R_OK):
-            problems.add(f"{where}.{key}", f"{p}: not readable by this user")
-        files[key] = str(p)
     return TlsSettings(
-        cert_file=files["cert_file"],
-        key_file=files["key_file"],
-        cert_pem=s["cert"],
-        key_pem=s["key"],
-        client_ca_file=files["client_ca_file"],
-        client_ca_pem=s["client_ca"],
-        client_auth_type=auth,
-        min_version=versions["min_version"],
-        max_version=versions["max_version"],
-        cipher_suites=ciphers,
-        prefer_server_cipher_suites=prefer,
-        curve_preferences=curves,
-        client_allowed_sans=sans,
+        cert_file=files.cert_file,
+        key_file=files.key_file,
+        cert_pem=tls.cert,
+        key_pem=tls.key,
+        client_ca_file=files.client_ca_file,
+        client_ca_pem=tls.client_ca,
+        client_auth_type=tls.client_auth_type or "NoClientCert",
+        min_version=tls.min_version or "TLS12",
+        max_version=tls.max_version or "TLS13",
+        cipher_suites=tuple(tls.cipher_suites),
+        prefer_server_cipher_suites=tls.prefer_server_cipher_suites,
+        curve_preferences=tuple(tls.curve_preferences),
+        client_allowed_sans=tuple(tls.client_allowed_sans),
     )
 
 
-def _parse_http(value: Any, problems: _Problems) -> dict[str, str]:
-    where = "http_server_config"
-    section = _mapping(value, where, problems)
-    if section is None:
-        return {}
-    for key in section:
-        if key not in _HTTP_KEYS:
-            problems.add(f"{where}.{key}", f"unknown key (known: {', '.join(sorted(_HTTP_KEYS))})")
-    if "http2" in section and not isinstance(section["http2"], bool):
-        problems.add(f"{where}.http2", f"expected true or false, got {section['http2']!r}")
-    headers = _mapping(section.get("headers"), f"{where}.headers", problems)
-    out: dict[str, str] = {}
-    for name, val in (headers or {}).items():
-        if name not in ALLOWED_HEADERS:
-            problems.add(f"{where}.headers", f"header {name!r} can not be configured "
-                         f"(allowed: {', '.join(ALLOWED_HEADERS)})")
-            continue
-        if not isinstance(val, str) or any(c in val for c in "\r\n"):
-            problems.add(f"{where}.headers.{name}", f"expected a one-line string, got {val!r}")
-            continue
-        allowed = ALLOWED_HEADERS[name]
-        if allowed is not None and val not in allowed:
-            problems.add(f"{where}.headers.{name}", f"{val!r} is not one of {', '.join(allowed)}")
-            continue
-        if val:
-            out[name] = val
-    return out
-
-
-def _parse_users(value: Any, problems: _Problems) -> dict[str, str]:
-    where = "basic_auth_users"
-    section = _mapping(value, where, problems)
-    if section is None:
-        return {}
-    users: dict[str, str] = {}
-    for user, hashed in section.items():
-        if not isinstance(user, str) or not user or ":" in user:
-            problems.add(where, f"user name {user!r} must be a non-empty string without ':'")
-            continue
-        if not isinstance(hashed, str) or not _is_bcrypt(hashed):
-            problems.add(f"{where}.{user}", "not a bcrypt hash (generate one with "
-                         "`htpasswd -nBC 10 \"\" | tr -d ':\\n'`)")
-            continue
-        users[user] = hashed
-    return users
-
-
-def _is_bcrypt(value: str) -> bool:
-    """``$2a$``/``$2b$``/``$2y$``, a two-digit cost 4..31, then 53 characters of salt and hash."""
-    parts = value.split("$")
-    if len(parts) != 4 or parts[0] != "" or parts[1] not in ("2a", "2b", "2y"):
-        return False
-    if not (parts[2].isdigit() and len(parts[2]) == 2 and 4 <= int(parts[2]) <= 31):
-        return False
-    alphabet = set("./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
-    return len(parts[3]) == 53 and set(parts[3]) <= alphabet
+def key_file_warnings(tls: TlsSettings | None, source: str) -> tuple[str, ...]:
+    """A private key others can read is a leak waiting to happen; say so (see docs/security.md)."""
+    if tls is None or tls.key_file is None:
+        return ()
+    try:
+        mode = os.stat(tls.key_file).st_mode
+    except OSError:
+        return ()
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        return (
+            f"{source}: tls_server_config.key_file: {tls.key_file} is readable by every user "
+            f"(mode {stat.S_IMODE(mode):04o}); chmod 600 or 640 it",
+        )
+    return ()

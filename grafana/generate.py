@@ -8,8 +8,9 @@ a real Prometheus (tests/test_prometheus_e2e.py) and cannot drift from the commi
     python3 grafana/generate.py           # rewrite grafana/dashboards/*.json
     python3 grafana/generate.py --check   # exit 1 if the committed JSON is out of date
 
-Queries use only the template variables defined here (``$instance``, ``$guest``, ``$profile``,
-``$cipher``) and Grafana's ``$__rate_interval`` / ``$__range``; every panel reads from the
+Queries use only the template variables defined here (``$cluster``, ``$job``, ``$instance``,
+``$guest``, ``$profile``, ``$cipher``; every dashboard has the first three, so one Grafana serves
+several fleets behind federation, Thanos or Mimir) and Grafana's ``$__rate_interval`` / ``$__range``; every panel reads from the
 ``${datasource}`` variable so the dashboards work with any Prometheus data source name.
 """
 
@@ -315,12 +316,23 @@ def render(d: Dashboard) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- the dashboards
 
-I = 'instance=~"$instance"'  # noqa: E741 - the selector every panel repeats
-INSTANCE = Variable("instance", "Host", "kvmcpu_host_cpu_info", "instance")
-GUEST = Variable("guest", "Guest", 'kvmcpu_guest_info{instance=~"$instance"}', "guest")
-PROFILE = Variable("profile", "Canary profile", 'kvmcpu_canary_runs_total{instance=~"$instance"}', "profile")
+#: multi-fleet Prometheus (federation, Thanos, Mimir): ``cluster`` is usually an external or target
+#: label; series without it match the "All" value (.*), so single-cluster setups need nothing
+CLUSTER = Variable("cluster", "Cluster", "kvmcpu_host_cpu_info", "cluster")
+JOB = Variable("job", "Job", 'kvmcpu_host_cpu_info{cluster=~"$cluster"}', "job")
+INSTANCE = Variable("instance", "Host", 'kvmcpu_host_cpu_info{cluster=~"$cluster", job=~"$job"}', "instance")
+#: the selector every per-host panel repeats
+I = 'cluster=~"$cluster", job=~"$job", instance=~"$instance"'  # noqa: E741
+#: fleet-wide recording rules keep ``cluster`` (when present) but aggregate ``job`` away
+F = 'cluster=~"$cluster"'
+#: staleness of the last successful canary run: one profile runs every other tick, so older than
+#: an hour is late and older than two hours is what KvmCpuCanaryNoRecentSuccess fires on
+CANARY_LATE_SECONDS = 3600
+CANARY_STALE_SECONDS = 2 * 3600
+GUEST = Variable("guest", "Guest", f"kvmcpu_guest_info{{{I}}}", "guest")
+PROFILE = Variable("profile", "Canary profile", f"kvmcpu_canary_runs_total{{{I}}}", "profile")
 CIPHER = Variable(
-    "cipher", "Cipher", 'kvmcpu_canary_last_throughput_bytes_per_second{instance=~"$instance"}', "cipher"
+    "cipher", "Cipher", f"kvmcpu_canary_last_throughput_bytes_per_second{{{I}}}", "cipher"
 )
 G = f'{I}, guest=~"$guest"'
 C = f'{I}, profile=~"$profile"'
@@ -332,7 +344,7 @@ def exposure() -> Dashboard:
         uid="kvmcpu-exposure",
         title="KVM CPU exposure: hosts and guests",
         description="Which CPU features each host has, which its guests get, and which they miss.",
-        variables=[INSTANCE, GUEST],
+        variables=[CLUSTER, JOB, INSTANCE, GUEST],
         items=[
             Row("Overview"),
             Panel("Hosts", "stat", [Query(f"count(kvmcpu_host_cpus{{{I}}})", instant=True)],
@@ -433,14 +445,16 @@ def canary() -> Dashboard:
         uid="kvmcpu-canary",
         title="KVM CPU: AES-NI canary",
         description="dm-crypt throughput measured inside canary guests with and without AES-NI.",
-        variables=[INSTANCE, PROFILE, CIPHER],
+        variables=[CLUSTER, JOB, INSTANCE, PROFILE, CIPHER],
         items=[
             Row("Status"),
             Panel("Last successful run", "stat",
-                  [Query(f"kvmcpu_canary_last_success_timestamp_seconds{{{C}}} * 1000",
+                  [Query(f"time() - kvmcpu_canary_last_success_timestamp_seconds{{{C}}}",
                          legend="{{instance}} {{profile}}", instant=True)],
-                  "When each profile last finished a canary run successfully.",
-                  w=8, h=5, unit="dateTimeFromNow"),
+                  "How long ago each profile last finished a canary run successfully. Orange after "
+                  "an hour; red after two, when KvmCpuCanaryNoRecentSuccess starts to fire.",
+                  w=8, h=5, unit="s",
+                  thresholds=[(None, "green"), (CANARY_LATE_SECONDS, "orange"), (CANARY_STALE_SECONDS, "red")]),
             Panel("Last run result", "table",
                   [Query(f"kvmcpu_canary_last_result_info{{{C}}}", instant=True, fmt="table")],
                   "Outcome of the latest run (or skipped tick) per profile.",
@@ -502,9 +516,10 @@ def canary() -> Dashboard:
                   w=12, h=8),
             Panel("Failures by reason (time range)", "table",
                   [Query("sum by (instance, profile, result) (increase(kvmcpu_canary_runs_total"
-                         f'{{{C}, result!="success"}}[$__range]))', instant=True, fmt="table")],
-                  "Non-successful runs in the selected time range; skipped_busy means the host was "
-                  "busy or the budget used up. See KvmCpuCanaryFailing.",
+                         f'{{{C}, result!="success"}}[$__range])) > 0', instant=True, fmt="table")],
+                  "Non-successful runs in the selected time range (reasons that did not occur are not "
+                  "listed; empty is good); skipped_busy means the host was busy or the budget used up. "
+                  "See KvmCpuCanaryFailing.",
                   w=12, h=8, thresholds=[(None, "transparent"), (1, "orange")],
                   columns=["instance", "profile", "result", "Value"]),
             Panel("Run duration, 6-hour mean", "timeseries",
@@ -524,14 +539,14 @@ def migration() -> Dashboard:
         uid="kvmcpu-migration",
         title="KVM CPU: fleet migration safety",
         description="Can every guest live-migrate to every host? The fleet CPU baseline and who exceeds it.",
-        variables=[INSTANCE],
+        variables=[CLUSTER, JOB, INSTANCE],
         items=[
             Row("Fleet"),
-            Panel("Hosts in the fleet", "stat", [Query("fleet:kvmcpu_hosts:count", instant=True)],
+            Panel("Hosts in the fleet", "stat", [Query(f"fleet:kvmcpu_hosts:count{{{F}}}", instant=True)],
                   "Hosts whose exporter is up (the fleet the baseline is computed over).", w=6, h=4),
             Panel("Features not on every host", "stat",
-                  [Query("count(fleet:kvmcpu_host_cpu_feature:min == 0 and on (feature) "
-                         "fleet:kvmcpu_host_cpu_feature:sum > 0) or vector(0)", instant=True)],
+                  [Query(f"count(fleet:kvmcpu_host_cpu_feature:min{{{F}}} == 0 and on (feature) "
+                         f"fleet:kvmcpu_host_cpu_feature:sum{{{F}}} > 0) or vector(0)", instant=True)],
                   "Watched features some hosts have and others lack.",
                   w=6, h=4, thresholds=[(None, "green"), (1, "orange")]),
             Panel("Non-migratable guests", "stat",
@@ -545,23 +560,23 @@ def migration() -> Dashboard:
                   "Guests using a feature at least one host lacks: KvmCpuGuestFeatureMissingInFleet.",
                   w=6, h=4, thresholds=[(None, "green"), (1, "red")]),
             Panel("Fleet CPU feature baseline", "matrix",
-                  [Query("fleet:kvmcpu_host_cpu_feature:min", instant=True, fmt="table")],
+                  [Query(f"fleet:kvmcpu_host_cpu_feature:min{{{F}}}", instant=True, fmt="table")],
                   "✓ = every host has the feature on every CPU: safe for migratable guests.",
                   w=24, h=4, mappings=FEATURE_PRESENT, matrix=("__name__", "feature")),
             Panel("Share of hosts with each feature", "bargauge",
-                  [Query("fleet:kvmcpu_host_cpu_feature:sum / scalar(fleet:kvmcpu_hosts:count)",
+                  [Query(f"fleet:kvmcpu_host_cpu_feature:sum{{{F}}} / scalar(fleet:kvmcpu_hosts:count{{{F}}})",
                          legend="{{feature}}", instant=True)],
                   "Below 100% means migrating a guest that uses the feature can fail.",
                   w=12, h=12, unit="percentunit", min=0, max=1,
                   thresholds=[(None, "red"), (0.999, "green")]),
             Panel("Hosts lacking a feature others have", "matrix",
-                  [Query("kvmcpu_host_cpu_feature and on (feature) (fleet:kvmcpu_host_cpu_feature:min == 0 "
-                         "and on (feature) fleet:kvmcpu_host_cpu_feature:sum > 0)",
+                  [Query(f"kvmcpu_host_cpu_feature{{{I}}} and on (feature) (fleet:kvmcpu_host_cpu_feature:min{{{F}}} == 0 "
+                         f"and on (feature) fleet:kvmcpu_host_cpu_feature:sum{{{F}}} > 0)",
                          instant=True, fmt="table")],
                   "Only the features where hosts differ; a '-' host is where such guests cannot go.",
                   w=12, h=12, mappings=FEATURE_PRESENT, matrix=("instance", "feature")),
             Panel("Named CPU models usable on every host", "table",
-                  [Query("fleet:kvmcpu_host_cpu_model_usable:min == 1", instant=True, fmt="table")],
+                  [Query(f"fleet:kvmcpu_host_cpu_model_usable:min{{{F}}} == 1", instant=True, fmt="table")],
                   "Safe -cpu choices for migratable guests (prefer the newest that has aes).",
                   w=12, h=10, columns=["model"]),
             Row("Guests"),
@@ -576,7 +591,7 @@ def migration() -> Dashboard:
                   w=12, h=8, columns=["instance", "guest", "cpu_model", "accel", "migratable"]),
             Panel("Guest CPU model usable on every host", "table",
                   [Query(f"kvmcpu_guest_info{{{I}}} * on (cpu_model) group_left () "
-                         "label_replace(fleet:kvmcpu_host_cpu_model_usable:min, "
+                         f"label_replace(fleet:kvmcpu_host_cpu_model_usable:min{{{F}}}, "
                          '"cpu_model", "$1", "model", "(.*)")',
                          instant=True, fmt="table")],
                   "For guests with a named CPU model: yes = every host can run that model.",

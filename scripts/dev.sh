@@ -3,6 +3,7 @@
 #   scripts/dev.sh run    set up, then run the exporter on its built-in defaults (:10437)
 #   scripts/dev.sh test   set up, then run the whole test suite (ruff, mypy, promtool, pytest)
 #   scripts/dev.sh setup  only set up
+#   scripts/dev.sh lock   regenerate requirements.lock (with hashes) after a dependency change in pyproject.toml
 # Idempotent: a second run installs nothing new and reuses the built canary image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,11 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-utils cryptsetup-bin busybox-static cpio kmod
   prometheus prometheus-node-exporter prometheus-alertmanager
   iproute2 openssl ca-certificates procps systemd
+  chromium
 )
+#: the one command that regenerates requirements.lock; its header repeats it (tests/test_deploy.py checks)
+LOCK_COMMAND=(pip-compile --allow-unsafe --generate-hashes --no-emit-find-links --no-emit-index-url
+              --output-file=requirements.lock --strip-extras pyproject.toml)
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -38,14 +43,25 @@ setup_apt() {
 }
 
 setup_venv() {
-  local stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+  local stamp="$VENV/.installed-$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)"
   if [ ! -f "$stamp" ]; then
     log "creating virtualenv $VENV"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+    # the runtime dependencies exactly as the container image installs them (hashes checked), so the
+    # tests run what ships; then the package itself and the dev tools, which leave those pins alone
+    "$VENV/bin/pip" install -q --require-hashes --no-deps -r requirements.lock
     "$VENV/bin/pip" install -q -e ".[dev]"
+    rm -f "$VENV"/.installed-*
     touch "$stamp"
   fi
+}
+
+lock() {
+  setup_venv
+  "$VENV/bin/pip" install -q pip-tools
+  log "regenerating requirements.lock from pyproject.toml (existing pins kept; add --upgrade to bump)"
+  "$VENV/bin/${LOCK_COMMAND[0]}" --quiet "${LOCK_COMMAND[@]:1}" "$@"
 }
 
 setup_image() {
@@ -62,9 +78,14 @@ setup() { setup_apt; setup_venv; setup_image; }
 
 case "${1:-}" in
   setup) setup ;;
+  lock)
+    shift
+    lock "$@"
+    ;;
   run)
     setup
     shift
+    # exec: the exporter replaces this shell, so signals (Ctrl-C, timeout, systemd) reach it directly
     exec "$VENV/bin/kvm-cpu-exporter" serve "$@"
     ;;
   test)
@@ -78,7 +99,7 @@ case "${1:-}" in
     exec "$VENV/bin/pytest" "$@"
     ;;
   *)
-    echo "usage: $0 run|test|setup" >&2
+    echo "usage: $0 run|test|setup|lock" >&2
     exit 2
     ;;
 esac

@@ -135,3 +135,42 @@ def test_provisioning_files() -> None:
     prov = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "kvm-cpu-exporter.yml").read_text())
     (provider,) = prov["providers"]
     assert provider["type"] == "file" and provider["options"]["path"]
+
+
+@pytest.mark.parametrize("name", sorted(DASHBOARDS))
+def test_cluster_and_job_variables_filter_every_host_query(name: str) -> None:
+    """Multi-fleet Prometheus: cluster and job narrow the host list and every per-host panel."""
+    dash = DASHBOARDS[name]
+    variables = dashboard_variables(dash)
+    assert list(variables)[:3] == ["cluster", "job", "instance"], list(variables)
+    assert 'cluster=~"$cluster", job=~"$job"' in variables["instance"]
+    for title, expr in panel_queries(dash):
+        if 'instance=~"$instance"' in expr:
+            n = expr.count('instance=~"$instance"')
+            assert n == expr.count('job=~"$job"') and n <= expr.count('cluster=~"$cluster"'), title
+        if ":kvmcpu_" in expr and expr.startswith("fleet:"):
+            assert 'cluster=~"$cluster"' in expr, title
+
+
+def _panel(uid: str, title: str) -> dict[str, Any]:
+    dash = next(d for d in DASHBOARDS.values() if d["uid"] == uid)
+    return next(p for p in dash["panels"] if p["title"] == title)
+
+
+def test_failures_by_reason_hides_all_zero_rows() -> None:
+    (target,) = _panel("kvmcpu-canary", "Failures by reason (time range)")["targets"]
+    assert target["expr"].rstrip().endswith("> 0"), target["expr"]
+
+
+def test_last_successful_run_is_coloured_by_staleness() -> None:
+    """Age in seconds, green -> orange -> red; red where KvmCpuCanaryNoRecentSuccess fires."""
+    panel = _panel("kvmcpu-canary", "Last successful run")
+    (target,) = panel["targets"]
+    assert target["expr"].startswith("time() - kvmcpu_canary_last_success_timestamp_seconds")
+    defaults = panel["fieldConfig"]["defaults"]
+    steps = defaults["thresholds"]["steps"]
+    assert defaults["unit"] == "s" and [s["color"] for s in steps] == ["green", "orange", "red"]
+    (rule,) = [r for g in yaml.safe_load((ROOT / "deploy/prometheus/rules/alerts.yml").read_text())["groups"]
+               for r in g["rules"] if r.get("alert") == "KvmCpuCanaryNoRecentSuccess"]
+    stale = re.search(r"last_success_timestamp_seconds > (\d+) \* (\d+)", rule["expr"])
+    assert stale and steps[2]["value"] == int(stale.group(1)) * int(stale.group(2)), rule["expr"]

@@ -10,14 +10,19 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import tomllib
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from conftest import free_port
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from exporter.cli import build_parser
 from exporter.config import Config, load_file
@@ -77,7 +82,8 @@ def test_dockerfile_structure() -> None:
     froms = [s[0][1].split() for s in st]
     assert froms[0][-2:] == ["AS", "builder"]
     final_base = froms[-1][0].replace("${DEBIAN_IMAGE}", args.get("DEBIAN_IMAGE", ""))
-    assert final_base == "debian:12-slim"
+    # pinned: an exact Debian 12 point release (and optionally its digest), never a moving tag
+    assert re.fullmatch(r"debian:12\.\d+-slim(@sha256:[0-9a-f]{64})?", final_base), final_base
     builder = " ".join(a for _, a in st[0])
     assert "pip wheel" in builder and "canary build" in builder and "/var/cache/kvm-cpu-exporter" in builder
     final = st[-1]
@@ -134,6 +140,115 @@ def test_dockerfile_copies_only_what_exists_and_is_in_the_context() -> None:
             assert src.split("/")[0] not in ignored, f"COPY source {src} is excluded by .dockerignore"
     for name in (".git", ".venv", "tests"):
         assert name in ignored
+
+
+# --------------------------------------------------------------------------- lock file and image
+
+LOCK = ROOT / "requirements.lock"
+
+
+def lock_pins(path: Path = LOCK) -> dict[str, tuple[str, list[str]]]:
+    """Normalised name -> (pinned version, sha256 hashes) from a pip-compile --generate-hashes file."""
+    pins: dict[str, tuple[str, list[str]]] = {}
+    current: str | None = None
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s\\;]+)", line)
+        if m:
+            current = canonicalize_name(m.group(1))
+            pins[current] = (m.group(2), [])
+        for digest in re.findall(r"--hash=sha256:([0-9a-f]{64})", line):
+            assert current is not None, line
+            pins[current][1].append(digest)
+    return pins
+
+
+def pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_lock_pins_every_dependency_of_pyproject_with_hashes() -> None:
+    pins = lock_pins()
+    assert pins, "requirements.lock is empty"
+    for name, (version, hashes) in pins.items():
+        assert hashes, f"{name}=={version} has no hash: regenerate with bash scripts/dev.sh lock"
+    for spec in pyproject()["project"]["dependencies"]:
+        req = Requirement(spec)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is in pyproject.toml but not in requirements.lock: bash scripts/dev.sh lock"
+        assert req.specifier.contains(pins[name][0], prereleases=True), f"{name}=={pins[name][0]} violates {spec}"
+
+
+def test_lock_is_regenerated_by_the_documented_command() -> None:
+    """The header pip-compile writes is the command scripts/dev.sh lock runs, word for word."""
+    header = re.search(r"^#\s+(pip-compile .+)$", LOCK.read_text(), re.MULTILINE)
+    assert header, "requirements.lock lacks pip-compile's header"
+    dev = (ROOT / "scripts" / "dev.sh").read_text()
+    m = re.search(r"^LOCK_COMMAND=\(([^)]*)\)", dev, re.MULTILINE)
+    assert m, "scripts/dev.sh defines LOCK_COMMAND"
+    assert header.group(1).split() == shlex.split(m.group(1))
+    assert "bash scripts/dev.sh lock" in (ROOT / "README.md").read_text() + (ROOT / "docs" / "deploy.md").read_text()
+
+
+def test_tests_run_the_locked_versions() -> None:
+    """scripts/dev.sh installs the lock before the dev tools, so this interpreter has what ships."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    drift = []
+    for name, (pinned, _) in lock_pins().items():
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            installed = "missing"
+        if installed != pinned:
+            drift.append(f"{name}: lock {pinned}, installed {installed}")
+    assert drift == [], "run bash scripts/dev.sh setup"
+    dev = (ROOT / "scripts" / "dev.sh").read_text()
+    lock_at = dev.index("--require-hashes --no-deps -r requirements.lock")
+    assert lock_at < dev.index('install -q -e ".[dev]"')
+
+
+def test_dockerfile_installs_the_lock_before_the_code() -> None:
+    ins = dockerfile_instructions()
+    builder = stages(ins)[0]
+    steps = [f"{k} {a}" for k, a in builder]
+    lock_copy = next(i for i, s in enumerate(steps) if s.startswith("COPY") and "requirements.lock" in s)
+    lock_install = next(i for i, s in enumerate(steps) if "--require-hashes" in s and "requirements.lock" in s)
+    code_copy = next(i for i, s in enumerate(steps) if s.startswith("COPY") and "exporter" in s.split())
+    assert lock_copy < lock_install < code_copy, "dependency layer first: a code change must not reinstall it"
+    assert "--no-deps" in steps[lock_install]
+    project_install = [s for s in steps[code_copy:] if "pip install" in s]
+    assert project_install and all("--no-deps" in s for s in project_install), "only the lock brings dependencies"
+    assert "requirements.lock" not in dockerignored()
+
+
+def test_image_labels_and_tags_name_this_version() -> None:
+    from exporter import __version__
+
+    final = stages(dockerfile_instructions())[-1]
+    args = dict(a.split("=", 1) for k, a in final if k == "ARG" and "=" in a)
+    assert args["VERSION"] == __version__
+    labels = " ".join(a for k, a in final if k == "LABEL")
+    for key in ("title", "description", "version", "revision", "created", "source", "licenses", "base.name"):
+        assert f"org.opencontainers.image.{key}=" in labels, key
+    assert f'org.opencontainers.image.licenses="{pyproject()["project"]["license"]["text"]}"' in labels
+    env = " ".join(a for k, a in final if k == "ENV")
+    assert "KVMCPU_BUILD_REVISION=${REVISION}" in env and "KVMCPU_BUILD_DATE=${CREATED}" in env
+
+    image = "ghcr.io/kvm-cpu-exporter/kvm-cpu-exporter"
+    pod = next(d for d in yaml.safe_load_all((K8S / "daemonset.yaml").read_text()) if d and d["kind"] == "DaemonSet")
+    spec = pod["spec"]["template"]["spec"]
+    for c in spec["containers"] + spec.get("initContainers", []):
+        assert c["image"] == f"{image}:{__version__}", c["image"]
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert {"name": image, "newTag": __version__} in kustomization["images"]
+    exporter_service = yaml.safe_load((COMPOSE / "compose.yml").read_text())["services"]["exporter"]
+    assert exporter_service["image"] == f"{image}:{__version__}"
+    assert str(exporter_service["build"]["args"]["VERSION"]) == __version__
+    for path in [*K8S.glob("*.yaml"), *COMPOSE.glob("*.yml")]:
+        assert not re.search(r"image:\s*\S+:latest\b", path.read_text()), f"{path.name} uses :latest"
 
 
 # --------------------------------------------------------------------------- systemd
@@ -381,3 +496,42 @@ def test_compose_stack_mounts_exist_and_configs_validate(tmp_path: Path) -> None
     am = subprocess.run(["amtool", "check-config", str(COMPOSE / "alertmanager.yml")], capture_output=True,
                         text=True, timeout=60)
     assert am.returncode == 0, am.stdout + am.stderr
+
+
+# --------------------------------------------------------------------------- scripts/dev.sh run
+
+
+@pytest.mark.slow
+def test_dev_run_hands_the_process_over_to_the_exporter(tmp_path: Path) -> None:
+    """`bash scripts/dev.sh run` ends with exec: the PID a supervisor (or `timeout`) signals is the
+    exporter itself, and nothing is left running after SIGTERM."""
+    import psutil
+    from support.prometheus import wait_until
+
+    port = free_port()
+    marker = f"--path.state-dir={tmp_path / 'state'}"
+    proc = subprocess.Popen(
+        ["bash", "scripts/dev.sh", "run", f"--web.listen-address=127.0.0.1:{port}", marker,
+         "--no-canary.enabled"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        def healthy() -> bool:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/healthy", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_until(healthy, 240, "the exporter started by dev.sh run", interval=0.5)
+        cmdline = psutil.Process(proc.pid).cmdline()
+        assert any(part.endswith("kvm-cpu-exporter") for part in cmdline[:2]) and "serve" in cmdline, cmdline
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if marker in (p.info["cmdline"] or [])]
+    assert left == []

@@ -21,6 +21,7 @@ from support.host import registry_for
 from support.web import read_response, request, request_bytes
 
 from exporter.http import ExporterHTTP, Limits, Workers, gzip_accepted
+from exporter.status import CanaryProfileStatus, Status
 from exporter.webconfig import load_web_config
 
 
@@ -32,7 +33,7 @@ def server():  # type: ignore[no-untyped-def]
     app = ExporterHTTP(
         registry,
         "127.0.0.1:0",
-        status=lambda: {"Collectors": {"cpu": "ok in 1.0 ms"}, "Canary": "<no run yet>"},
+        status=lambda: Status(collectors={"cpu": (True, 0.001, None)}, canary=(CanaryProfileStatus("<no run yet>"),)),
         ready=lambda: ready["v"],
     )
     host, port = app.bind()

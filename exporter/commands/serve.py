@@ -1,24 +1,32 @@
 """The daemon: validate everything, bind the port, then start the background work.
 
 Order matters for operators: configuration errors (including the web config) exit 2 before the
-port is bound; a port in use is one clear line and exit 1; only then do the QEMU probe and the
-canary scheduler start, so a scrape never waits for them.
+port is bound (``exporter.cli`` checks them); a port in use is one clear line and exit 1; only
+then do the QEMU probe and the canary scheduler start, so a scrape never waits for them.
+
+Signals: SIGTERM and SIGINT stop the daemon (a running canary is cancelled and its work dir
+removed); SIGHUP reloads the config file and the web config (``exporter.commands.reload`` says
+what a reload can change; a reload that fails validation changes nothing).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import logging
+import select
 import signal
-import threading
+import socket
 import time
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
-from exporter.cli import report_config_problems
 from exporter.collector import (
     COLLECTORS,
     BackgroundCollector,
@@ -28,10 +36,14 @@ from exporter.collector import (
     enabled_collectors,
     register_exporter_metrics,
 )
-from exporter.config import Config
-from exporter.errors import ConfigError, ExporterError
+from exporter.commands.reload import ReloadStatus, restart_needed
+from exporter.config import CanaryConfig, Config
+from exporter.config.settings import Settings, load_settings
+from exporter.errors import ExporterError
 from exporter.http import ExporterHTTP
+from exporter.landing import render_config
 from exporter.logsetup import log_failure, setup_logging
+from exporter.status import Status, read_status
 
 if TYPE_CHECKING:
     from exporter.canary.scheduler import CanaryScheduler
@@ -70,6 +82,8 @@ class Daemon:
         self.scrape = ScrapeCollector(self.collectors)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.scrape)
+        self.reloads = ReloadStatus()
+        self.registry.register(self.reloads)
         self.http = ExporterHTTP(
             self.registry,
             cfg.web.listen_address,
@@ -78,6 +92,7 @@ class Daemon:
             ready=self.ready,
             security=security,
             max_requests=cfg.web.max_requests,
+            config_page=lambda: render_config(cfg, cfg.web.telemetry_path),
         )
         if not cfg.web.disable_exporter_metrics:
             register_exporter_metrics(self.registry, self.http.metrics)
@@ -87,84 +102,8 @@ class Daemon:
     def ready(self) -> bool:
         return self.knowledge is None or self.knowledge.ready.is_set()
 
-    def status(self) -> dict[str, Any]:
-        """The landing page's summary: what an operator checks first, in words."""
-        out: dict[str, Any] = {}
-        out["Host"] = self._host_status()
-        if self.knowledge is not None:
-            out["Guests"] = self._guest_status()
-        out["Collectors"] = {
-            name: (f"ok in {st.duration * 1000:.1f} ms" if st.success else f"FAILED ({st.error})")
-            for name, st in sorted(self.scrape.status.items())
-        } or "not scraped yet"
-        if self.knowledge is not None:
-            facts = self.knowledge.facts()
-            if facts is None:
-                err = self.knowledge.last_error()
-                out["QEMU"] = f"probe failed: {err}" if err else "probe running"
-            else:
-                out["QEMU"] = {
-                    "binary": facts.binary,
-                    "version": facts.version,
-                    "accelerators usable": ", ".join(a for a, ok in facts.accelerators.items() if ok)
-                    or "none",
-                    "usable CPU models": sum(1 for m in facts.models.values() if m.usable),
-                    "guest could be given (-cpu " + facts.exposable_model + ")": " ".join(
-                        sorted(facts.exposable)
-                    ),
-                }
-        if self.store is not None:
-            out["Canary"] = self.store.summary() or "no canary run yet"
-        return out
-
-    def _host_status(self) -> dict[str, str] | str:
-        from exporter.procfs.cpuinfo import read_cpuinfo
-        from exporter.procfs.crypto import aesni_active, read_crypto, select_watched
-
-        try:
-            info = read_cpuinfo(self.ctx.procfs)
-            selected = select_watched(read_crypto(self.ctx.procfs))
-        except ExporterError as err:
-            return f"unavailable: {err}"
-        ident = info.identities()[0]
-        aes = selected.get("aes")
-        return {
-            "CPU": f"{ident.model_name} ({info.count} logical CPUs)",
-            "AES-NI flag": f"{info.coverage('aes')} ({info.feature_cpus('aes')}/{info.count} CPUs)",
-            "kernel AES driver": aes.driver if aes else "none",
-            "AES-NI used by the kernel": "yes" if aesni_active(selected) else "NO",
-        }
-
-    def _guest_status(self) -> dict[str, str] | str:
-        """Guests and the watched host features they lack; non-blocking (unresolved models say so)."""
-        from exporter.collectors.guests import host_flags
-        from exporter.guests.report import guest_reports
-
-        assert self.knowledge is not None
-        try:
-            reports, _ = guest_reports(
-                self.ctx.procfs,
-                self.knowledge,
-                self.ctx.watch,
-                host_flags(self.ctx.procfs),
-                self.cfg.guests.process_names,
-                prefill=False,
-            )
-        except ExporterError as err:
-            return f"unavailable: {err}"
-        out: dict[str, str] = {}
-        for r in reports:
-            where = f"-cpu {r.guest.spec.cpu.model} ({r.guest.accel})"
-            eff = r.effective
-            if eff.features is None:
-                out[r.guest.label] = f"{where}: features not known yet" + (
-                    f" ({eff.error})" if eff.error else ""
-                )
-            elif r.missing:
-                out[r.guest.label] = f"{where}: missing {', '.join(r.missing)}"
-            else:
-                out[r.guest.label] = f"{where}: gets every watched host feature"
-        return out or "no QEMU guests running"
+    def status(self) -> Status:
+        return read_status(self.ctx, self.scrape.status)
 
     def start_background(self) -> None:
         if self.knowledge is not None:
@@ -173,11 +112,74 @@ class Daemon:
             if isinstance(collector, BackgroundCollector):
                 collector.start()
         if self.cfg.canary.enabled:
-            from exporter.canary.scheduler import CanaryScheduler
+            self._start_scheduler()
 
-            assert self.knowledge is not None and self.store is not None
-            self.scheduler = CanaryScheduler(self.cfg, self.knowledge, self.store)
-            self.scheduler.start()
+    def reload(self, load: Callable[[], Settings]) -> bool:
+        """Load the config again and apply what can change at run time; on any problem keep all."""
+        try:
+            settings = load()
+        except Exception as err:  # a reload must never take the daemon down
+            settings = Settings(self.cfg, problems=[f"{type(err).__name__}: {err}"])
+        if settings.problems:
+            log.error(
+                "configuration reload failed; keeping the running configuration",
+                extra={"fields": {"problems": len(settings.problems), "err": "; ".join(settings.problems)}},
+            )
+            self.reloads.record(False)
+            return False
+        new = settings.config
+        if new.log != self.cfg.log:
+            setup_logging(new.log.level, new.log.format)
+            self.cfg.log = new.log
+        for warning in settings.warnings:
+            log.warning(warning)
+        for key in restart_needed(self.cfg, new):
+            log.warning(
+                "configuration change needs a restart; keeping the running value",
+                extra={"fields": {"key": key}},
+            )
+        self.cfg.web.config_file = new.web.config_file
+        self.http.security = settings.security
+        if new.canary != self.cfg.canary:
+            self._apply_canary(new.canary)
+        self.reloads.record(True)
+        log.info(
+            "configuration reloaded",
+            extra={"fields": {"web_config": new.web.config_file or "none", "log_level": new.log.level}},
+        )
+        return True
+
+    def _apply_canary(self, canary: CanaryConfig) -> None:
+        """Restart the canary schedule with the new settings (a canary in flight is cancelled)."""
+        if canary.enabled and (self.knowledge is None or self.store is None):
+            log.warning(
+                "configuration change needs a restart; keeping the running value",
+                extra={"fields": {"key": "canary.enabled"}},
+            )
+            canary = dataclasses.replace(canary, enabled=False)
+        if self.scheduler is not None:
+            self.scheduler.stop()
+            self.scheduler = None
+        self.cfg.canary = canary
+        if self.store is not None:
+            from exporter.canary.guard import DutyCycleBudget
+            from exporter.canary.store import DUTY_WINDOW_SECONDS, aesni_pair
+
+            # the same rules CanaryStore.for_config applies at start
+            self.store.pair = aesni_pair(canary.profiles)
+            self.store.profiles = tuple(p.name for p in canary.profiles)
+            self.store.duty_budget_seconds = DutyCycleBudget(
+                canary.duty_cycle_percent, DUTY_WINDOW_SECONDS
+            ).budget_seconds
+        if canary.enabled:
+            self._start_scheduler()
+
+    def _start_scheduler(self) -> None:
+        from exporter.canary.scheduler import CanaryScheduler
+
+        assert self.knowledge is not None and self.store is not None
+        self.scheduler = CanaryScheduler(self.cfg, self.knowledge, self.store)
+        self.scheduler.start()
 
     def stop(self) -> None:
         if self.scheduler is not None:
@@ -190,22 +192,59 @@ class Daemon:
         self.http.shutdown()
 
 
-def load_security(cfg: Config) -> tuple[WebSecurity | None, list[str]]:
-    if not cfg.web.config_file:
-        return None, []
-    from exporter.webconfig import load_web_config
+class SignalQueue:
+    """Signals noted by their handlers and acted on by the main thread, in order.
 
+    A reload logs, takes locks and may stop the canary: none of that belongs in a signal handler.
+    The kernel may deliver a signal to any thread and only the main thread runs Python handlers, so
+    ``get`` sleeps in select() on Python's wakeup fd, which the C-level handler writes to whichever
+    thread took the signal (a plain blocking wait would sleep through it).
+    """
+
+    def __init__(self) -> None:
+        self._pending: deque[signal.Signals] = deque()
+        self._read, self._write = socket.socketpair()
+        self._read.setblocking(False)
+        self._write.setblocking(False)
+        signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+
+    def install(self, *signals: signal.Signals) -> None:
+        for sig in signals:
+            signal.signal(sig, self._note)
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        self._pending.append(signal.Signals(signum))
+
+    def get(self) -> signal.Signals:
+        while not self._pending:
+            select.select([self._read], [], [])
+            with contextlib.suppress(BlockingIOError):
+                self._read.recv(4096)
+            # the Python handlers run before the next bytecode: _pending is filled by now
+        return self._pending.popleft()
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(-1)
+        self._read.close()
+        self._write.close()
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    signals = SignalQueue()
+    # SIGHUP's default action kills the process: queue it from the start (it is acted on once
+    # serving), SIGTERM/SIGINT keep their default until there is something to stop cleanly.
+    signals.install(signal.SIGHUP)
     try:
-        return load_web_config(cfg.web.config_file), []
-    except ConfigError as err:
-        return None, err.problems
+        return _serve(settings, args, signals)
+    finally:
+        signals.close()
 
 
-def run(cfg: Config, args: argparse.Namespace) -> int:
+def _serve(settings: Settings, args: argparse.Namespace, signals: SignalQueue) -> int:
+    cfg, security = settings.config, settings.security
     setup_logging(cfg.log.level, cfg.log.format)
-    security, problems = load_security(cfg)
-    if problems:
-        return report_config_problems(problems)
+    for warning in settings.warnings:
+        log.warning(warning)
     try:
         daemon = Daemon(cfg, security)
     except ExporterError as err:
@@ -219,14 +258,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
             extra={"fields": {"address": cfg.web.listen_address, "err": err.strerror or str(err)}},
         )
         return 1
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("shutting down", extra={"fields": {"signal": signal.Signals(signum).name}})
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signals.install(signal.SIGTERM, signal.SIGINT)
     daemon.http.serve_in_thread()
     log.info(
         "listening",
@@ -239,6 +271,9 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         },
     )
     daemon.start_background()
-    stop.wait()
+    while (received := signals.get()) == signal.SIGHUP:
+        log.info("reloading configuration", extra={"fields": {"signal": received.name}})
+        daemon.reload(lambda: load_settings(args, COLLECTORS))
+    log.info("shutting down", extra={"fields": {"signal": received.name}})
     daemon.stop()
     return 0

@@ -12,6 +12,8 @@ from exporter.errors import QemuError
 from exporter.features import full_cpu_model
 from exporter.guests.discovery import Guest, ScanIssue, scan
 from exporter.guests.effective import EffectiveCpu, KnowledgeSource, migratable, resolve
+from exporter.hazards import Hazard
+from exporter.levels import level_of
 
 
 class BlockingKnowledge(KnowledgeSource, Protocol):
@@ -24,6 +26,10 @@ class GuestReport:
     effective: EffectiveCpu
     #: watched features every host CPU has and the guest does not get (empty when unknown)
     missing: tuple[str, ...]
+    #: x86-64 level of what the guest gets (None when its features are not known)
+    level: int | None = None
+    #: features the guest gets without their prerequisites
+    hazards: tuple[Hazard, ...] = ()
 
     def as_dict(self, watch: Sequence[str]) -> dict[str, Any]:
         g, eff = self.guest, self.effective
@@ -85,5 +91,5 @@ def guest_reports(
         missing: tuple[str, ...] = ()
         if eff.features is not None and host is not None:
             missing = tuple(f for f in watch if f in host and f not in eff.features)
-        reports.append(GuestReport(g, eff, missing))
+        reports.append(GuestReport(g, eff, missing, None if eff.features is None else level_of(eff.features)))
     return reports, result.issues
