@@ -115,7 +115,9 @@ def _loop(stop: threading.Event, fn: Callable[[], None]) -> None:
             time.sleep(0.05)
 
 
-def attack(name: str, port: int, duration: float) -> None:
+def attack(name: str, port: int, duration: float, nice: int = 0) -> None:
+    if nice:
+        os.nice(nice)
     stop = threading.Event()
     threads: list[threading.Thread] = []
 
@@ -245,12 +247,14 @@ def start_cheroot(python: str, body_file: Path) -> Target:
     return Target(proc, port, {})
 
 
-def scenario(name: str, target: Target, scrapes: int) -> tuple[list[float], int, int]:
+def scenario(name: str, target: Target, scrapes: int, nice: int = 0) -> tuple[list[float], int, int]:
     """(latencies of successful scrapes, failed scrapes, peak RSS)."""
     attacker = None
     if name != "baseline":
         duration = 3 + scrapes * 0.05
-        attacker = multiprocessing.Process(target=attack, args=(name, target.port, duration), daemon=True)
+        attacker = multiprocessing.Process(
+            target=attack, args=(name, target.port, duration, nice), daemon=True
+        )
         attacker.start()
         time.sleep(2)  # let the attack reach its full strength
     latencies, failed = [], 0
@@ -328,6 +332,13 @@ def main() -> int:
     parser.add_argument("--scrapes", type=int, default=100)
     parser.add_argument("--only", default="baseline,slowloris,clients,scrapers,folded,wrongpw")
     parser.add_argument("--cheroot-python", help="interpreter with cheroot installed, for the comparison")
+    parser.add_argument(
+        "--attacker-nice",
+        type=int,
+        default=0,
+        help="run the attacking process at this nice value: on loopback the attacker's own CPU use "
+        "competes with the server's, which a remote attacker's would not",
+    )
     args = parser.parse_args()
     names = args.only.split(",")
     print(
@@ -351,7 +362,7 @@ def main() -> int:
                             if not chunk or (b"\r\n\r\n" in buf and len(buf) > 2000):
                                 break
                         body_file.write_bytes(bytes(buf).partition(b"\r\n\r\n")[2])
-                report(f"ours  {name}", *scenario(name, target, args.scrapes))
+                report(f"ours  {name}", *scenario(name, target, args.scrapes, args.attacker_nice))
                 if name == "baseline":
                     kept, fresh = keep_alive_ratio(target, 100)
                     print(
@@ -367,7 +378,7 @@ def main() -> int:
             for name in [n for n in names if n in ("baseline", "slowloris", "clients", "folded")]:
                 target = start_cheroot(args.cheroot_python, body_file)
                 try:
-                    report(f"cheroot {name}", *scenario(name, target, args.scrapes))
+                    report(f"cheroot {name}", *scenario(name, target, args.scrapes, args.attacker_nice))
                     if name == "baseline":
                         kept, fresh = keep_alive_ratio(target, 100)
                         print(
