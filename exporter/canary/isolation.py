@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
-from exporter.canary.proc import pid_alive
 from exporter.errors import CanaryError
+from exporter.qemu.process import pid_alive
 
 log = logging.getLogger(__name__)
 
