@@ -255,5 +255,3 @@ class CanaryRunner:
             result.cpu_seconds = usage.ru_utime + usage.ru_stime
         except ChildProcessError:
             child.wait()
-
-

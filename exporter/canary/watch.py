@@ -83,7 +83,9 @@ class GuestWatch:
         self.progress = progress
         self._errors: list[str] = []
 
-    def run(self, child: subprocess.Popen[bytes], console_path: Path, channel_path: Path, stderr_path: Path) -> None:
+    def run(
+        self, child: subprocess.Popen[bytes], console_path: Path, channel_path: Path, stderr_path: Path
+    ) -> None:
         job, result = self.job, self.result
         deadline = time.monotonic() + job.timeout_seconds
         console, channel = _Tail(console_path), _Tail(channel_path)
@@ -151,7 +153,9 @@ class GuestWatch:
         elif isinstance(rec, Measure):
             m = Measurement(rec.cipher, rec.op, rec.round, rec.bytes, rec.seconds)
             result.measurements.append(m)
-            self.progress(f"{job.profile.name}: {rec.cipher} {rec.op} round {rec.round}: {m.rate / MB:.1f} MB/s")
+            self.progress(
+                f"{job.profile.name}: {rec.cipher} {rec.op} round {rec.round}: {m.rate / MB:.1f} MB/s"
+            )
         elif isinstance(rec, GuestErrorRecord):
             self._errors.append(f"{rec.cipher}: {rec.message}" if rec.cipher else rec.message)
         return False

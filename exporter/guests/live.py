@@ -57,7 +57,12 @@ def check(path: str, timeout: float = 5.0) -> tuple[frozenset[str], frozenset[st
     """(enabled, filtered) feature flags of the guest's first vCPU; raises ``QmpError``."""
     with QmpSession(path, timeout=timeout) as qmp:
         cpus = qmp.execute("query-cpus-fast")
-        if not isinstance(cpus, list) or not cpus or not isinstance(cpus[0], dict) or "qom-path" not in cpus[0]:
+        if (
+            not isinstance(cpus, list)
+            or not cpus
+            or not isinstance(cpus[0], dict)
+            or "qom-path" not in cpus[0]
+        ):
             raise QmpError(f"{path}: query-cpus-fast returned no vCPU")
         qom = str(cpus[0]["qom-path"])
         words = qmp.execute("qom-get", {"path": qom, "property": "feature-words"})
@@ -118,7 +123,9 @@ class LiveChecker:
             if previous is None or previous.ok:
                 log_failure(log, "live check failed", err, guest=sock.guest, path=sock.path)
             return LiveResult(sock.guest, self.clock(), False, error=str(err))
-        log.debug("live check", extra={"fields": {"guest": sock.guest, "filtered": ",".join(sorted(filtered))}})
+        log.debug(
+            "live check", extra={"fields": {"guest": sock.guest, "filtered": ",".join(sorted(filtered))}}
+        )
         return LiveResult(sock.guest, self.clock(), True, enabled, filtered)
 
     def start(self) -> None:

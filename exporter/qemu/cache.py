@@ -92,7 +92,9 @@ def save(path: Path, records: dict[str, BinaryRecord], expansions: dict[Expansio
     for (key, _model, _accel), exp in sorted(expansions.items()):
         entry = binaries.setdefault(key, _BinaryEntry(path=exp.binary))
         entry.expansions.append(
-            _CachedExpansion(model=exp.model, accel=exp.accel, features=sorted(exp.features), known=sorted(exp.known))
+            _CachedExpansion(
+                model=exp.model, accel=exp.accel, features=sorted(exp.features), known=sorted(exp.known)
+            )
         )
     kept = {k: v for k, v in binaries.items() if installed_key(v.path) == k}
     text = _CacheFile(format=FORMAT, binaries=kept).model_dump_json(indent=1)

@@ -83,7 +83,9 @@ class HostQemuFacts:
 def expansion_from_props(binary: str, model: str, accel: str, props: dict[str, Any]) -> Expansion:
     """Keep the boolean feature properties of a QMP expansion, in /proc/cpuinfo spelling."""
     flags = {
-        k: v for k, v in props.items() if isinstance(v, bool) and k not in _NOT_FEATURES and not k.startswith("x-")
+        k: v
+        for k, v in props.items()
+        if isinstance(v, bool) and k not in _NOT_FEATURES and not k.startswith("x-")
     }
     return Expansion(
         binary=binary,

@@ -151,7 +151,9 @@ class QemuKnowledge:
         self._wake.set()
         return None
 
-    def cached_failure(self, model: str, *, binary: str | None = None, accel: str = "tcg") -> QemuError | None:
+    def cached_failure(
+        self, model: str, *, binary: str | None = None, accel: str = "tcg"
+    ) -> QemuError | None:
         """Why resolving ``model`` failed (e.g. UnknownCpuModel, QemuBinaryMissing), without blocking."""
         try:
             bid = resolve_binary(binary or self.binary)
@@ -228,7 +230,8 @@ class QemuKnowledge:
                     "fields": {
                         "binary": facts.binary,
                         "version": facts.version,
-                        "usable_accelerators": ",".join(a for a, ok in facts.accelerators.items() if ok) or "none",
+                        "usable_accelerators": ",".join(a for a, ok in facts.accelerators.items() if ok)
+                        or "none",
                         "usable_models": sum(1 for m in facts.models.values() if m.usable),
                         "exposable_model": facts.exposable_model,
                         "duration_seconds": round(time.monotonic() - started, 3),
@@ -311,7 +314,11 @@ class QemuKnowledge:
 
     def _scratch(self, bid: BinaryId, accel: str) -> ScratchQemu:
         return ScratchQemu(
-            bid, accel=accel, timeout=self.probe_timeout, on_spawn=self._track, credentials=self._credentials()
+            bid,
+            accel=accel,
+            timeout=self.probe_timeout,
+            on_spawn=self._track,
+            credentials=self._credentials(),
         )
 
     def _probe(self) -> HostQemuFacts:
@@ -435,7 +442,9 @@ class QemuKnowledge:
         try:
             self._records, self._expansions = cache.load(path)
         except (OSError, ValueError) as err:
-            log.warning("ignoring unreadable QEMU knowledge cache", extra={"fields": {"path": path, "err": err}})
+            log.warning(
+                "ignoring unreadable QEMU knowledge cache", extra={"fields": {"path": path, "err": err}}
+            )
 
     def _save_cache(self) -> None:
         path = self._cache_path()

@@ -103,7 +103,9 @@ class QmpSession:
             except (QMPError, OSError) as err:
                 cause = err.__cause__ or err
                 refused = isinstance(cause, ConnectionRefusedError)
-                if not (refused and retry_refused is not None and retry_refused() and self.remaining() > 0.05):
+                if not (
+                    refused and retry_refused is not None and retry_refused() and self.remaining() > 0.05
+                ):
                     why = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(err)
                     raise QmpError(f"{self.label}: cannot connect: {why}") from err
             time.sleep(0.02)
@@ -224,7 +226,9 @@ class ScratchQemu:
             if self._remaining() <= 0:
                 raise QemuError(f"{self.binary.path} did not open its QMP socket within {self.timeout:g}s")
             time.sleep(0.01)
-        self._session = QmpSession(str(sock), timeout=self.timeout, label=self.binary.path, deadline=self._deadline)
+        self._session = QmpSession(
+            str(sock), timeout=self.timeout, label=self.binary.path, deadline=self._deadline
+        )
         proc = self._proc
         with self._exit_status():
             self._session.connect(retry_refused=lambda: proc.poll() is None)
@@ -243,7 +247,8 @@ class ScratchQemu:
             if self._proc.returncode is not None:
                 why = self._stderr()
                 raise QemuError(
-                    f"{self.binary.path} exited with status {self._proc.returncode}" + (f": {why}" if why else "")
+                    f"{self.binary.path} exited with status {self._proc.returncode}"
+                    + (f": {why}" if why else "")
                 ) from err
             raise
 
