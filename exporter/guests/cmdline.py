@@ -17,7 +17,7 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from exporter.qemu.cpuspec import CmdlineError, CpuSpec, parse_cpu
+from exporter.qemu.cpuspec import CmdlineError, CpuSpec, parse_cpu, split_options
 
 __all__ = [
     "CmdlineError",
@@ -109,27 +109,6 @@ class GuestSpec:
         return self.accels[0]
 
 
-def split_options(value: str) -> list[str]:
-    """Split a QEMU option value on commas, honouring the ``,,`` escape for a literal comma."""
-    parts: list[str] = []
-    cur: list[str] = []
-    i = 0
-    while i < len(value):
-        ch = value[i]
-        if ch == ",":
-            if i + 1 < len(value) and value[i + 1] == ",":
-                cur.append(",")
-                i += 2
-                continue
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-        i += 1
-    parts.append("".join(cur))
-    return parts
-
-
 def _keyvals(value: str, implied: str | None) -> list[tuple[str, str | None]]:
     """``a=1,b,c=2`` -> [(a,1),(b,None),(c,2)]; a first bare item is ``implied=item``."""
     out: list[tuple[str, str | None]] = []
@@ -196,7 +175,7 @@ def _parse_smp(value: str) -> int | None:
     cpus: int | None = None
     topology: dict[str, int] = {}
     for key, val in _keyvals(value, "cpus"):
-        if val is None or not val.strip().isdigit():
+        if val is None or not val.strip().isdecimal():  # "²" is a digit, not a number
             continue
         if key == "cpus":
             cpus = int(val)

@@ -1,4 +1,4 @@
-"""What QEMU's QMP answers about CPU models mean, as plain values the rest of the exporter reads.
+"""Asking QEMU about CPU models over QMP, and what its answers mean as plain values.
 
 ``query-cpu-definitions`` becomes ``CpuModelInfo`` per model, ``query-cpu-model-expansion``
 becomes an ``Expansion`` (feature names in /proc/cpuinfo spelling), a probe's results become
@@ -16,7 +16,9 @@ from typing import Any
 from exporter.errors import QemuError, UnknownCpuModel
 from exporter.features import qemu_to_cpuinfo
 from exporter.qemu.binary import BinaryId
-from exporter.qemu.qmp import QmpCommandFailed
+from exporter.qemu.cpuspec import CmdlineError, parse_cpu_spec
+from exporter.qemu.proof import ProofResult
+from exporter.qemu.qmp import QmpCommandFailed, ScratchQemu
 
 ACCELERATORS: tuple[str, ...] = ("kvm", "tcg")
 #: Boolean properties of a full expansion that are QEMU switches, not CPUID features.
@@ -119,3 +121,50 @@ def classify(err: QmpCommandFailed, bid: BinaryId, model: str, accel: str) -> Qe
     if _MODEL_NOT_FOUND.search(err.desc):
         return UnknownCpuModel(f"{bid.path} ({accel}): unknown CPU model {model!r}: {err.desc}")
     return err
+
+
+def verdicts(proofs: dict[str, ProofResult]) -> tuple[dict[str, bool], dict[str, str]]:
+    """Proof results -> (usable per accelerator, one-line reason per unusable one), both complete."""
+    usable = {a: bool(proofs[a].usable) if a in proofs else False for a in ACCELERATORS}
+    errors = {
+        a: (proofs[a].error if a in proofs else "not tried (not in qemu.accelerators)")
+        for a in ACCELERATORS
+        if not usable[a]
+    }
+    return usable, errors
+
+
+def query_models(q: ScratchQemu, bid: BinaryId) -> tuple[str, list[dict[str, Any]]]:
+    """The binary's version and its CPU model definitions (name, unavailable-features, alias-of)."""
+    version = q.execute("query-version")
+    definitions = q.execute("query-cpu-definitions")
+    if not isinstance(version, dict) or not isinstance(definitions, list):
+        raise QemuError(f"{bid.path}: unexpected QMP answers (not QEMU's x86 system emulator?)")
+    kept = [
+        {k: d[k] for k in ("name", "unavailable-features", "alias-of") if k in d}
+        for d in definitions
+        if isinstance(d, dict) and "name" in d
+    ]
+    return version_string(version), kept
+
+
+def expand(q: ScratchQemu, bid: BinaryId, accel: str, model: str) -> Expansion | QemuError:
+    """Ask QEMU what ``model`` (a name or full ``-cpu`` spec) expands to; the error is returned,
+    not raised (UnknownCpuModel for an answer that will not change)."""
+    try:
+        name, props = parse_cpu_spec(model)
+        arg: dict[str, Any] = {"name": name}
+        if props:
+            arg["props"] = props
+        reply = q.execute("query-cpu-model-expansion", {"type": "full", "model": arg})
+        got_model = reply.get("model") if isinstance(reply, dict) else None
+        got = got_model.get("props") if isinstance(got_model, dict) else None
+        if not isinstance(got, dict):
+            raise QemuError(f"{bid.path}: unexpected answer expanding {model!r}")
+        return expansion_from_props(bid.path, model, accel, got)
+    except CmdlineError as err:
+        return UnknownCpuModel(f"{bid.path} ({accel}): {err}")
+    except QmpCommandFailed as err:
+        return classify(err, bid, model, accel)
+    except QemuError as err:
+        return err

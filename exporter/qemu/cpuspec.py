@@ -56,25 +56,35 @@ class CpuSpec:
         return {**dict(self.properties), **dict(self.overrides)}
 
 
-def split_cpu(value: str) -> tuple[str, list[str]]:
-    """``-cpu`` value -> (model, items), as the module docstring says."""
-    model, _, rest = value.partition(",")
-    items: list[str] = []
+def split_options(value: str) -> list[str]:
+    """Split a QEMU option value on commas, honouring the ``,,`` escape for a literal comma."""
+    parts: list[str] = []
     cur: list[str] = []
     i = 0
-    while i < len(rest):
-        ch = rest[i]
-        if ch == "," and rest[i + 1 : i + 2] == "," and "=" in cur:
-            cur.append(",")
-            i += 2
-            continue
+    while i < len(value):
+        ch = value[i]
         if ch == ",":
-            items.append("".join(cur))
+            if i + 1 < len(value) and value[i + 1] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            parts.append("".join(cur))
             cur = []
         else:
             cur.append(ch)
         i += 1
-    items.append("".join(cur))
+    parts.append("".join(cur))
+    return parts
+
+
+def split_cpu(value: str) -> tuple[str, list[str]]:
+    """``-cpu`` value -> (model, items), as the module docstring says."""
+    model, _, rest = value.partition(",")
+    items: list[str] = []
+    for item in split_options(rest):
+        key, eq, _ = item.partition("=")
+        # a "," left by the escape outside a key=value value was QEMU's item separator after all
+        items.extend([item] if eq and "," not in key else item.split(","))
     return model.strip(), [item for item in items if item]
 
 

@@ -12,6 +12,11 @@ Two kinds of answers, with different lifetimes:
 
 Scrapes only read: ``facts()``, ``expansion()`` and ``cached_failure()`` never start QEMU; a missing
 expansion is queued for the background thread and shows up on a later scrape.
+
+This module is the memo and the thread that fills it (about 430 lines, one class: both halves share
+one lock, the queue and the failure memo, and split apart they would reach into each other).
+Asking QEMU and reading its answers is ``exporter.qemu.cpumodels``, the disk cache
+``exporter.qemu.cache``, starting QEMU ``exporter.qemu.process``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from exporter.config import Config
 from exporter.errors import QemuBinaryMissing, QemuError, UnknownCpuModel
@@ -37,14 +41,14 @@ from exporter.qemu.cpumodels import (
     CpuModelInfo,
     Expansion,
     HostQemuFacts,
-    classify,
-    expansion_from_props,
+    expand,
     models_from_definitions,
-    version_string,
+    query_models,
+    verdicts,
 )
-from exporter.qemu.cpuspec import CmdlineError, parse_cpu_spec
+from exporter.qemu.cpuspec import parse_cpu_spec
 from exporter.qemu.proof import prove_accelerators
-from exporter.qemu.qmp import QmpCommandFailed, ScratchQemu
+from exporter.qemu.qmp import ScratchQemu
 
 __all__ = [
     "ACCELERATORS",
@@ -330,12 +334,7 @@ class QemuKnowledge:
             on_spawn=self._track,
             credentials=self._credentials(),
         )
-        accelerators = {a: bool(proofs[a].usable) if a in proofs else False for a in ACCELERATORS}
-        errors = {
-            a: (proofs[a].error if a in proofs else "not tried (not in qemu.accelerators)")
-            for a in ACCELERATORS
-            if not accelerators[a]
-        }
+        accelerators, errors = verdicts(proofs)
         best = "kvm" if accelerators["kvm"] else "tcg"
         exposable_model = full_cpu_model(best)
         with self._lock:
@@ -362,19 +361,12 @@ class QemuKnowledge:
         with self._lock:
             extra = [m for (k, m, a) in self._pending if k == bid.key and a == accel and m != exposable_model]
         with self._scratch(bid, accel) as q:
-            version = q.execute("query-version")
-            definitions = q.execute("query-cpu-definitions")
-            if not isinstance(version, dict) or not isinstance(definitions, list):
-                raise QemuError(f"{bid.path}: unexpected QMP answers (not QEMU's x86 system emulator?)")
+            version, definitions = query_models(q, bid)
             results = self._expand_in(q, bid, accel, [exposable_model, *extra])
         with self._lock:
             record = self._records.setdefault(bid.key, BinaryRecord(path=bid.path))
-            record.version = version_string(version)
-            record.definitions[accel] = [
-                {k: d[k] for k in ("name", "unavailable-features", "alias-of") if k in d}
-                for d in definitions
-                if isinstance(d, dict) and "name" in d
-            ]
+            record.version = version
+            record.definitions[accel] = definitions
             for model in extra:
                 self._pending.pop((bid.key, model, accel), None)
         self._save_cache()
@@ -402,24 +394,7 @@ class QemuKnowledge:
     ) -> dict[str, Expansion | QemuError]:
         results: dict[str, Expansion | QemuError] = {}
         for model in dict.fromkeys(models):
-            result: Expansion | QemuError
-            try:
-                name, props = parse_cpu_spec(model)
-                arg: dict[str, Any] = {"name": name}
-                if props:
-                    arg["props"] = props
-                reply = q.execute("query-cpu-model-expansion", {"type": "full", "model": arg})
-                got_model = reply.get("model") if isinstance(reply, dict) else None
-                got = got_model.get("props") if isinstance(got_model, dict) else None
-                if not isinstance(got, dict):
-                    raise QemuError(f"{bid.path}: unexpected answer expanding {model!r}")
-                result = expansion_from_props(bid.path, model, accel, got)
-            except CmdlineError as err:
-                result = UnknownCpuModel(f"{bid.path} ({accel}): {err}")
-            except QmpCommandFailed as err:
-                result = classify(err, bid, model, accel)
-            except QemuError as err:
-                result = err
+            result = expand(q, bid, accel, model)
             results[model] = result
             with self._lock:
                 key = (bid.key, model, accel)
