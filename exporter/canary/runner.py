@@ -177,8 +177,7 @@ class CanaryRunner:
             console, channel, stderr = tmp / "console.log", tmp / "results.jsonl", tmp / "qemu.err"
             for path in (console, channel):
                 path.touch(mode=0o600)
-                if credentials is not None:
-                    os.chown(path, credentials.uid, credentials.gid)
+                process.hand_over(path, credentials)
             with self._network(job, credentials) as network:
                 cmd = qemu_command(
                     binary, image, job, console, channel, network.qemu_args if network is not None else None

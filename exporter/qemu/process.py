@@ -232,6 +232,13 @@ def work_dir(kind: str, owner: Credentials | None = None) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def hand_over(path: Path, owner: Credentials | None) -> Path:
+    """Give a file the parent created in a work dir to the user QEMU runs as (whatever the umask)."""
+    if owner is not None:
+        os.chown(path, owner.uid, owner.gid)
+    return path
+
+
 def sweep_stale_dirs(parent: Path | None = None) -> list[Path]:
     """Remove work dirs whose owner process is gone (SIGKILL, power loss); returns them.
 

@@ -10,7 +10,6 @@ sector while ``-cpu host`` cannot even start, and the canary boots with ``host``
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from collections.abc import Callable, Iterable
@@ -68,14 +67,14 @@ def prove_accelerators(
     with process.work_dir("proof", credentials) as tmp:
         image = tmp / "proof.img"
         image.write_bytes(boot_sector())
+        process.hand_over(image, credentials)
         running: dict[str, tuple[subprocess.Popen[bytes], Path, Path]] = {}
         start = time.monotonic()
         try:
             for accel in accels:
                 serial, stderr = tmp / f"{accel}.serial", tmp / f"{accel}.stderr"
                 serial.touch()
-                if credentials is not None:  # QEMU writes it after dropping privileges
-                    os.chown(serial, credentials.uid, credentials.gid)
+                process.hand_over(serial, credentials)  # QEMU writes it after dropping privileges
                 cmd = [
                     binary.exec_path, "-name", f"guest={OWN_GUEST_PREFIX}proof-{accel}",
                     "-accel", accel, "-cpu", PROOF_CPU.get(accel, "max"),
