@@ -13,7 +13,7 @@ Two kinds of answers, with different lifetimes:
 Scrapes only read: ``facts()``, ``expansion()`` and ``cached_failure()`` never start QEMU; a missing
 expansion is queued for the background thread and shows up on a later scrape.
 
-This module is the memo and the thread that fills it (about 430 lines, one class: both halves share
+This module is the memo and the thread that fills it (about 440 lines, one class: both halves share
 one lock, the queue and the failure memo, and split apart they would reach into each other).
 Asking QEMU and reading its answers is ``exporter.qemu.cpumodels``, the disk cache
 ``exporter.qemu.cache``, starting QEMU ``exporter.qemu.process``.

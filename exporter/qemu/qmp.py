@@ -36,6 +36,7 @@ __all__ = [
     "BinaryId",
     "QmpCommandFailed",
     "QmpSession",
+    "QmpTimeout",
     "ScratchQemu",
     "first_error_line",
     "resolve_binary",
@@ -55,6 +56,12 @@ class QmpCommandFailed(QmpError):
         self.error_class = error_class
         self.desc = desc
         super().__init__(f"QMP {command}: {desc}")
+
+
+class QmpTimeout(QmpError):
+    """QEMU did not answer within the session's deadline; counted like a QEMU that never started."""
+
+    reason = "qemu_error"
 
 
 class QmpSession:
@@ -81,7 +88,11 @@ class QmpSession:
         return max(0.0, self._deadline - time.monotonic())
 
     def __enter__(self) -> QmpSession:
-        self.connect()
+        try:
+            self.connect()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(
@@ -115,11 +126,11 @@ class QmpSession:
         remaining = self.remaining()
         if remaining <= 0:
             coro.close()
-            raise QmpError(f"{self.label}: no QMP answer to {what} within {self.timeout:g}s")
+            raise QmpTimeout(f"{self.label}: no QMP answer to {what} within {self.timeout:g}s")
         try:
             return self._loop.run_until_complete(asyncio.wait_for(coro, remaining))
         except TimeoutError as err:
-            raise QmpError(f"{self.label}: no QMP answer to {what} within {self.timeout:g}s") from err
+            raise QmpTimeout(f"{self.label}: no QMP answer to {what} within {self.timeout:g}s") from err
 
     def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
         """Run one QMP command; a QMP error reply becomes ``QmpCommandFailed`` (QMP's ``desc`` text)."""
