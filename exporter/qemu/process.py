@@ -7,7 +7,9 @@ has a hole:
 * the child gets its own process group, so one ``kill`` reaches QEMU and anything it spawned;
 * ``PR_SET_PDEATHSIG`` (SIGKILL) is armed in the child, so the kernel kills it when the daemon is
   SIGKILLed and no Python cleanup runs. The parent may die between ``fork`` and ``prctl``: the
-  child then checks ``getppid`` and exits, since the signal would never come;
+  child then checks ``getppid`` and exits, since the signal would never come. The kernel sends it
+  when the *thread* that spawned the child ends, so spawn from a thread that outlives its QEMU
+  (every launcher here waits for, or kills, its QEMU before returning);
 * every exit path of a launcher calls ``kill``.
 
 When the daemon runs as root, QEMU runs as an unprivileged user (plus the ``kvm`` group, so it
