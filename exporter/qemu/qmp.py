@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
@@ -64,7 +64,31 @@ class QmpTimeout(QmpError):
     reason = "qemu_error"
 
 
-class QmpSession:
+class _Closing:
+    """``with`` support for the types below: open on entry, close on exit, and close whatever was
+    opened when opening fails half-way (a QEMU started, its socket never answered)."""
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class QmpSession(_Closing):
     """A blocking QMP session on a unix socket; every step shares one deadline of ``timeout`` s.
 
     Errors are ``QmpError`` (``QmpCommandFailed`` for an error reply), worded with ``label``::
@@ -87,18 +111,8 @@ class QmpSession:
     def remaining(self) -> float:
         return max(0.0, self._deadline - time.monotonic())
 
-    def __enter__(self) -> QmpSession:
-        try:
-            self.connect()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+    def _open(self) -> None:
+        self.connect()
 
     def connect(self, *, retry_refused: Callable[[], bool] | None = None) -> None:
         """Connect and negotiate capabilities. While ``retry_refused()`` is true, a refused
@@ -155,7 +169,7 @@ class QmpSession:
         self._client, self._loop = None, None
 
 
-class ScratchQemu:
+class ScratchQemu(_Closing):
     """A ``-machine none -S`` QEMU reachable over QMP, killed on exit.
 
     The whole session (start, connect, every command) shares one deadline of ``timeout`` seconds,
@@ -196,20 +210,10 @@ class ScratchQemu:
     def _stderr(self) -> str:
         return first_error_line(process.tail(self._dir / "stderr")) if self._dir else ""
 
-    def __enter__(self) -> ScratchQemu:
+    def _open(self) -> None:
         self._deadline = time.monotonic() + self.timeout
-        try:
-            self._dir = self._stack.enter_context(process.work_dir("qmp", self.credentials))
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+        self._dir = self._stack.enter_context(process.work_dir("qmp", self.credentials))
+        self._start()
 
     def _start(self) -> None:
         assert self._dir is not None
