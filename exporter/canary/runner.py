@@ -446,6 +446,7 @@ class CanaryRunner:
         if isinstance(rec, Hello):
             result.kernel = rec.kernel
             result.cpu_flags = list(rec.flags)
+            result.glibc_level = rec.glibc_level
             has = "aes" in rec.flags
             self.progress(
                 f"{job.profile.name}: guest up, kernel {rec.kernel}, aes flag {'present' if has else 'absent'}"
