@@ -19,7 +19,7 @@ itself is ground truth (checked with the canary kernel, Debian 6.1, under TCG):
 3. **Drivers trust flags.** The kernel's crypto drivers check only their headline flag and then
    execute other instruction sets (``arch/x86/crypto``, kernel 6.1):
    ``aesni-intel`` is loaded on ``aes`` alone, but its SSE code (``aesni-intel_asm.S``) runs
-   ``pshufb`` (SSSE3) in CTR/GCM and ``pclmulqdq`` in GHASH, and ``aesni_init()`` switches to the
+   ``pshufb`` (SSSE3) in CTR/GCM, ``pclmulqdq`` in GHASH and ``pinsrq`` (SSE4.1), and ``aesni_init()`` switches to the
    AVX/AVX2 paths on ``boot_cpu_has(X86_FEATURE_AVX/AVX2)`` without checking that the OS enabled
    AVX state (observed: invalid opcode in ``aes_ctr_enc_128_avx_by8`` without xsave,
    ``aesni_gcm_init_avx_gen2`` without avx, the crypto self-test with ``qemu64,+aes``);
@@ -27,6 +27,13 @@ itself is ground truth (checked with the canary kernel, Debian 6.1, under TCG):
    Likewise F16C, FMA, VAES and VPCLMULQDQ are VEX-encoded and need AVX state (Intel SDM vol. 1
    14.4 "Detection of VEX-encoded AVX/FMA/F16C"; glibc ``sysdeps/x86/cpu-features.c``
    ``update_active()`` marks them usable only when AVX is): :data:`VEX_DEPS`.
+
+Checked with the canary (kernel 6.1, TCG, module self-tests at load): ``Westmere,-pclmulqdq``,
+``Westmere,-sse4.1``, ``qemu64,+aes,+ssse3`` and ``qemu64,+aes,+ssse3,+pclmulqdq`` panic, while
+``qemu64,+aes,+ssse3,+pclmulqdq,+sse4.1`` runs aesni-intel. Without ``aes`` the canary's
+workload never reaches the flag-trusting code: ``max,-xsave,-aes`` and ``Haswell-noTSX,-avx,-aes``
+boot and run, their hazards stay latent (any other code trusting the flag still faults), which
+:func:`aesni_crash` tells apart.
 
 So :func:`usable_features` is the guest's /proc/cpuinfo (QEMU's expansion minus what QEMU hides)
 and :func:`hazards` are the shown features whose prerequisites (transitively) are missing.
@@ -101,6 +108,7 @@ CPUID_DEPS: tuple[tuple[str, str], ...] = (
 DRIVER_DEPS: tuple[tuple[str, str], ...] = (
     ("aes", "ssse3"),  # aesni-intel: pshufb in the CTR and GCM code (aesni-intel_asm.S)
     ("aes", "pclmulqdq"),  # aesni-intel: GHASH of gcm(aes) (aesni-intel_asm.S GHASH_MUL)
+    ("aes", "sse4_1"),  # aesni-intel: pinsrq in READ_PARTIAL_BLOCK (aesni-intel_asm.S)
     ("pclmulqdq", "ssse3"),  # ghash-clmulni-intel: pshufb (ghash-clmulni-intel_asm.S)
 )
 
@@ -167,3 +175,15 @@ def hazards(features: Iterable[str]) -> tuple[Hazard, ...]:
         if missing:
             out.append(Hazard(f, missing))
     return tuple(out)
+
+
+#: features whose code aesni-intel runs when the guest shows them (``aesni_init()`` picks the
+#: AVX/AVX2 GCM and CTR paths on the flag alone)
+AESNI_PATHS: frozenset[str] = frozenset({"aes", "avx", "avx2"})
+
+
+def aesni_crash(features: Iterable[str]) -> bool:
+    """Whether loading aesni-intel (what the canary and every dm-crypt/IPsec guest does) crashes
+    the guest: aes is shown and aesni-intel's own, AVX or AVX2 code meets a missing prerequisite."""
+    shown = usable_features(features)
+    return "aes" in shown and any(h.feature in AESNI_PATHS for h in hazards(shown))
