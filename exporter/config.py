@@ -84,6 +84,9 @@ class GuestsConfig:
     qmp_sockets: list[QmpSocketConfig] = field(default_factory=list)
     #: process names treated as QEMU guests (besides anything named qemu-system-*)
     process_names: list[str] = field(default_factory=lambda: ["qemu-kvm", "kvm"])
+    #: also export the per-guest feature matrix (kvmcpu_guest_cpu_feature{guest,feature}...):
+    #: about 2 x watched features series per guest; off by default (issue 13)
+    full_feature_matrix: bool = False
 
 
 @dataclass
