@@ -18,24 +18,26 @@ What counts as a mismatch (each once, see :class:`Mismatch`):
   reported one: an image without the loader, or an older image, says nothing);
 - ``hazard``: a hazard predicted from the spec but not found in the guest's own flags (or found
   there but not predicted), both through the same :func:`~exporter.hazards.hazards` table;
-- ``crash``: the guest kernel died of "invalid opcode" (the signature of a CPU configuration that
-  lies about an instruction set) although the model predicted no hazard. The converse, a predicted
-  hazard in a guest that ran cleanly, is *not* a mismatch: the canary only exercises dm-crypt's
-  drivers, a guest OS runs much more.
+- ``crash``: the canary's workload loads aesni-intel, so the model predicts a crash exactly when
+  :func:`~exporter.hazards.aesni_crash` says so; a mismatch is a guest that died of "invalid
+  opcode" (the signature of a CPU configuration that lies about an instruction set) without that
+  prediction, or a predicted crash in a guest that ran cleanly. Other hazards stay latent in the
+  canary (its workload never reaches the code that trusts the flag): they are compared through the
+  flags only.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from exporter.canary.model import CanaryResult
 from exporter.errors import CanaryError, ExporterError
 from exporter.guests.cmdline import CmdlineError, parse_cpu
-from exporter.guests.effective import KnowledgeSource, resolve
-from exporter.hazards import Hazard, hazards, usable_features
+from exporter.guests.effective import KnowledgeSource, Verdict, resolve, verdict
+from exporter.hazards import aesni_crash, hazards
 from exporter.levels import LEVEL_WATCH, level_of
 
 log = logging.getLogger(__name__)
@@ -43,17 +45,10 @@ log = logging.getLogger(__name__)
 KINDS: tuple[str, ...] = ("feature", "level", "hazard", "crash")
 #: the kernel's words for a CPU that does not execute an instruction it advertised
 CRASH_SIGNATURE = "invalid opcode"
+#: what the canary's workload exercises of a hazardous configuration: loading aesni-intel
+CRASH_SUBJECT = "aesni-intel"
 #: ``kvmcpu_canary_x86_64_level{source}`` values
 LEVEL_SOURCES: tuple[str, ...] = ("predicted", "guest", "glibc")
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """What the exporter's model says a guest with this spec will show, reach and risk."""
-
-    features: frozenset[str]
-    level: int
-    hazards: tuple[Hazard, ...]
 
 
 @dataclass(frozen=True)
@@ -97,14 +92,14 @@ class Mismatch:
 
 
 @dataclass(frozen=True)
-class Verdict:
+class Comparison:
     """One canary run compared with the model's prediction for its spec."""
 
     profile: str
     cpu: str
     accel: str
     finished_at: float
-    prediction: Prediction
+    prediction: Verdict
     observation: Observation
     mismatches: tuple[Mismatch, ...]
 
@@ -116,13 +111,7 @@ class Verdict:
         return out
 
 
-def predict_from(features: Iterable[str]) -> Prediction:
-    """The guest OS's view of QEMU's effective features (/proc/cpuinfo spelling)."""
-    shown = usable_features(features)
-    return Prediction(shown, level_of(shown), hazards(shown))
-
-
-def predict(knowledge: KnowledgeSource, cpu: str, *, accel: str, binary: str | None) -> Prediction | None:
+def predict(knowledge: KnowledgeSource, cpu: str, *, accel: str, binary: str | None) -> Verdict | None:
     """The prediction for a guest booted with ``-cpu cpu -accel accel`` by ``binary``, computed
     exactly as for a running guest. None while QEMU's answer is still pending (never blocks);
     raises ExporterError when the spec cannot be understood or QEMU refuses the model."""
@@ -135,14 +124,14 @@ def predict(knowledge: KnowledgeSource, cpu: str, *, accel: str, binary: str | N
         raise eff.error
     if eff.features is None:
         return None
-    return predict_from(eff.features)
+    return verdict(eff.features)
 
 
-def compare(prediction: Prediction, observation: Observation, watch: Sequence[str]) -> tuple[Mismatch, ...]:
+def compare(prediction: Verdict, observation: Observation, watch: Sequence[str]) -> tuple[Mismatch, ...]:
     """Every way the guest's report contradicts the prediction; see the module docstring."""
     out: list[Mismatch] = []
     for feature in dict.fromkeys((*watch, *LEVEL_WATCH)):
-        want, got = feature in prediction.features, feature in observation.flags
+        want, got = feature in prediction.usable, feature in observation.flags
         if want != got:
             out.append(Mismatch("feature", feature, str(int(want)), str(int(got))))
     if observation.glibc_level is not None and observation.glibc_level != prediction.level:
@@ -153,13 +142,16 @@ def compare(prediction: Prediction, observation: Observation, watch: Sequence[st
         p, o = predicted.get(feature), observed.get(feature)
         if p != o:
             out.append(Mismatch("hazard", feature, str(p) if p else "none", str(o) if o else "none"))
-    if observation.crashed_on_opcode and not prediction.hazards:
-        out.append(Mismatch("crash", CRASH_SIGNATURE, "no hazard", observation.message[:200]))
+    crash = aesni_crash(prediction.usable)
+    if crash and observation.result == "success":
+        out.append(Mismatch("crash", CRASH_SUBJECT, "crash", "ran cleanly"))
+    elif not crash and observation.crashed_on_opcode:
+        out.append(Mismatch("crash", CRASH_SUBJECT, "no crash", observation.message[:200]))
     return tuple(out)
 
 
 class SelfCheck:
-    """Compares canary results with the model, once per result, and remembers the last verdict
+    """Compares canary results with the model, once per result, and remembers the last comparison
     per profile (a later skipped tick reports nothing new about the model). Thread-safe: scrapes
     may run concurrently."""
 
@@ -168,16 +160,16 @@ class SelfCheck:
         self.watch = tuple(watch)
         self.binary = binary
         self._lock = threading.Lock()
-        self._verdicts: dict[str, Verdict] = {}
+        self._comparisons: dict[str, Comparison] = {}
         self._logged: set[tuple[str, str, Mismatch]] = set()
         self._failed: set[tuple[str, str, str]] = set()
 
-    def check(self, result: CanaryResult) -> Verdict | None:
-        """The verdict on ``result`` (computed once), or the profile's last verdict when this
+    def check(self, result: CanaryResult) -> Comparison | None:
+        """The comparison for ``result`` (computed once), or the profile's last one when this
         result cannot be compared (no flags, QEMU's answer pending, an unknown model)."""
         observation = Observation.from_result(result)
         with self._lock:
-            last = self._verdicts.get(result.profile)
+            last = self._comparisons.get(result.profile)
         if observation is None or not result.cpu_spec or not result.accel:
             return last
         if last is not None and (last.finished_at, last.cpu, last.accel) == (
@@ -201,7 +193,7 @@ class SelfCheck:
             return last
         if prediction is None:
             return last
-        verdict = Verdict(
+        comparison = Comparison(
             result.profile,
             result.cpu_spec,
             result.accel,
@@ -211,19 +203,23 @@ class SelfCheck:
             compare(prediction, observation, self.watch),
         )
         with self._lock:
-            current = self._verdicts.get(result.profile)
-            if current is None or current.finished_at <= verdict.finished_at:
-                self._verdicts[result.profile] = verdict
-            fresh = [m for m in verdict.mismatches if (verdict.profile, verdict.cpu, m) not in self._logged]
-            self._logged.update((verdict.profile, verdict.cpu, m) for m in fresh)
+            current = self._comparisons.get(result.profile)
+            if current is None or current.finished_at <= comparison.finished_at:
+                self._comparisons[result.profile] = comparison
+            fresh = [
+                m
+                for m in comparison.mismatches
+                if (comparison.profile, comparison.cpu, m) not in self._logged
+            ]
+            self._logged.update((comparison.profile, comparison.cpu, m) for m in fresh)
         for m in fresh:
             log.warning(
                 "canary guest contradicts the exporter's CPU model",
                 extra={
                     "fields": {
-                        "profile": verdict.profile,
-                        "cpu": verdict.cpu,
-                        "accel": verdict.accel,
+                        "profile": comparison.profile,
+                        "cpu": comparison.cpu,
+                        "accel": comparison.accel,
                         "kind": m.kind,
                         "feature": m.subject,
                         "predicted": m.predicted,
@@ -231,22 +227,20 @@ class SelfCheck:
                     }
                 },
             )
-        return verdict
+        return comparison
 
-    def last(self, profile: str) -> Verdict | None:
+    def last(self, profile: str) -> Comparison | None:
         with self._lock:
-            return self._verdicts.get(profile)
+            return self._comparisons.get(profile)
 
 
 __all__ = [
     "KINDS",
     "LEVEL_SOURCES",
+    "Comparison",
     "Mismatch",
     "Observation",
-    "Prediction",
     "SelfCheck",
-    "Verdict",
     "compare",
     "predict",
-    "predict_from",
 ]

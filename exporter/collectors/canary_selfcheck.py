@@ -1,10 +1,10 @@
 """The canary self-check as metrics: does the canary guest agree with the exporter's CPU model?
 
 Reads the canary store's last result per profile (never a hook in the canary's run path) and asks
-:class:`exporter.canary.selfcheck.SelfCheck` for the verdict, which is computed once per result
+:class:`exporter.canary.selfcheck.SelfCheck` to compare it, once per result
 (QEMU's answer comes from the knowledge cache; while it is pending nothing is exported for the
 profile). A profile whose last tick did not boot a guest (skipped, image missing) keeps the
-verdict of its last run that did.
+comparison of its last run that did.
 
 Sample exposition::
 
@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from exporter.canary.selfcheck import SelfCheck, Verdict
+from exporter.canary.selfcheck import Comparison, SelfCheck
 from exporter.canary.store import CanaryStore
 
 
@@ -33,22 +33,22 @@ class CanarySelfcheckCollector:
         self.store = store
         self.selfcheck = selfcheck
 
-    def verdicts(self) -> dict[str, Verdict]:
-        """profile -> the verdict on its last comparable canary run (profiles without one left out)."""
+    def comparisons(self) -> dict[str, Comparison]:
+        """profile -> the comparison of its last comparable canary run (profiles without one left out)."""
         if self.store is None:
             return {}
         snap = self.store.snapshot()
-        out: dict[str, Verdict] = {}
+        out: dict[str, Comparison] = {}
         for name in snap.profile_names():
             stats = snap.state.profiles.get(name)
             last = stats.last if stats is not None else None
-            verdict = self.selfcheck.check(last) if last is not None else self.selfcheck.last(name)
-            if verdict is not None:
-                out[name] = verdict
+            comparison = self.selfcheck.check(last) if last is not None else self.selfcheck.last(name)
+            if comparison is not None:
+                out[name] = comparison
         return out
 
     def collect(self) -> Iterator[Metric]:
-        verdicts = self.verdicts()
+        comparisons = self.comparisons()
         mismatches = GaugeMetricFamily(
             "kvmcpu_canary_model_mismatches",
             "How often the last canary guest of this profile contradicted the exporter's prediction "
@@ -80,14 +80,14 @@ class CanarySelfcheckCollector:
             "When the canary run the self-check compared finished (Unix time).",
             labels=["profile"],
         )
-        for name, verdict in verdicts.items():
-            mismatches.add_metric([name], float(len(verdict.mismatches)))
-            for m in verdict.mismatches:
+        for name, comparison in comparisons.items():
+            mismatches.add_metric([name], float(len(comparison.mismatches)))
+            for m in comparison.mismatches:
                 mismatch.add_metric([name, m.kind, m.subject], 1.0)
-            for source, value in verdict.levels().items():
+            for source, value in comparison.levels().items():
                 level.add_metric([name, source], float(value))
-            hazards.add_metric([name], float(len(verdict.prediction.hazards)))
-            checked.add_metric([name], verdict.finished_at)
+            hazards.add_metric([name], float(len(comparison.prediction.hazards)))
+            checked.add_metric([name], comparison.finished_at)
         yield from (mismatches, mismatch, level, hazards, checked)
 
 
