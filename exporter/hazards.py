@@ -44,6 +44,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from exporter.levels import LEVEL_FEATURES
+
 #: QEMU answers CPUID leaf 0xD (where these live) only when XSAVE is exposed: the guest never
 #: sees them without it.
 HIDDEN_WITHOUT: dict[str, tuple[str, ...]] = {
@@ -148,7 +150,14 @@ def _closure(feature: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-_CLOSURE: dict[str, tuple[str, ...]] = {f: _closure(f) for f in PREREQUISITES}
+#: the x86-64 baseline (fpu, fxsr, sse, sse2, ...): a 64-bit kernel refuses to boot without it
+#: (arch/x86/include/asm/required-features.h), so it is never the prerequisite to report, and a
+#: feature set given without it (a live check reporting only watched features) is not a hazard
+BASELINE: frozenset[str] = frozenset(LEVEL_FEATURES[1]) | {"fpu"}
+
+_CLOSURE: dict[str, tuple[str, ...]] = {
+    f: tuple(n for n in _closure(f) if n not in BASELINE) for f in PREREQUISITES
+}
 
 
 def usable_features(features: Iterable[str]) -> frozenset[str]:

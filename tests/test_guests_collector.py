@@ -8,6 +8,7 @@ import os
 import pwd
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,40 @@ def _registry(collector: GuestsCollector) -> CollectorRegistry:
     return reg
 
 
+def _config_of(reg: CollectorRegistry, guest: str) -> str | None:
+    for metric in reg.collect():
+        for sample in metric.samples:
+            if sample.name == "kvmcpu_guest_info" and sample.labels["guest"] == guest:
+                return sample.labels["cpu_config"]
+    return None
+
+
+def _getter(reg: CollectorRegistry) -> Callable[..., float | None]:
+    """``get_sample_value`` that also answers the per-guest feature matrix the way the shipped rules
+    do: through the guest's ``cpu_config`` and the per-configuration series (the default)."""
+    per_config = {"kvmcpu_guest_cpu_feature": "kvmcpu_guest_config_cpu_feature",
+                  "kvmcpu_guest_cpu_feature_hidden": "kvmcpu_guest_config_cpu_feature_hidden"}
+
+    def get(name: str, labels: dict[str, str] | None = None) -> float | None:
+        labels = dict(labels or {})
+        if name in per_config and "guest" in labels:
+            cfg = _config_of(reg, labels.pop("guest"))
+            if cfg is None:
+                return None
+            return reg.get_sample_value(per_config[name], {**labels, "cpu_config": cfg})
+        return reg.get_sample_value(name, labels)
+
+    return get
+
+
+def _info(reg: CollectorRegistry, guest: str) -> dict[str, str] | None:
+    for metric in reg.collect():
+        for sample in metric.samples:
+            if sample.name == "kvmcpu_guest_info" and sample.labels["guest"] == guest:
+                return {k: v for k, v in sample.labels.items() if k != "cpu_config"}
+    return None
+
+
 def _collector(procfs: Path, knowledge: FakeKnowledge, **cfg: object) -> GuestsCollector:
     return GuestsCollector(procfs, knowledge, DEFAULT_WATCHLIST, GuestsConfig(**cfg))  # type: ignore[arg-type]
 
@@ -57,15 +92,17 @@ def procfs(tmp_path: Path) -> Path:
 
 def test_guests_and_their_features(procfs: Path) -> None:
     reg = _registry(_collector(procfs, tcg_knowledge()))
-    g = reg.get_sample_value
+    g = _getter(reg)
     assert g("kvmcpu_guests") == 3
-    assert g("kvmcpu_guest_info", {"guest": "west", "uuid": "u-1", "pid": "100", "cpu_model": "Westmere",
-                                   "accel": "tcg", "migratable": "true"}) == 1
-    assert g("kvmcpu_guest_info", {"guest": "pid-101", "uuid": "", "pid": "101", "cpu_model": "qemu64",
-                                   "accel": "tcg", "migratable": "true"}) == 1
-    assert g("kvmcpu_guest_info", {"guest": "web01", "uuid": "5c1e0f3a-93d1-4b6e-a3b9-2f8e5a1c7d42",
-                                   "pid": "102", "cpu_model": "Skylake-Server-IBRS", "accel": "kvm",
-                                   "migratable": "true"}) == 1
+    assert _info(reg, "west") == {"guest": "west", "uuid": "u-1", "cpu_model": "Westmere",
+                                  "accel": "tcg", "migratable": "true"}
+    assert _info(reg, "pid-101") == {"guest": "pid-101", "uuid": "", "cpu_model": "qemu64",
+                                     "accel": "tcg", "migratable": "true"}
+    assert _info(reg, "web01") == {"guest": "web01", "uuid": "5c1e0f3a-93d1-4b6e-a3b9-2f8e5a1c7d42",
+                                   "cpu_model": "Skylake-Server-IBRS", "accel": "kvm", "migratable": "true"}
+    # the pid is a value, not an identifying label: a restart does not make new series
+    assert g("kvmcpu_guest_pid", {"guest": "west"}) == 100
+    assert g("kvmcpu_guest_pid", {"guest": "web01"}) == 102
     host = read_cpuinfo(procfs).flags_everywhere()
     for feature in DEFAULT_WATCHLIST:
         west = g("kvmcpu_guest_cpu_feature", {"guest": "west", "feature": feature})
@@ -86,7 +123,7 @@ def test_kvm_guest_with_known_host_set(procfs: Path) -> None:
     k = tcg_knowledge()
     k.expansions[("host", "kvm")] = SKYLAKE_SERVER | {"vmx", "hypervisor"}
     reg = _registry(_collector(procfs, k))
-    g = reg.get_sample_value
+    g = _getter(reg)
     assert g("kvmcpu_guest_cpu_model_known", {"guest": "web01"}) == 1
     assert g("kvmcpu_guest_cpu_feature", {"guest": "web01", "feature": "avx512f"}) == 0
     assert g("kvmcpu_guest_cpu_feature", {"guest": "web01", "feature": "vmx"}) == 1
@@ -96,7 +133,7 @@ def test_kvm_guest_with_known_host_set(procfs: Path) -> None:
 def test_hidden_needs_the_feature_on_every_host_cpu(tmp_path: Path) -> None:
     root = make_procfs(tmp_path / "proc", cpuinfo="partial-avx512")
     add_process(root, 7, [QEMU, "-name", "m", "-cpu", "max"])
-    g = _registry(_collector(root, tcg_knowledge())).get_sample_value
+    g = _getter(_registry(_collector(root, tcg_knowledge())))
     assert g("kvmcpu_guest_cpu_feature", {"guest": "m", "feature": "avx512f"}) == 0
     assert g("kvmcpu_guest_cpu_feature_hidden", {"guest": "m", "feature": "avx512f"}) == 0
     assert g("kvmcpu_guest_cpu_feature_hidden", {"guest": "m", "feature": "sha_ni"}) == 1
@@ -105,7 +142,7 @@ def test_hidden_needs_the_feature_on_every_host_cpu(tmp_path: Path) -> None:
 def test_pending_model_exports_info_only(procfs: Path) -> None:
     k = FakeKnowledge()
     reg = _registry(_collector(procfs, k))
-    g = reg.get_sample_value
+    g = _getter(reg)
     assert g("kvmcpu_guests") == 3
     assert g("kvmcpu_guest_cpu_model_known", {"guest": "west"}) == 0
     assert g("kvmcpu_guest_cpu_feature", {"guest": "west", "feature": "aes"}) is None
@@ -121,11 +158,11 @@ def test_unknown_model_is_counted_and_logged_once(tmp_path: Path, caplog: pytest
     k = tcg_knowledge()
     k.failures[("Bogus9000", "tcg")] = UnknownCpuModel("CPU model 'Bogus9000' not found")
     reg = _registry(_collector(root, k))
-    g = reg.get_sample_value
+    g = _getter(reg)
     with caplog.at_level(logging.WARNING, logger="exporter.collectors.guests"):
         for _ in range(3):
-            assert g("kvmcpu_guest_info", {"guest": "odd", "uuid": "", "pid": "9", "cpu_model": "Bogus9000",
-                                           "accel": "tcg", "migratable": "true"}) == 1
+            assert _info(reg, "odd") == {"guest": "odd", "uuid": "", "cpu_model": "Bogus9000",
+                                         "accel": "tcg", "migratable": "true"}
             assert g("kvmcpu_guest_cpu_model_known", {"guest": "odd"}) == 0
             assert g("kvmcpu_guest_cpu_feature", {"guest": "odd", "feature": "aes"}) is None
     assert g("kvmcpu_guest_scan_errors_total", {"reason": "unknown_cpu_model"}) == 1
@@ -152,7 +189,7 @@ def test_parse_error_is_counted_not_fatal(tmp_path: Path) -> None:
     root = make_procfs(tmp_path / "proc")
     add_process(root, 20, [QEMU, "-name", "bad", "-cpu"])
     add_process(root, 21, [QEMU, "-name", "good", "-cpu", "max"])
-    g = _registry(_collector(root, tcg_knowledge())).get_sample_value
+    g = _getter(_registry(_collector(root, tcg_knowledge())))
     assert g("kvmcpu_guests") == 1
     assert g("kvmcpu_guest_cpu_feature", {"guest": "good", "feature": "avx2"}) == 1
     assert g("kvmcpu_guest_scan_errors_total", {"reason": "parse_error"}) == 1
@@ -173,7 +210,7 @@ def test_process_vanishing_mid_scan(tmp_path: Path) -> None:
         return spec
 
     collector._parse = parse_then_exit  # type: ignore[method-assign]
-    g = _registry(collector).get_sample_value
+    g = _getter(_registry(collector))
     assert g("kvmcpu_guests") == 1
     assert g("kvmcpu_guest_cpu_model_known", {"guest": "stays"}) == 1
     assert g("kvmcpu_guest_cpu_model_known", {"guest": "gone"}) is None
@@ -242,7 +279,7 @@ def test_permission_denied_is_reported() -> None:
 def test_sample_cache_tracks_changes(procfs: Path) -> None:
     k = tcg_knowledge()
     reg = _registry(_collector(procfs, k))
-    g = reg.get_sample_value
+    g = _getter(reg)
     assert g("kvmcpu_guest_cpu_feature", {"guest": "pid-101", "feature": "avx"}) == 0
     k.expansions[("qemu64", "tcg")] = TCG_MAX  # e.g. QEMU upgraded and the model re-expanded
     assert g("kvmcpu_guest_cpu_feature", {"guest": "pid-101", "feature": "avx"}) == 1
@@ -255,8 +292,8 @@ def test_unreadable_host_cpuinfo_drops_only_hidden(tmp_path: Path, caplog: pytes
     reg = _registry(_collector(root, tcg_knowledge()))
     with caplog.at_level(logging.WARNING, logger="exporter.collectors.guests"):
         for _ in range(2):
-            assert reg.get_sample_value("kvmcpu_guest_cpu_feature", {"guest": "h", "feature": "aes"}) == 1
-            assert reg.get_sample_value("kvmcpu_guest_cpu_feature_hidden", {"guest": "h", "feature": "aes"}) is None
+            assert _getter(reg)("kvmcpu_guest_cpu_feature", {"guest": "h", "feature": "aes"}) == 1
+            assert _getter(reg)("kvmcpu_guest_cpu_feature_hidden", {"guest": "h", "feature": "aes"}) is None
     assert len([r for r in caplog.records if "host CPU flags" in r.getMessage()]) == 1
 
 
@@ -272,7 +309,7 @@ def test_live_results_override_while_fresh(tmp_path: Path) -> None:
     live.start = lambda: None  # type: ignore[method-assign]  # no background thread in a unit test
     collector = GuestsCollector(root, tcg_knowledge(), DEFAULT_WATCHLIST, GuestsConfig(), lambda: now[0],
                                 live=live)
-    g = _registry(collector).get_sample_value
+    g = _getter(_registry(collector))
     assert g("kvmcpu_guest_cpu_feature", {"guest": "lab", "feature": "avx"}) == 1  # from the vCPU itself
     assert g("kvmcpu_guest_cpu_feature_filtered", {"guest": "lab", "feature": "avx512f"}) == 1
     assert g("kvmcpu_guest_cpu_feature_filtered", {"guest": "lab", "feature": "aes"}) == 0
