@@ -223,13 +223,13 @@ def _guest_section(
             lines.append("    missing: ? (host CPU flags unreadable)")
         else:
             lines.append(f"    missing: {', '.join(d['missing']) if d['missing'] else 'nothing watched'}")
+        if d["filtered"]:
+            lines.append(f"    asked for but filtered by {d['accel']}: {', '.join(d['filtered'])}")
         if r.level is not None:
             lines.append(f"    level: {r.level_note or name(r.level)}")
         for h in r.hazards:
             lines.append(f"    HAZARD: shows {h.feature} without {', '.join(h.requires)}"
                          " (code trusting the flag gets invalid opcode)")
-        if d["filtered"]:
-            lines.append(f"    asked for but filtered by {d['accel']}: {', '.join(d['filtered'])}")
     for issue in issues:
         lines.append(f"  pid {issue.pid}: not inspected ({issue.reason}: {issue.detail})")
     return Section("guests", "Guests", {"available": True, "guests": guests, "error": None,
