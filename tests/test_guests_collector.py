@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from support.guests import (
     SKYLAKE_SERVER,
     TCG_MAX,
+    TCG_WESTMERE,
     FakeKnowledge,
     add_process,
     make_procfs,
@@ -317,3 +318,87 @@ def test_live_results_override_while_fresh(tmp_path: Path) -> None:
     assert g("kvmcpu_guest_live_check_timestamp_seconds", {"guest": "lab"}) == 1000.0
     now[0] += 600  # stale: back to the model expansion (Westmere has no avx)
     assert g("kvmcpu_guest_cpu_feature", {"guest": "lab", "feature": "avx"}) == 0
+
+
+def _series_per_guest(reg: CollectorRegistry) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for metric in reg.collect():
+        for sample in metric.samples:
+            if "guest" in sample.labels:
+                out[sample.labels["guest"]] = out.get(sample.labels["guest"], 0) + 1
+    return out
+
+
+def test_default_is_one_matrix_per_cpu_config_and_few_series_per_guest(tmp_path: Path) -> None:
+    root = make_procfs(tmp_path / "proc")
+    for pid in range(200, 230):  # 30 guests, 3 configurations
+        cpu = ("Westmere", "max", "Westmere,-aes")[pid % 3]
+        add_process(root, pid, [QEMU, "-name", f"vm{pid}", "-cpu", cpu, "-accel", "tcg", "-smp", "1", "-m", "64"])
+    reg = _registry(_collector(root, tcg_knowledge()))
+    per_guest = _series_per_guest(reg)
+    assert len(per_guest) == 30 and max(per_guest.values()) <= 10, per_guest
+    configs = {s.labels["cpu_config"] for m in reg.collect() for s in m.samples if s.name == "kvmcpu_guest_info"}
+    assert len(configs) == 3
+    matrix = [s for m in reg.collect() for s in m.samples if s.name == "kvmcpu_guest_config_cpu_feature"]
+    assert len(matrix) == 3 * len(DEFAULT_WATCHLIST)
+    assert not any(s.name == "kvmcpu_guest_cpu_feature" for m in reg.collect() for s in m.samples)
+
+
+def test_full_matrix_opt_in_agrees_with_the_per_config_series(procfs: Path) -> None:
+    reg = _registry(_collector(procfs, tcg_knowledge(), full_feature_matrix=True))
+    g = _getter(reg)
+    for guest in ("west", "pid-101"):
+        for feature in DEFAULT_WATCHLIST:
+            for name in ("kvmcpu_guest_cpu_feature", "kvmcpu_guest_cpu_feature_hidden"):
+                assert reg.get_sample_value(name, {"guest": guest, "feature": feature}) == g(
+                    name, {"guest": guest, "feature": feature}), (guest, feature, name)
+    hidden = sum(reg.get_sample_value("kvmcpu_guest_cpu_feature_hidden", {"guest": "west", "feature": f}) or 0
+                 for f in DEFAULT_WATCHLIST)
+    assert g("kvmcpu_guest_cpu_features_hidden", {"guest": "west"}) == hidden > 0
+
+
+def test_cpu_config_survives_a_restart_and_differs_per_switches(tmp_path: Path) -> None:
+    root = make_procfs(tmp_path / "proc")
+    add_process(root, 300, [QEMU, "-name", "a", "-cpu", "Westmere,-aes", "-accel", "tcg"])
+    add_process(root, 301, [QEMU, "-name", "b", "-cpu", "Westmere", "-accel", "tcg"])
+    k = tcg_knowledge()
+    first = _registry(_collector(root, k))
+    cfg_a, cfg_b = _config_of(first, "a"), _config_of(first, "b")
+    assert cfg_a and cfg_b and cfg_a != cfg_b and cfg_a.startswith("Westmere-")
+    shutil.rmtree(root / "300")  # guest a restarted: new PID, same command line
+    add_process(root, 400, [QEMU, "-name", "a", "-cpu", "Westmere,-aes", "-accel", "tcg"])
+    again = _registry(_collector(root, k))
+    assert _config_of(again, "a") == cfg_a
+    assert _getter(again)("kvmcpu_guest_pid", {"guest": "a"}) == 400
+
+
+def test_levels_hazards_and_what_the_guest_os_shows(tmp_path: Path) -> None:
+    """SandyBridge with avx2=on,xsave=off (PLATFORM.md): the guest shows avx and avx2 but no
+    xsaveopt, is x86-64-v2 for glibc, and has two hazards."""
+    root = make_procfs(tmp_path / "proc")
+    add_process(root, 500, [QEMU, "-name", "sb", "-cpu", "SandyBridge,avx2=on,xsave=off", "-accel", "tcg"])
+    add_process(root, 501, [QEMU, "-name", "ok", "-cpu", "max", "-accel", "tcg"])
+    k = tcg_knowledge()
+    v2 = {"cmov", "cx8", "fpu", "fxsr", "mmx", "syscall", "cx16", "lahf_lm", "popcnt"}
+    k.expansions[("SandyBridge", "tcg")] = TCG_WESTMERE | v2 | {"avx", "xsave", "xsaveopt"}
+    k.expansions[("max", "tcg")] = TCG_MAX | v2
+    reg = _registry(_collector(root, k))
+    g = _getter(reg)
+    assert g("kvmcpu_guest_cpu_feature", {"guest": "sb", "feature": "avx"}) == 1
+    assert g("kvmcpu_guest_cpu_feature", {"guest": "sb", "feature": "avx2"}) == 1
+    assert g("kvmcpu_guest_cpu_feature", {"guest": "sb", "feature": "xsaveopt"}) == 0  # QEMU hides it
+    assert g("kvmcpu_guest_cpu_feature", {"guest": "ok", "feature": "xsaveopt"}) == 1
+    assert g("kvmcpu_guest_x86_64_level", {"guest": "sb"}) == 2
+    assert g("kvmcpu_guest_cpu_hazards", {"guest": "sb"}) == 2
+    assert g("kvmcpu_guest_cpu_hazards", {"guest": "ok"}) == 0
+    cfg = _config_of(reg, "sb")
+    assert cfg is not None
+    for feature in ("avx", "avx2"):
+        assert reg.get_sample_value("kvmcpu_guest_config_hazard",
+                                    {"cpu_config": cfg, "feature": feature, "requires": "xsave"}) == 1
+    assert reg.get_sample_value("kvmcpu_guest_config_x86_64_level", {"cpu_config": cfg}) == 2
+    missing = {s.labels["feature"] for m in reg.collect() for s in m.samples
+               if s.name == "kvmcpu_guest_config_x86_64_level_missing" and s.labels["cpu_config"] == cfg}
+    assert "xsave" in missing and "fma" in missing and "avx" not in missing
+    # the accelerator's full set (-cpu max under TCG) is what the host could give
+    assert reg.get_sample_value("kvmcpu_host_exposable_x86_64_level") is not None
