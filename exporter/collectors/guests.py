@@ -79,6 +79,8 @@ SCAN_ERROR_REASONS: tuple[str, ...] = ("vanished", "permission_denied", "unknown
 #: how long the host's flags are trusted before /proc/cpuinfo is read again
 HOST_FLAGS_TTL = 300.0
 _PARSE_CACHE_MAX = 4096
+#: per-guest prepared samples; cleared when full (guests churn, entries of gone guests are dead)
+_GUEST_CACHE_MAX = 8192
 
 
 def host_flags(procfs: Path) -> frozenset[str]:
@@ -121,6 +123,10 @@ class GuestsCollector:
         self._counted: set[tuple[int, str]] = set()
         #: (cpu_config, features, host) -> prepared samples, reused while a configuration is unchanged
         self._sample_cache: dict[
+            tuple[str, frozenset[str], frozenset[str] | None], tuple[list[Sample], ...]
+        ] = {}
+        self._guest_cache: dict[tuple[object, ...], tuple[tuple[int, Sample], ...]] = {}
+        self._matrix_cache: dict[
             tuple[str, frozenset[str], frozenset[str] | None], tuple[list[Sample], ...]
         ] = {}
 
@@ -232,10 +238,54 @@ class GuestsCollector:
         self._sample_cache[key] = out
         return out
 
+    def _guest_samples(
+        self, g: Guest, cfg: str, eff: EffectiveCpu, host: frozenset[str] | None
+    ) -> tuple[tuple[int, Sample], ...]:
+        """(family index, sample) for the per-guest families, reused while the guest (same PID,
+        command line, configuration and features) and the host's flags are unchanged."""
+        key = (g.label, g.pid, g.spec, g.accel, cfg, eff.state, eff.features, host)
+        cached = self._guest_cache.get(key)
+        if cached is not None:
+            return cached
+        spec, lab = g.spec, {"guest": g.label}
+        info = {
+            "guest": g.label,
+            "uuid": spec.uuid or "",
+            "cpu_model": spec.cpu.model,
+            "accel": g.accel,
+            "migratable": "true" if migratable(spec.cpu) else "false",
+            "cpu_config": cfg,
+        }
+        out: list[tuple[int, Sample]] = [
+            (0, Sample("kvmcpu_guest_info", info, 1.0)),
+            (1, Sample("kvmcpu_guest_pid", lab, float(g.pid))),
+            (2, Sample("kvmcpu_guest_cpu_model_known", lab, 1.0 if eff.known else 0.0)),
+        ]
+        if eff.features is not None:
+            v = verdict(eff.features)
+            out.append((3, Sample("kvmcpu_guest_x86_64_level", lab, float(v.level))))
+            if host is not None:
+                hidden = float(len(hidden_features(self.watch, host, v.usable)))
+                out.append((4, Sample("kvmcpu_guest_cpu_features_hidden", lab, hidden)))
+            out.append((5, Sample("kvmcpu_guest_cpu_hazards", lab, float(len(v.hazards)))))
+        if spec.vcpus is not None:
+            out.append((6, Sample("kvmcpu_guest_vcpus", lab, float(spec.vcpus))))
+        if spec.memory_mib is not None:
+            out.append((7, Sample("kvmcpu_guest_memory_bytes", lab, spec.memory_mib * 1024.0 * 1024.0)))
+        result = tuple(out)
+        if len(self._guest_cache) >= _GUEST_CACHE_MAX:
+            self._guest_cache.clear()
+        self._guest_cache[key] = result
+        return result
+
     def _guest_matrix(
         self, label: str, usable: frozenset[str], host: frozenset[str] | None
     ) -> tuple[list[Sample], list[Sample]]:
-        """The opt-in per-guest matrix (``guests.full_feature_matrix``)."""
+        """The opt-in per-guest matrix (``guests.full_feature_matrix``), cached like the rest."""
+        key = (label, usable, host)
+        cached = self._matrix_cache.get(key)
+        if cached is not None:
+            return cached[0], cached[1]
         have = [
             Sample("kvmcpu_guest_cpu_feature", {"guest": label, "feature": f}, 1.0 if f in usable else 0.0)
             for f in self.watch
@@ -251,6 +301,9 @@ class GuestsCollector:
                 )
                 for f in self.watch
             ]
+        if len(self._matrix_cache) >= _GUEST_CACHE_MAX:
+            self._matrix_cache.clear()
+        self._matrix_cache[key] = (have, hid)
         return have, hid
 
     # ------------------------------------------------------------------ collect
@@ -348,36 +401,16 @@ class GuestsCollector:
         guests = result.guests
         memo: dict[tuple[object, ...], tuple[str, EffectiveCpu]] = {}
         configs: dict[str, frozenset[str]] = {}
+        per_guest = (info, pid, known, level, nhidden, nhazards, vcpus, memory)
         for g in guests:
-            spec = g.spec
             cfg, eff = self._effective(g, live.get(g.label), memo)
-            info.add_metric(
-                [
-                    g.label,
-                    spec.uuid or "",
-                    spec.cpu.model,
-                    g.accel,
-                    "true" if migratable(spec.cpu) else "false",
-                    cfg,
-                ],
-                1.0,
-            )
-            pid.add_metric([g.label], float(g.pid))
-            if spec.vcpus is not None:
-                vcpus.add_metric([g.label], float(spec.vcpus))
-            if spec.memory_mib is not None:
-                memory.add_metric([g.label], spec.memory_mib * 1024 * 1024)
-            known.add_metric([g.label], 1.0 if eff.known else 0.0)
+            for family, sample in self._guest_samples(g, cfg, eff, host):
+                per_guest[family].samples.append(sample)
             if eff.features is None:
                 continue
             configs[cfg] = eff.features
-            v = verdict(eff.features)
-            level.add_metric([g.label], float(v.level))
-            nhazards.add_metric([g.label], float(len(v.hazards)))
-            if host is not None:
-                nhidden.add_metric([g.label], float(len(hidden_features(self.watch, host, v.usable))))
             if full:
-                have, hid = self._guest_matrix(g.label, v.usable, host)
+                have, hid = self._guest_matrix(g.label, verdict(eff.features).usable, host)
                 g_feature.samples.extend(have)
                 g_hidden.samples.extend(hid)
         for cfg, features in sorted(configs.items()):
