@@ -82,7 +82,7 @@ class Observation:
 @dataclass(frozen=True)
 class Mismatch:
     kind: str
-    #: the feature (``feature``, ``hazard``), ``glibc`` (``level``) or ``invalid opcode`` (``crash``)
+    #: the feature (``feature``, ``hazard``), ``glibc`` (``level``) or ``aesni-intel`` (``crash``)
     subject: str
     predicted: str
     observed: str

@@ -59,7 +59,7 @@ class CanarySelfcheckCollector:
         mismatch = GaugeMetricFamily(
             "kvmcpu_canary_model_mismatch",
             "Each contradiction behind kvmcpu_canary_model_mismatches (1): kind is feature, level, "
-            "hazard or crash; subject the feature (or glibc, invalid opcode).",
+            "hazard or crash; subject the feature (glibc for the level, aesni-intel for a crash).",
             labels=["profile", "kind", "subject"],
         )
         level = GaugeMetricFamily(
