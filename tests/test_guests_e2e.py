@@ -93,7 +93,7 @@ def test_daemon_reports_real_guests(start_daemon, qemu_guest, tmp_path: Path, so
     def all_known(m: Metrics) -> bool:
         return all(_value(m, "kvmcpu_guest_cpu_model_known", guest=n) == 1 for n in names) and (
             _value(m, "kvmcpu_guest_live_check_success", guest="g-live") == 1
-        )
+        ) and _value(m, "kvmcpu_host_exposable_x86_64_level") is not None  # once QEMU was probed
 
     m = daemon.wait_for(lambda m: m if all_known(m) else None, timeout=60)
     host = read_cpuinfo(Path("/proc")).flags_everywhere()
