@@ -44,6 +44,11 @@ class GuestReport:
     host_level: int | None = None
 
     @property
+    def hidden(self) -> tuple[str, ...]:
+        """The metrics' name for ``missing``: watched host features the guest does not get."""
+        return self.missing
+
+    @property
     def level_note(self) -> str | None:
         """``x86-64-v2: RHEL ... 10 needs v3, missing avx, ...`` where the guest is below what its
         host could give; None otherwise."""
@@ -71,6 +76,7 @@ class GuestReport:
             else sorted(f for f in watch if f in verdict(eff.features).usable),
             "filtered": sorted(f for f in watch if f in eff.filtered),
             "missing": list(self.missing),
+            "hidden": list(self.missing),
             "cpu_config": cpu_config_id(g.spec.cpu, g.accel, g.binary),
             "x86_64_level": self.level,
             "x86_64_level_name": None if self.level is None else name(self.level),
