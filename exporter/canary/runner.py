@@ -450,6 +450,7 @@ class CanaryRunner:
             has = "aes" in rec.flags
             self.progress(
                 f"{job.profile.name}: guest up, kernel {rec.kernel}, aes flag {'present' if has else 'absent'}"
+                + (f", glibc x86-64-v{rec.glibc_level}" if rec.glibc_level else "")
             )
             return True
         if isinstance(rec, Driver):
