@@ -144,3 +144,20 @@ def test_stream_parser_never_raises_on_bytes(blob: bytes, chunk: int) -> None:
         parser.feed(blob[i : i + chunk])
     parser.finish()
     assert parser.skipped >= 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.lists(st.text(max_size=12), max_size=4)
+    | st.text(max_size=80)
+    | st.lists(st.sampled_from(["x86-64-v2", "x86-64-v3", "x86-64-v4", "haswell", ",", " "]), max_size=6).map(
+        " ".join
+    )
+)
+def test_glibc_field_never_raises_and_stays_a_level(value: object) -> None:
+    rec = parse_line(json.dumps({"type": "hello", "kernel": "k", "flags": "aes", "glibc_hwcaps": value}))
+    assert isinstance(rec, Hello) and rec.flags == ("aes",)
+    assert rec.glibc_level is None if not isinstance(value, str) else 1 <= rec.glibc_level <= 9
