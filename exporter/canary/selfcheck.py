@@ -1,7 +1,8 @@
 """The exporter checks its own CPU model against the canary guest: prediction vs what the guest saw.
 
 For running guests the exporter *predicts* what the guest OS will see: QEMU's expansion of the
-``-cpu`` spec (:func:`exporter.guests.effective.resolve`), what the guest OS will show and use of it
+``-cpu`` spec (:func:`exporter.guests.effective.resolve`), then, in
+:func:`exporter.guests.effective.verdict`, what the guest OS will show and use of it
 (:func:`exporter.hazards.usable_features`), the CPU configurations that crash it
 (:func:`exporter.hazards.hazards`) and its x86-64 level (:func:`exporter.levels.level_of`). It cannot
 look inside those guests. The canary guest is the one guest it can look inside: it reports its
