@@ -545,6 +545,19 @@ def canary() -> Dashboard:
                          legend="{{instance}} {{profile}}")],
                   "Launch-to-result time of canary runs.",
                   w=24, h=7, unit="s"),
+            Row("Self-check: the canary guest vs the exporter's CPU model"),
+            Panel("Model mismatches", "stat",
+                  [Query(f"kvmcpu_canary_model_mismatches{{{C}}}", legend="{{instance}} {{profile}}",
+                         instant=True)],
+                  "What the last canary guest of each profile reported (its /proc/cpuinfo, glibc's "
+                  "level, a crash) that the exporter predicted otherwise for its CPU spec; 0 expected. "
+                  "Each contradiction is kvmcpu_canary_model_mismatch: KvmCpuCanaryModelMismatch.",
+                  w=8, h=6, thresholds=[(None, "green"), (1, "red")]),
+            Panel("x86-64 level of each canary profile", "table",
+                  [Query(f"kvmcpu_canary_x86_64_level{{{C}}}", instant=True, fmt="table")],
+                  "Predicted by the exporter from the spec, from the guest's own flags, and glibc's "
+                  "verdict inside the guest: the three agree when the model is right.",
+                  w=16, h=6, columns=["instance", "profile", "source", "Value"]),
         ],
     )
 
