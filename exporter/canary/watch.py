@@ -142,9 +142,11 @@ class GuestWatch:
         if isinstance(rec, Hello):
             result.kernel = rec.kernel
             result.cpu_flags = list(rec.flags)
+            result.glibc_level = rec.glibc_level
             has = "aes" in rec.flags
             self.progress(
                 f"{job.profile.name}: guest up, kernel {rec.kernel}, aes flag {'present' if has else 'absent'}"
+                + (f", glibc x86-64-v{rec.glibc_level}" if rec.glibc_level else "")
             )
             return True
         if isinstance(rec, Driver):
