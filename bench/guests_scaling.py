@@ -10,15 +10,25 @@ to Prometheus (OpenMetrics, exporter.exposition's encoder; collect included).
 Prints median and p90 per size and the cost per guest; growth should be linear and 500 guests
 should stay well under 50 ms (median) for ``collect()``.
 
-    .venv/bin/python bench/guests_scaling.py [--rounds 15] [--sizes 10,100,500,1000]
+Then, before/after the per-``cpu_config`` series (issue 13) with levels and hazards (issue 11),
+side by side in this one run: the *before* collector is the module as of ``--before`` (git show
+into a temp dir, imported under another name), *after* is the current one with the default
+setting and with ``guests.full_feature_matrix``. For each size: series and bytes per scrape of
+the guests collector (served format, plain and gzip), and at ``--timing-at`` guests the collect()
+CPU time of each, rounds interleaved so load drifts hit all three alike.
+
+    .venv/bin/python bench/guests_scaling.py [--rounds 15] [--sizes 10,100,500,1000] [--before 7c5f376]
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import importlib.util
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +51,9 @@ SERVED = choose(
 
 QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
 #: -cpu specs cycled over the guests (None = no -cpu: QEMU's default model)
-CPUS: tuple[str | None, ...] = (None, "Westmere", "Westmere,-aes", "max", "SandyBridge,+avx2", "Skylake-Client")
+CPUS: tuple[str | None, ...] = (
+    None, "Westmere", "Westmere,-aes", "max", "SandyBridge,+avx2", "Skylake-Client", "SandyBridge,avx2=on,xsave=off",
+)
 OTHER_PROCESSES = 300
 
 
@@ -99,10 +111,72 @@ def linear_fit(points: list[tuple[int, float]]) -> tuple[float, float, float]:
     return slope, intercept, 1 - ss_res / ss_tot
 
 
+def load_before(rev: str, tmp: Path) -> type:
+    """``GuestsCollector`` as of git revision ``rev``, importable next to the current one."""
+    repo = Path(__file__).resolve().parent.parent
+    src = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:exporter/collectors/guests.py"],
+                         check=True, capture_output=True, text=True).stdout
+    path = tmp / "guests_before.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("guests_before", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cls: type = module.GuestsCollector
+    return cls
+
+
+def scrape_size(collector: object) -> tuple[int, int, int]:
+    """(series, bytes served, bytes gzip) of one collector alone."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)  # type: ignore[arg-type]
+    body = SERVED(registry)
+    series = sum(len(f.samples) for f in registry.collect())
+    return series, len(body), len(gzip.compress(body))
+
+
+def compare(base: Path, knowledge: QemuKnowledge, sizes: list[int], rev: str, timing_at: int, rounds: int) -> None:
+    before_cls = load_before(rev, base)
+    variants: dict[str, Callable[[Path], object]] = {
+        f"before ({rev})": lambda root: before_cls(root, knowledge, DEFAULT_WATCHLIST, GuestsConfig()),
+        "after (default)": lambda root: GuestsCollector(root, knowledge, DEFAULT_WATCHLIST, GuestsConfig()),
+        "after (full matrix)": lambda root: GuestsCollector(
+            root, knowledge, DEFAULT_WATCHLIST, GuestsConfig(full_feature_matrix=True)),
+    }
+    print()
+    print(f"{'guests':>7} | {'variant':<20} | {'series':>7} {'per guest':>9} | {'bytes':>9} {'gzip':>8} {'per guest':>9}")
+    for n in sizes:
+        root = base / f"cmp-{n}"
+        build_tree(root, n)
+        for name, make in variants.items():
+            c = make(root)
+            list(c.collect())  # type: ignore[attr-defined]
+            series, plain, gz = scrape_size(c)
+            print(f"{n:>7} | {name:<20} | {series:>7} {series / n:>9.1f} | {plain:>9} {gz:>8} {plain / n:>9.0f}")
+        if n == timing_at:
+            made = {name: make(root) for name, make in variants.items()}
+            for c in made.values():
+                list(c.collect())  # type: ignore[attr-defined]
+            cpu: dict[str, list[float]] = {name: [] for name in made}
+            for _ in range(rounds):
+                for name, c in made.items():
+                    c0 = time.process_time()
+                    list(c.collect())  # type: ignore[attr-defined]
+                    cpu[name].append(time.process_time() - c0)
+            ref = statistics.median(cpu[f"before ({rev})"])
+            print(f"collect() CPU time at {n} guests, {rounds} interleaved rounds (median, p90, ratio to before):")
+            for name, xs in cpu.items():
+                print(f"    {name:<20} {statistics.median(xs) * 1e3:7.2f} ms {p90(xs) * 1e3:7.2f} ms "
+                      f"{statistics.median(xs) / ref:6.2f}x")
+        shutil.rmtree(root)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--sizes", default="10,100,500,1000")
+    ap.add_argument("--before", default="7c5f376", help="git revision of the collector to compare with")
+    ap.add_argument("--timing-at", type=int, default=500)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="guests-bench-") as tmp:
@@ -140,6 +214,7 @@ def main() -> int:
                   f"R^2 = {r2:.3f} (close to 1 = linear)")
         print(f"(every size also scans {OTHER_PROCESSES} non-QEMU processes; 'marginal' = extra CPU us per "
               "extra guest between consecutive sizes)")
+        compare(base, knowledge, sizes, args.before, args.timing_at, args.rounds)
     return 0
 
 

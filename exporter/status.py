@@ -64,6 +64,8 @@ class GuestLine:
     #: ``(feature, requires)`` pairs: exposed without their prerequisites
     hazards: tuple[tuple[str, tuple[str, ...]], ...]
     error: str | None = None
+    #: where the guest is below what the host could give: which OS needs more and what is missing
+    level_note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,7 @@ def guest_line(r: GuestReport) -> GuestLine:
         missing=r.missing,
         hazards=tuple((h.feature, tuple(h.requires)) for h in r.hazards),
         error=None if r.effective.error is None else str(r.effective.error),
+        level_note=r.level_note,
     )
 
 

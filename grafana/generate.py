@@ -352,7 +352,8 @@ def exposure() -> Dashboard:
             Panel("Running guests", "stat", [Query(f"sum(kvmcpu_guests{{{I}}})", instant=True)],
                   "QEMU guests found on the selected hosts.", w=4, h=4),
             Panel("Guests denied AES-NI", "stat",
-                  [Query(f'sum(kvmcpu_guest_cpu_feature_hidden{{{I}, feature="aes"}}) or vector(0)',
+                  [Query(f"count(kvmcpu_guest_info{{{I}}} and on (instance, job, cpu_config) "
+                         f'(kvmcpu_guest_config_cpu_feature_hidden{{{I}, feature="aes"}} == 1)) or vector(0)',
                          instant=True)],
                   "Guests whose host has AES-NI but which do not get it (e.g. started with -cpu qemu64). "
                   "Alert: KvmCpuGuestAesNiHidden.",
@@ -410,18 +411,47 @@ def exposure() -> Dashboard:
             Panel("QEMU", "table", [Query(f"kvmcpu_qemu_info{{{I}}}", instant=True, fmt="table")],
                   "The QEMU binary the exporter probes on each host.",
                   w=12, h=6, columns=["instance", "binary", "version"]),
+            Panel("Host x86-64 level", "table",
+                  [Query(f'label_replace(kvmcpu_host_x86_64_level{{{I}}}, "of", "every host CPU", "", "") '
+                         f'or label_replace(kvmcpu_host_exposable_x86_64_level{{{I}}}, "of", '
+                         '"a guest with -cpu host/max", "", "")',
+                         instant=True, fmt="table")],
+                  "psABI level every logical CPU reaches, and what the full CPU model gives a guest. "
+                  "RHEL 9 needs v2, RHEL 10 v3.",
+                  w=12, h=6, columns=["instance", "of", "Value"]),
             Row("Guests"),
             Panel("Guests", "table",
                   [Query(f"kvmcpu_guest_info{{{G}}}", instant=True, fmt="table")],
-                  "Running guests with their CPU model and accelerator.",
+                  "Running guests with their CPU model, accelerator and CPU configuration (cpu_config: "
+                  "the key of the per-configuration panels below).",
                   w=24, h=6,
-                  columns=["instance", "guest", "cpu_model", "accel", "migratable", "pid", "uuid"]),
-            Panel("Guest CPU features (hidden = the host has it, the guest does not)", "matrix",
-                  [Query(f"kvmcpu_guest_cpu_feature{{{G}}} + 2 * kvmcpu_guest_cpu_feature_hidden{{{G}}}",
+                  columns=["instance", "guest", "cpu_model", "accel", "migratable", "cpu_config", "uuid"]),
+            Panel("CPU features per configuration (hidden = the host has it, the guest does not)", "matrix",
+                  [Query(f"(kvmcpu_guest_config_cpu_feature{{{I}}} + 2 * kvmcpu_guest_config_cpu_feature_hidden{{{I}}}) "
+                         f"and on (instance, job, cpu_config) kvmcpu_guest_info{{{G}}}",
                          instant=True, fmt="table")],
-                  "✓ = the guest has the feature; hidden (red) = its host has it but the guest does "
-                  "not get it; - = neither has it.",
-                  w=24, h=8, mappings=GUEST_FEATURE, matrix=("guest", "feature")),
+                  "One row per CPU configuration of the selected guests (see the Guests table for who "
+                  "runs which). ✓ = the guest OS sees the feature; hidden (red) = the host has it but "
+                  "the guest does not get it; - = neither has it.",
+                  w=24, h=8, mappings=GUEST_FEATURE, matrix=("cpu_config", "feature")),
+            Panel("Guest x86-64 level", "table",
+                  [Query(f"kvmcpu_guest_x86_64_level{{{G}}}", instant=True, fmt="table")],
+                  "psABI level of what each guest OS sees (RHEL 9 needs 2, RHEL 10 needs 3). "
+                  "Alert: KvmCpuGuestX86LevelTooLow.",
+                  w=8, h=6, columns=["instance", "guest", "Value"]),
+            Panel("What keeps a configuration from the next level", "table",
+                  [Query(f"kvmcpu_guest_config_x86_64_level_missing{{{I}}} "
+                         f"and on (instance, job, cpu_config) kvmcpu_guest_info{{{G}}}",
+                         instant=True, fmt="table")],
+                  "Features missing for the next x86-64 level, per CPU configuration of the selected guests.",
+                  w=8, h=6, columns=["instance", "cpu_config", "feature"]),
+            Panel("CPU-configuration hazards", "table",
+                  [Query(f"kvmcpu_guest_config_hazard{{{I}}} "
+                         f"and on (instance, job, cpu_config) kvmcpu_guest_info{{{G}}}",
+                         instant=True, fmt="table")],
+                  "Features the guest OS shows although what they require is missing: code trusting "
+                  "the flag (e.g. aesni-intel) gets invalid opcode. Alert: KvmCpuGuestCpuConfigHazard.",
+                  w=8, h=6, columns=["instance", "cpu_config", "feature", "requires"]),
             Panel("Hidden features per guest", "bargauge",
                   [Query(f"instance_guest:kvmcpu_guest_cpu_feature_hidden:sum{{{G}}}",
                          legend="{{guest}} on {{instance}}", instant=True)],
@@ -530,6 +560,19 @@ def canary() -> Dashboard:
                          legend="{{instance}} {{profile}}")],
                   "Launch-to-result time of canary runs.",
                   w=24, h=7, unit="s"),
+            Row("Self-check: the canary guest vs the exporter's CPU model"),
+            Panel("Model mismatches", "stat",
+                  [Query(f"kvmcpu_canary_model_mismatches{{{C}}}", legend="{{instance}} {{profile}}",
+                         instant=True)],
+                  "What the last canary guest of each profile reported (its /proc/cpuinfo, glibc's "
+                  "level, a crash) that the exporter predicted otherwise for its CPU spec; 0 expected. "
+                  "Each contradiction is kvmcpu_canary_model_mismatch: KvmCpuCanaryModelMismatch.",
+                  w=8, h=6, thresholds=[(None, "green"), (1, "red")]),
+            Panel("x86-64 level of each canary profile", "table",
+                  [Query(f"kvmcpu_canary_x86_64_level{{{C}}}", instant=True, fmt="table")],
+                  "Predicted by the exporter from the spec, from the guest's own flags, and glibc's "
+                  "verdict inside the guest: the three agree when the model is right.",
+                  w=16, h=6, columns=["instance", "profile", "source", "Value"]),
         ],
     )
 
@@ -554,8 +597,8 @@ def migration() -> Dashboard:
                   "Guests on host-passthrough or otherwise non-migratable CPUs: KvmCpuGuestNotMigratable.",
                   w=6, h=4, thresholds=[(None, "green"), (1, "blue")]),
             Panel("Guests exceeding the baseline", "stat",
-                  [Query("count(count by (instance, job, guest) "
-                         f"(guest:kvmcpu_guest_cpu_feature:missing_in_fleet{{{I}}})) or vector(0)",
+                  [Query(f"count(kvmcpu_guest_info{{{I}}} and on (instance, job, cpu_config) "
+                         f"cpu_config:kvmcpu_guest_config_cpu_feature:missing_in_fleet{{{I}}}) or vector(0)",
                          instant=True)],
                   "Guests using a feature at least one host lacks: KvmCpuGuestFeatureMissingInFleet.",
                   w=6, h=4, thresholds=[(None, "green"), (1, "red")]),
@@ -581,14 +624,15 @@ def migration() -> Dashboard:
                   w=12, h=10, columns=["model"]),
             Row("Guests"),
             Panel("Guests using features some host lacks", "table",
-                  [Query(f"guest:kvmcpu_guest_cpu_feature:missing_in_fleet{{{I}}}",
+                  [Query(f"cpu_config:kvmcpu_guest_config_cpu_feature:missing_in_fleet{{{I}}}",
                          instant=True, fmt="table")],
-                  "Each row: a guest and a feature it uses that at least one host lacks.",
-                  w=12, h=8, columns=["instance", "guest", "feature"]),
+                  "Each row: a CPU configuration and a feature it uses that at least one host lacks; "
+                  "the guests running it share its cpu_config (next table).",
+                  w=12, h=8, columns=["instance", "cpu_config", "feature"]),
             Panel("Guests: CPU model and migratability", "table",
                   [Query(f"kvmcpu_guest_info{{{I}}}", instant=True, fmt="table")],
                   "migratable=false: host-passthrough or migratable=off; it cannot move to another host.",
-                  w=12, h=8, columns=["instance", "guest", "cpu_model", "accel", "migratable"]),
+                  w=12, h=8, columns=["instance", "guest", "cpu_model", "accel", "migratable", "cpu_config"]),
             Panel("Guest CPU model usable on every host", "table",
                   [Query(f"kvmcpu_guest_info{{{I}}} * on (cpu_model) group_left () "
                          f"label_replace(fleet:kvmcpu_host_cpu_model_usable:min{{{F}}}, "

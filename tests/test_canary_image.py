@@ -16,6 +16,7 @@ import pytest
 from support.canary import CACHE_DIR, canary_image
 
 from exporter.canary import image as image_mod
+from exporter.canary import initramfs, kernelsource, modules
 from exporter.canary.image import build_image, find_image, pack_override_cpio
 from exporter.errors import ImageBuildError, ImageMissing
 
@@ -105,14 +106,14 @@ def test_build_is_idempotent_and_fast_the_second_time() -> None:
 
 def test_build_key_follows_the_init_script(monkeypatch: pytest.MonkeyPatch) -> None:
     """A changed guest script must not reuse an image built with the old one."""
-    ksrc = image_mod._KernelSource("paths", "6.1.0-test", "kernel-sha:path")
-    tools = image_mod._guest_files()
-    init = image_mod._init_script()
-    key = image_mod._build_key(ksrc, init, tools)
-    assert key == image_mod._build_key(ksrc, init, tools)
-    assert key != image_mod._build_key(ksrc, init + b"\n# changed\n", tools)
-    other = image_mod._KernelSource("paths", "6.1.0-test", "other-kernel-sha:path")
-    assert key != image_mod._build_key(other, init, tools)
+    ksrc = kernelsource.KernelSource("paths", "6.1.0-test", "kernel-sha:path")
+    tools = initramfs.guest_files()
+    init = initramfs.init_script()
+    key = image_mod.build_key(ksrc, init, tools)
+    assert key == image_mod.build_key(ksrc, init, tools)
+    assert key != image_mod.build_key(ksrc, init + b"\n# changed\n", tools)
+    other = kernelsource.KernelSource("paths", "6.1.0-test", "other-kernel-sha:path")
+    assert key != image_mod.build_key(other, init, tools)
 
 
 def test_bad_sources_are_build_errors(tmp_path: Path) -> None:
@@ -140,7 +141,7 @@ def test_modules_dir_without_the_needed_modules_is_refused(tmp_path: Path) -> No
 
 
 def test_module_closure_follows_modules_dep() -> None:
-    closure = image_mod._module_closure(FIXTURES / "modules-full")
+    closure = modules.module_closure(FIXTURES / "modules-full")
     assert "kernel/arch/x86/crypto/aesni-intel.ko" in closure
     assert "kernel/crypto/crypto_simd.ko" in closure and "kernel/crypto/cryptd.ko" in closure
     assert "kernel/crypto/gf128mul.ko" in closure

@@ -14,6 +14,7 @@ from exporter.canary.protocol import (
     Hello,
     Measure,
     StreamParser,
+    glibc_level,
     parse_line,
 )
 
@@ -27,7 +28,9 @@ def test_each_record_type() -> None:
     assert parse_line(
         '{"type":"driver","cipher":"aes-xts-plain","algorithm":"xts(aes)","driver":"xts-aes-aesni"}'
     ) == Driver("aes-xts-plain", "xts-aes-aesni", "xts(aes)")
-    assert parse_line('{"type":"error","cipher":"","message":"no /dev/ram0"}') == GuestErrorRecord("no /dev/ram0")
+    assert parse_line('{"type":"error","cipher":"","message":"no /dev/ram0"}') == GuestErrorRecord(
+        "no /dev/ram0"
+    )
     assert parse_line('{"type":"done"}') == Done()
 
 
@@ -39,6 +42,29 @@ def test_uart_noise_around_a_record_is_tolerated() -> None:
 def test_hello_flags_as_list() -> None:
     rec = parse_line(json.dumps({"type": "hello", "kernel": "k", "flags": ["aes", "avx"]}))
     assert rec == Hello("k", ("aes", "avx"))
+
+
+def test_hello_carries_glibcs_level_verdict() -> None:
+    """What the guest init sends: the loader's supported hwcaps, highest first, space-separated."""
+    line = '{"type":"hello","kernel":"k","flags":"aes avx","glibc_hwcaps":"x86-64-v3 x86-64-v2 "}'
+    assert parse_line(line) == Hello("k", ("aes", "avx"), 3)
+    assert parse_line(HELLO) == Hello("6.1.0-56-amd64", ("fpu", "sse2", "ssse3", "aes", "avx"), None)
+
+
+def test_glibc_level_from_hwcaps() -> None:
+    assert glibc_level("") == 1  # the loader ran and accepts nothing above the baseline
+    assert glibc_level("x86-64-v2") == 2
+    assert glibc_level("x86-64-v4,x86-64-v3,x86-64-v2") == 4
+    assert glibc_level("x86-64-v2 x86-64-v4") == 2  # levels are cumulative: v4 without v3 is not v4
+    assert glibc_level("x86-64-v3") == 1
+    assert glibc_level("x86-64-v2 haswell xeon_phi x86-64-v9x") == 2  # unknown names are ignored
+    assert glibc_level(None) is None
+    assert glibc_level(["x86-64-v2"]) is None
+
+
+def test_malformed_glibc_field_keeps_the_flags() -> None:
+    rec = parse_line('{"type":"hello","kernel":"k","flags":"aes","glibc_hwcaps":{"v":3}}')
+    assert rec == Hello("k", ("aes",), None)
 
 
 def test_garbage_is_skipped_not_raised() -> None:
@@ -97,7 +123,9 @@ def test_parse_line_never_raises_on_text(line: str) -> None:
 @given(
     st.recursive(
         st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-        lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=6),
+        lambda children: (
+            st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=6)
+        ),
         max_leaves=20,
     ),
     st.sampled_from(["hello", "driver", "measure", "error", "done", "other"]),
@@ -116,3 +144,20 @@ def test_stream_parser_never_raises_on_bytes(blob: bytes, chunk: int) -> None:
         parser.feed(blob[i : i + chunk])
     parser.finish()
     assert parser.skipped >= 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.lists(st.text(max_size=12), max_size=4)
+    | st.text(max_size=80)
+    | st.lists(st.sampled_from(["x86-64-v2", "x86-64-v3", "x86-64-v4", "haswell", ",", " "]), max_size=6).map(
+        " ".join
+    )
+)
+def test_glibc_field_never_raises_and_stays_a_level(value: object) -> None:
+    rec = parse_line(json.dumps({"type": "hello", "kernel": "k", "flags": "aes", "glibc_hwcaps": value}))
+    assert isinstance(rec, Hello) and rec.flags == ("aes",)
+    assert rec.glibc_level is None if not isinstance(value, str) else 1 <= rec.glibc_level <= 9

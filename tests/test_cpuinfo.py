@@ -169,3 +169,20 @@ def test_feature_counts_match_any_flag_distribution(per_cpu: list[set[str]]) -> 
         n = sum(1 for f in per_cpu if flag in f)
         assert info.feature_cpus(flag) == n
         assert info.has_everywhere(flag) == (n == len(per_cpu))
+
+
+def test_host_x86_64_level_is_what_every_cpu_reaches(tmp_path: Path) -> None:
+    """Broadwell is x86-64-v3 (AVX2, no AVX-512); a qemu64 guest's view is v1 (no SSSE3/SSE4/POPCNT);
+    one logical CPU without avx2 (a partial microcode or BIOS change) pulls the host down to v2."""
+    assert registry_for("broadwell-e5-2699v4").get_sample_value("kvmcpu_host_x86_64_level") == 3
+    assert registry_for("guest-no-aes").get_sample_value("kvmcpu_host_x86_64_level") == 1
+    text = (fixture("broadwell-e5-2699v4") / "cpuinfo").read_text()
+    blocks = text.strip().split("\n\n")
+    blocks[-1] = blocks[-1].replace(" avx2 ", " ")
+    root = tmp_path / "proc"
+    root.mkdir()
+    (root / "cpuinfo").write_text("\n\n".join(blocks) + "\n")
+    reg = CollectorRegistry()
+    reg.register(CpuCollector(root, DEFAULT_WATCHLIST))
+    assert reg.get_sample_value("kvmcpu_host_cpu_feature_cpus", {"feature": "avx2"}) == len(blocks) - 1
+    assert reg.get_sample_value("kvmcpu_host_x86_64_level") == 2

@@ -8,6 +8,7 @@ import os
 import pwd
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from support.guests import (
     SKYLAKE_SERVER,
     TCG_MAX,
+    TCG_WESTMERE,
     FakeKnowledge,
     add_process,
     make_procfs,
@@ -38,6 +40,40 @@ def _registry(collector: GuestsCollector) -> CollectorRegistry:
     return reg
 
 
+def _config_of(reg: CollectorRegistry, guest: str) -> str | None:
+    for metric in reg.collect():
+        for sample in metric.samples:
+            if sample.name == "kvmcpu_guest_info" and sample.labels["guest"] == guest:
+                return sample.labels["cpu_config"]
+    return None
+
+
+def _getter(reg: CollectorRegistry) -> Callable[..., float | None]:
+    """``get_sample_value`` that also answers the per-guest feature matrix the way the shipped rules
+    do: through the guest's ``cpu_config`` and the per-configuration series (the default)."""
+    per_config = {"kvmcpu_guest_cpu_feature": "kvmcpu_guest_config_cpu_feature",
+                  "kvmcpu_guest_cpu_feature_hidden": "kvmcpu_guest_config_cpu_feature_hidden"}
+
+    def get(name: str, labels: dict[str, str] | None = None) -> float | None:
+        labels = dict(labels or {})
+        if name in per_config and "guest" in labels:
+            cfg = _config_of(reg, labels.pop("guest"))
+            if cfg is None:
+                return None
+            return reg.get_sample_value(per_config[name], {**labels, "cpu_config": cfg})
+        return reg.get_sample_value(name, labels)
+
+    return get
+
+
+def _info(reg: CollectorRegistry, guest: str) -> dict[str, str] | None:
+    for metric in reg.collect():
+        for sample in metric.samples:
+            if sample.name == "kvmcpu_guest_info" and sample.labels["guest"] == guest:
+                return {k: v for k, v in sample.labels.items() if k != "cpu_config"}
+    return None
+
+
 def _collector(procfs: Path, knowledge: FakeKnowledge, **cfg: object) -> GuestsCollector:
     return GuestsCollector(procfs, knowledge, DEFAULT_WATCHLIST, GuestsConfig(**cfg))  # type: ignore[arg-type]
 
@@ -57,15 +93,17 @@ def procfs(tmp_path: Path) -> Path:
 
 def test_guests_and_their_features(procfs: Path) -> None:
     reg = _registry(_collector(procfs, tcg_knowledge()))
-    g = reg.get_sample_value
+    g = _getter(reg)
     assert g("kvmcpu_guests") == 3
-    assert g("kvmcpu_guest_info", {"guest": "west", "uuid": "u-1", "pid": "100", "cpu_model": "Westmere",
-                                   "accel": "tcg", "migratable": "true"}) == 1
-    assert g("kvmcpu_guest_info", {"guest": "pid-101", "uuid": "", "pid": "101", "cpu_model": "qemu64",
-                                   "accel": "tcg", "migratable": "true"}) == 1
-    assert g("kvmcpu_guest_info", {"guest": "web01", "uuid": "5c1e0f3a-93d1-4b6e-a3b9-2f8e5a1c7d42",
-                                   "pid": "102", "cpu_model": "Skylake-Server-IBRS", "accel": "kvm",
-                                   "migratable": "true"}) == 1
+    assert _info(reg, "west") == {"guest": "west", "uuid": "u-1", "cpu_model": "Westmere",
+                                  "accel": "tcg", "migratable": "true"}
+    assert _info(reg, "pid-101") == {"guest": "pid-101", "uuid": "", "cpu_model": "qemu64",
+                                     "accel": "tcg", "migratable": "true"}
+    assert _info(reg, "web01") == {"guest": "web01", "uuid": "5c1e0f3a-93d1-4b6e-a3b9-2f8e5a1c7d42",
+                                   "cpu_model": "Skylake-Server-IBRS", "accel": "kvm", "migratable": "true"}
+    # the pid is a value, not an identifying label: a restart does not make new series
+    assert g("kvmcpu_guest_pid", {"guest": "west"}) == 100
+    assert g("kvmcpu_guest_pid", {"guest": "web01"}) == 102
     host = read_cpuinfo(procfs).flags_everywhere()
     for feature in DEFAULT_WATCHLIST:
         west = g("kvmcpu_guest_cpu_feature", {"guest": "west", "feature": feature})
@@ -86,7 +124,7 @@ def test_kvm_guest_with_known_host_set(procfs: Path) -> None:
     k = tcg_knowledge()
     k.expansions[("host", "kvm")] = SKYLAKE_SERVER | {"vmx", "hypervisor"}
     reg = _registry(_collector(procfs, k))
-    g = reg.get_sample_value
+    g = _getter(reg)
     assert g("kvmcpu_guest_cpu_model_known", {"guest": "web01"}) == 1
     assert g("kvmcpu_guest_cpu_feature", {"guest": "web01", "feature": "avx512f"}) == 0
     assert g("kvmcpu_guest_cpu_feature", {"guest": "web01", "feature": "vmx"}) == 1
@@ -96,7 +134,7 @@ def test_kvm_guest_with_known_host_set(procfs: Path) -> None:
 def test_hidden_needs_the_feature_on_every_host_cpu(tmp_path: Path) -> None:
     root = make_procfs(tmp_path / "proc", cpuinfo="partial-avx512")
     add_process(root, 7, [QEMU, "-name", "m", "-cpu", "max"])
-    g = _registry(_collector(root, tcg_knowledge())).get_sample_value
+    g = _getter(_registry(_collector(root, tcg_knowledge())))
     assert g("kvmcpu_guest_cpu_feature", {"guest": "m", "feature": "avx512f"}) == 0
     assert g("kvmcpu_guest_cpu_feature_hidden", {"guest": "m", "feature": "avx512f"}) == 0
     assert g("kvmcpu_guest_cpu_feature_hidden", {"guest": "m", "feature": "sha_ni"}) == 1
@@ -105,7 +143,7 @@ def test_hidden_needs_the_feature_on_every_host_cpu(tmp_path: Path) -> None:
 def test_pending_model_exports_info_only(procfs: Path) -> None:
     k = FakeKnowledge()
     reg = _registry(_collector(procfs, k))
-    g = reg.get_sample_value
+    g = _getter(reg)
     assert g("kvmcpu_guests") == 3
     assert g("kvmcpu_guest_cpu_model_known", {"guest": "west"}) == 0
     assert g("kvmcpu_guest_cpu_feature", {"guest": "west", "feature": "aes"}) is None
@@ -121,11 +159,11 @@ def test_unknown_model_is_counted_and_logged_once(tmp_path: Path, caplog: pytest
     k = tcg_knowledge()
     k.failures[("Bogus9000", "tcg")] = UnknownCpuModel("CPU model 'Bogus9000' not found")
     reg = _registry(_collector(root, k))
-    g = reg.get_sample_value
+    g = _getter(reg)
     with caplog.at_level(logging.WARNING, logger="exporter.collectors.guests"):
         for _ in range(3):
-            assert g("kvmcpu_guest_info", {"guest": "odd", "uuid": "", "pid": "9", "cpu_model": "Bogus9000",
-                                           "accel": "tcg", "migratable": "true"}) == 1
+            assert _info(reg, "odd") == {"guest": "odd", "uuid": "", "cpu_model": "Bogus9000",
+                                         "accel": "tcg", "migratable": "true"}
             assert g("kvmcpu_guest_cpu_model_known", {"guest": "odd"}) == 0
             assert g("kvmcpu_guest_cpu_feature", {"guest": "odd", "feature": "aes"}) is None
     assert g("kvmcpu_guest_scan_errors_total", {"reason": "unknown_cpu_model"}) == 1
@@ -152,7 +190,7 @@ def test_parse_error_is_counted_not_fatal(tmp_path: Path) -> None:
     root = make_procfs(tmp_path / "proc")
     add_process(root, 20, [QEMU, "-name", "bad", "-cpu"])
     add_process(root, 21, [QEMU, "-name", "good", "-cpu", "max"])
-    g = _registry(_collector(root, tcg_knowledge())).get_sample_value
+    g = _getter(_registry(_collector(root, tcg_knowledge())))
     assert g("kvmcpu_guests") == 1
     assert g("kvmcpu_guest_cpu_feature", {"guest": "good", "feature": "avx2"}) == 1
     assert g("kvmcpu_guest_scan_errors_total", {"reason": "parse_error"}) == 1
@@ -173,7 +211,7 @@ def test_process_vanishing_mid_scan(tmp_path: Path) -> None:
         return spec
 
     collector._parse = parse_then_exit  # type: ignore[method-assign]
-    g = _registry(collector).get_sample_value
+    g = _getter(_registry(collector))
     assert g("kvmcpu_guests") == 1
     assert g("kvmcpu_guest_cpu_model_known", {"guest": "stays"}) == 1
     assert g("kvmcpu_guest_cpu_model_known", {"guest": "gone"}) is None
@@ -242,7 +280,7 @@ def test_permission_denied_is_reported() -> None:
 def test_sample_cache_tracks_changes(procfs: Path) -> None:
     k = tcg_knowledge()
     reg = _registry(_collector(procfs, k))
-    g = reg.get_sample_value
+    g = _getter(reg)
     assert g("kvmcpu_guest_cpu_feature", {"guest": "pid-101", "feature": "avx"}) == 0
     k.expansions[("qemu64", "tcg")] = TCG_MAX  # e.g. QEMU upgraded and the model re-expanded
     assert g("kvmcpu_guest_cpu_feature", {"guest": "pid-101", "feature": "avx"}) == 1
@@ -255,8 +293,8 @@ def test_unreadable_host_cpuinfo_drops_only_hidden(tmp_path: Path, caplog: pytes
     reg = _registry(_collector(root, tcg_knowledge()))
     with caplog.at_level(logging.WARNING, logger="exporter.collectors.guests"):
         for _ in range(2):
-            assert reg.get_sample_value("kvmcpu_guest_cpu_feature", {"guest": "h", "feature": "aes"}) == 1
-            assert reg.get_sample_value("kvmcpu_guest_cpu_feature_hidden", {"guest": "h", "feature": "aes"}) is None
+            assert _getter(reg)("kvmcpu_guest_cpu_feature", {"guest": "h", "feature": "aes"}) == 1
+            assert _getter(reg)("kvmcpu_guest_cpu_feature_hidden", {"guest": "h", "feature": "aes"}) is None
     assert len([r for r in caplog.records if "host CPU flags" in r.getMessage()]) == 1
 
 
@@ -272,7 +310,7 @@ def test_live_results_override_while_fresh(tmp_path: Path) -> None:
     live.start = lambda: None  # type: ignore[method-assign]  # no background thread in a unit test
     collector = GuestsCollector(root, tcg_knowledge(), DEFAULT_WATCHLIST, GuestsConfig(), lambda: now[0],
                                 live=live)
-    g = _registry(collector).get_sample_value
+    g = _getter(_registry(collector))
     assert g("kvmcpu_guest_cpu_feature", {"guest": "lab", "feature": "avx"}) == 1  # from the vCPU itself
     assert g("kvmcpu_guest_cpu_feature_filtered", {"guest": "lab", "feature": "avx512f"}) == 1
     assert g("kvmcpu_guest_cpu_feature_filtered", {"guest": "lab", "feature": "aes"}) == 0
@@ -280,3 +318,87 @@ def test_live_results_override_while_fresh(tmp_path: Path) -> None:
     assert g("kvmcpu_guest_live_check_timestamp_seconds", {"guest": "lab"}) == 1000.0
     now[0] += 600  # stale: back to the model expansion (Westmere has no avx)
     assert g("kvmcpu_guest_cpu_feature", {"guest": "lab", "feature": "avx"}) == 0
+
+
+def _series_per_guest(reg: CollectorRegistry) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for metric in reg.collect():
+        for sample in metric.samples:
+            if "guest" in sample.labels:
+                out[sample.labels["guest"]] = out.get(sample.labels["guest"], 0) + 1
+    return out
+
+
+def test_default_is_one_matrix_per_cpu_config_and_few_series_per_guest(tmp_path: Path) -> None:
+    root = make_procfs(tmp_path / "proc")
+    for pid in range(200, 230):  # 30 guests, 3 configurations
+        cpu = ("Westmere", "max", "Westmere,-aes")[pid % 3]
+        add_process(root, pid, [QEMU, "-name", f"vm{pid}", "-cpu", cpu, "-accel", "tcg", "-smp", "1", "-m", "64"])
+    reg = _registry(_collector(root, tcg_knowledge()))
+    per_guest = _series_per_guest(reg)
+    assert len(per_guest) == 30 and max(per_guest.values()) <= 10, per_guest
+    configs = {s.labels["cpu_config"] for m in reg.collect() for s in m.samples if s.name == "kvmcpu_guest_info"}
+    assert len(configs) == 3
+    matrix = [s for m in reg.collect() for s in m.samples if s.name == "kvmcpu_guest_config_cpu_feature"]
+    assert len(matrix) == 3 * len(DEFAULT_WATCHLIST)
+    assert not any(s.name == "kvmcpu_guest_cpu_feature" for m in reg.collect() for s in m.samples)
+
+
+def test_full_matrix_opt_in_agrees_with_the_per_config_series(procfs: Path) -> None:
+    reg = _registry(_collector(procfs, tcg_knowledge(), full_feature_matrix=True))
+    g = _getter(reg)
+    for guest in ("west", "pid-101"):
+        for feature in DEFAULT_WATCHLIST:
+            for name in ("kvmcpu_guest_cpu_feature", "kvmcpu_guest_cpu_feature_hidden"):
+                assert reg.get_sample_value(name, {"guest": guest, "feature": feature}) == g(
+                    name, {"guest": guest, "feature": feature}), (guest, feature, name)
+    hidden = sum(reg.get_sample_value("kvmcpu_guest_cpu_feature_hidden", {"guest": "west", "feature": f}) or 0
+                 for f in DEFAULT_WATCHLIST)
+    assert g("kvmcpu_guest_cpu_features_hidden", {"guest": "west"}) == hidden > 0
+
+
+def test_cpu_config_survives_a_restart_and_differs_per_switches(tmp_path: Path) -> None:
+    root = make_procfs(tmp_path / "proc")
+    add_process(root, 300, [QEMU, "-name", "a", "-cpu", "Westmere,-aes", "-accel", "tcg"])
+    add_process(root, 301, [QEMU, "-name", "b", "-cpu", "Westmere", "-accel", "tcg"])
+    k = tcg_knowledge()
+    first = _registry(_collector(root, k))
+    cfg_a, cfg_b = _config_of(first, "a"), _config_of(first, "b")
+    assert cfg_a and cfg_b and cfg_a != cfg_b and cfg_a.startswith("Westmere-")
+    shutil.rmtree(root / "300")  # guest a restarted: new PID, same command line
+    add_process(root, 400, [QEMU, "-name", "a", "-cpu", "Westmere,-aes", "-accel", "tcg"])
+    again = _registry(_collector(root, k))
+    assert _config_of(again, "a") == cfg_a
+    assert _getter(again)("kvmcpu_guest_pid", {"guest": "a"}) == 400
+
+
+def test_levels_hazards_and_what_the_guest_os_shows(tmp_path: Path) -> None:
+    """SandyBridge with avx2=on,xsave=off (PLATFORM.md): the guest shows avx and avx2 but no
+    xsaveopt, is x86-64-v2 for glibc, and has two hazards."""
+    root = make_procfs(tmp_path / "proc")
+    add_process(root, 500, [QEMU, "-name", "sb", "-cpu", "SandyBridge,avx2=on,xsave=off", "-accel", "tcg"])
+    add_process(root, 501, [QEMU, "-name", "ok", "-cpu", "max", "-accel", "tcg"])
+    k = tcg_knowledge()
+    v2 = {"cmov", "cx8", "fpu", "fxsr", "mmx", "syscall", "cx16", "lahf_lm", "popcnt"}
+    k.expansions[("SandyBridge", "tcg")] = TCG_WESTMERE | v2 | {"avx", "xsave", "xsaveopt"}
+    k.expansions[("max", "tcg")] = TCG_MAX | v2
+    reg = _registry(_collector(root, k))
+    g = _getter(reg)
+    assert g("kvmcpu_guest_cpu_feature", {"guest": "sb", "feature": "avx"}) == 1
+    assert g("kvmcpu_guest_cpu_feature", {"guest": "sb", "feature": "avx2"}) == 1
+    assert g("kvmcpu_guest_cpu_feature", {"guest": "sb", "feature": "xsaveopt"}) == 0  # QEMU hides it
+    assert g("kvmcpu_guest_cpu_feature", {"guest": "ok", "feature": "xsaveopt"}) == 1
+    assert g("kvmcpu_guest_x86_64_level", {"guest": "sb"}) == 2
+    assert g("kvmcpu_guest_cpu_hazards", {"guest": "sb"}) == 2
+    assert g("kvmcpu_guest_cpu_hazards", {"guest": "ok"}) == 0
+    cfg = _config_of(reg, "sb")
+    assert cfg is not None
+    for feature in ("avx", "avx2"):
+        assert reg.get_sample_value("kvmcpu_guest_config_hazard",
+                                    {"cpu_config": cfg, "feature": feature, "requires": "xsave"}) == 1
+    assert reg.get_sample_value("kvmcpu_guest_config_x86_64_level", {"cpu_config": cfg}) == 2
+    missing = {s.labels["feature"] for m in reg.collect() for s in m.samples
+               if s.name == "kvmcpu_guest_config_x86_64_level_missing" and s.labels["cpu_config"] == cfg}
+    assert "xsave" in missing and "fma" in missing and "avx" not in missing
+    # the accelerator's full set (-cpu max under TCG) is what the host could give
+    assert reg.get_sample_value("kvmcpu_host_exposable_x86_64_level") is not None

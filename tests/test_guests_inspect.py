@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import CACHE_DIR, ROOT
 
+from exporter.levels import level_of, name
 from exporter.procfs.cpuinfo import read_cpuinfo
 
 
@@ -42,3 +43,37 @@ def test_inspect_shows_guests_and_missing_features(qemu_guest, tmp_path: Path) -
     missing = lines[i + 1].split("missing:")[1].strip().split(", ")
     assert ("aes" in missing) == ("aes" in host)
     assert "asked for but filtered by tcg: avx512f" in lines[i + 2]
+    # Westmere is x86-64-v2; TCG's max would give v3, so inspect says what v3 needs
+    assert mine["x86_64_level"] == 2 and mine["host_x86_64_level"] == 3
+    assert mine["hazards"] == []
+    assert lines[i + 3] == (
+        "    level: x86-64-v2: RHEL/CentOS Stream/Rocky/Oracle 10 needs v3, "
+        "missing avx, avx2, bmi1, bmi2, f16c, fma, abm, movbe, xsave"
+    )
+    host_section = text.stdout[text.stdout.index("Host CPU"):text.stdout.index("\nWatched")]
+    kinds = len(read_cpuinfo(Path("/proc")).identities())
+    # one "(N logical CPUs)" per kind of CPU; the total only where kinds differ
+    assert host_section.count("logical CPUs") == kinds + (1 if kinds > 1 else 0)
+    assert f"  {name(level_of(host))} (every logical CPU)" in host_section
+
+
+@pytest.mark.slow
+def test_inspect_reports_hazardous_cpu_configurations(qemu_guest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The two configurations that crashed the canary kernel (PLATFORM.md), as running guests."""
+    qemu_guest("-cpu", "SandyBridge,avx2=on,xsave=off", name="g-sb-noxsave")
+    qemu_guest("-cpu", "qemu64,+aes", name="g-q64-aes")
+    config = tmp_path / "c.yml"
+    config.write_text("qemu:\n  accelerators: [tcg]\n")
+    args = [sys.executable, "-m", "exporter", "inspect", f"--config.file={config}", f"--path.cache-dir={CACHE_DIR}"]
+    out = subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    guests = {g["guest"]: g for g in json.loads(out.stdout)["guests"]["guests"]}
+    sb, q64 = guests["g-sb-noxsave"], guests["g-q64-aes"]
+    assert sb["hazards"] == [{"feature": "avx", "requires": ["xsave"]}, {"feature": "avx2", "requires": ["xsave"]}]
+    assert "avx" in sb["features"] and "xsaveopt" not in sb["features"]  # what the guest OS lists
+    assert sb["x86_64_level"] == 2  # glibc does not count AVX without XSAVE
+    assert q64["hazards"] == [{"feature": "aes", "requires": ["ssse3", "pclmulqdq", "sse4_1"]}]
+    assert q64["x86_64_level"] == 1
+    text = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT).stdout
+    assert "    HAZARD: shows avx without xsave (code trusting the flag gets invalid opcode)" in text
+    assert "    HAZARD: shows aes without ssse3, pclmulqdq, sse4_1 (code trusting the flag gets invalid opcode)" in text

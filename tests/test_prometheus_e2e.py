@@ -4,8 +4,11 @@ One Prometheus (Debian's /usr/bin/prometheus, 1 s scrape and evaluation interval
 scrapes one daemon that runs real canaries. Booting guests is the expensive part, so a single test
 walks through the phases in order, each with its own assertion message:
 
-1. a guest started with ``-cpu qemu64`` on this AES-NI host makes KvmCpuGuestAesNiHidden go
-   *pending* (the shipped rule has ``for: 10m``; pending proves the expression matched);
+1. a guest started with ``-cpu qemu64`` on this AES-NI host makes KvmCpuGuestAesNiHidden and
+   KvmCpuGuestX86LevelTooLow (qemu64 is x86-64-v1, the default minimum is v2) go *pending* (the
+   shipped rules have ``for: 10m``; pending proves the expression matched), and a
+   ``-cpu qemu64,+aes`` guest (aes without SSSE3, the crash PLATFORM.md saw) makes
+   KvmCpuGuestCpuConfigHazard pending; under the default (per-``cpu_config``) series;
 2. both canary profiles succeed, then every dashboard panel's query returns data (or is listed in
    EXPECTED_EMPTY with the reason it legitimately has none on a single test host);
 3. every rule evaluates without error, and alerts whose inputs are visible agree with them;
@@ -31,6 +34,7 @@ from support.prometheus import (
 )
 
 GUEST = "kvmcpu-e2e-qemu64"
+HAZARD_GUEST = "kvmcpu-e2e-qemu64-aes"
 CIPHER = "aes-xts-plain"
 PROFILES = ("aesni", "noaesni")
 
@@ -102,6 +106,7 @@ def test_alerts_and_dashboards_against_real_prometheus(  # type: ignore[no-untyp
         "--canary.interval", "2", "--canary.size-mib", "8", "--canary.rounds", "1",
     )
     guest = qemu_guest("-cpu", "qemu64", name=GUEST)
+    hazard_guest = qemu_guest("-cpu", "qemu64,+aes", name=HAZARD_GUEST)
     instance = f"127.0.0.1:{daemon.port}"
     prom = prometheus([instance])
     wait_until(prom.targets_up, 30, "the exporter target to be up")
@@ -120,6 +125,26 @@ def test_alerts_and_dashboards_against_real_prometheus(  # type: ignore[no-untyp
     assert alert["labels"]["severity"] == "warning"
     assert "qemu64" in alert["annotations"]["description"], alert["annotations"]
     assert alert["annotations"]["runbook_url"].endswith("#kvmcpuguestaesnihidden")
+    # the default setting: no per-guest feature matrix reaches Prometheus
+    assert prom.query("kvmcpu_guest_cpu_feature") == []
+    state = wait_until(
+        lambda: _alert_state(prom, "KvmCpuGuestX86LevelTooLow", guest=GUEST, instance=instance), 60,
+        f"KvmCpuGuestX86LevelTooLow for {GUEST}",
+    )
+    assert state == "pending"
+    (alert,) = [a for a in prom.alerts() if a["labels"]["alertname"] == "KvmCpuGuestX86LevelTooLow"
+                and a["labels"].get("guest") == GUEST]
+    assert "x86-64-v1, below the required x86-64-v2" in alert["annotations"]["description"]
+    assert "popcnt" in alert["annotations"]["description"]
+    state = wait_until(
+        lambda: _alert_state(prom, "KvmCpuGuestCpuConfigHazard", guest=HAZARD_GUEST, instance=instance), 60,
+        f"KvmCpuGuestCpuConfigHazard for {HAZARD_GUEST}",
+    )
+    assert state == "pending"
+    (alert,) = [a for a in prom.alerts() if a["labels"]["alertname"] == "KvmCpuGuestCpuConfigHazard"
+                and a["labels"].get("guest") == HAZARD_GUEST]
+    assert "aes without ssse3,pclmulqdq,sse4_1" in alert["annotations"]["description"]
+    assert _alert_state(prom, "KvmCpuGuestCpuConfigHazard", guest=GUEST) is None
 
     # -- 2. canary runs of both profiles, then every dashboard query -------------------------
     def both_succeeded() -> bool:
@@ -172,6 +197,7 @@ def test_alerts_and_dashboards_against_real_prometheus(  # type: ignore[no-untyp
     # nothing else may be active: a healthy single host with fresh canaries is quiet
     unexpected = {a["labels"]["alertname"] for a in prom.alerts()} - {
         "KvmCpuGuestAesNiHidden", "KvmCpuHostAesNiDriverNotUsed", "KvmCpuKvmUnusable",
+        "KvmCpuGuestX86LevelTooLow", "KvmCpuGuestCpuConfigHazard",
         # another engineer's guests on this shared machine may be non-migratable or hide aes
         "KvmCpuGuestNotMigratable",
         # a real measurement: 8 MiB, one round, on 2 cores shared by 8 engineers can be too noisy
@@ -183,5 +209,9 @@ def test_alerts_and_dashboards_against_real_prometheus(  # type: ignore[no-untyp
     # -- 4. the guest goes away, the alert clears --------------------------------------------
     guest.kill()
     guest.wait()
+    hazard_guest.kill()
+    hazard_guest.wait()
     wait_until(lambda: _alert_state(prom, "KvmCpuGuestAesNiHidden", guest=GUEST) is None or None, 60,
                f"KvmCpuGuestAesNiHidden for {GUEST} to clear")
+    wait_until(lambda: _alert_state(prom, "KvmCpuGuestCpuConfigHazard", guest=HAZARD_GUEST) is None or None,
+               60, f"KvmCpuGuestCpuConfigHazard for {HAZARD_GUEST} to clear")

@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
-from exporter.canary.proc import pid_alive
 from exporter.errors import CanaryError
+from exporter.qemu.process import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,11 @@ def isolated_network(
         _populate(name, owner_uid, owner_gid)
         tap_fd = _open_tap(os.path.join(NETNS_DIR, name))
         args = [
-            "-netdev", f"tap,id=n0,fd={tap_fd}",
+            "-netdev",
+            f"tap,id=n0,fd={tap_fd}",
             # romfile= : no iPXE option ROM, the canary never boots from the network
-            "-device", "virtio-net-pci,netdev=n0,romfile=",
+            "-device",
+            "virtio-net-pci,netdev=n0,romfile=",
         ]
         log.debug("isolated network ready", extra={"fields": {"netns": name, "tag": tag}})
         yield IsolatedNetwork(netns=name, qemu_args=args, pass_fds=(tap_fd,))
@@ -231,8 +233,9 @@ def _remove(name: str) -> None:
                 for idx in ns.link_lookup(ifname=ifname):
                     ns.link("del", index=idx)
     except Exception as err:
-        log.debug("could not delete links before removing netns",
-                  extra={"fields": {"netns": name, "err": str(err)}})
+        log.debug(
+            "could not delete links before removing netns", extra={"fields": {"netns": name, "err": str(err)}}
+        )
     try:
         pr_netns.remove(name)
     except OSError as err:
@@ -255,4 +258,3 @@ def remove_stale_namespaces() -> list[str]:
         removed.append(name)
         log.info("removed stale canary network namespace", extra={"fields": {"netns": name}})
     return removed
-

@@ -76,6 +76,8 @@ class CanaryResult:
     accel: str = ""
     kernel: str = ""
     cpu_flags: list[str] = field(default_factory=list)
+    #: highest x86-64 level glibc accepted in the guest (its dynamic loader's verdict); None = not reported
+    glibc_level: int | None = None
     #: cipher -> crypto driver dm-crypt used in the guest (e.g. xts-aes-aesni, xts(aes-generic))
     drivers: dict[str, str] = field(default_factory=dict)
     measurements: list[Measurement] = field(default_factory=list)

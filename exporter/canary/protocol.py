@@ -4,9 +4,14 @@ A serial line is not a trustworthy transport (a crashing guest cuts a line in ha
 ``\\r``, a future guest may send record types this host does not know), so parsing never raises:
 anything unusable is skipped and counted, and the runner decides from what did arrive.
 
+``glibc_hwcaps`` is glibc's own verdict on the guest's CPU: the x86-64 levels the guest's dynamic
+loader marks "supported" (``ld-linux-x86-64.so.2 --help``). It is absent when the loader could not
+say (an older image, a loader that failed), which is not the same as "baseline only": an empty
+string means the loader ran and accepts no level above x86-64-v1.
+
 Records (``type`` field)::
 
-    {"type":"hello","kernel":"6.1.0-56-amd64","flags":"fpu vme ... aes ..."}
+    {"type":"hello","kernel":"6.1.0-56-amd64","flags":"fpu vme ... aes ...","glibc_hwcaps":"x86-64-v3 x86-64-v2"}
     {"type":"driver","cipher":"aes-xts-plain","algorithm":"xts(aes)","driver":"xts-aes-aesni"}
     {"type":"measure","cipher":"aes-xts-plain","op":"read","round":1,"bytes":16777216,"seconds":0.16}
     {"type":"error","cipher":"aes-lrw-plain","message":"cryptsetup open: ..."}
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +34,8 @@ MAX_LINE = 16384
 class Hello:
     kernel: str
     flags: tuple[str, ...]
+    #: highest x86-64 level glibc accepts in the guest (1 = baseline only); None when not reported
+    glibc_level: int | None = None
 
 
 @dataclass(frozen=True)
@@ -84,16 +92,42 @@ def _float(data: dict[str, Any], key: str) -> float | None:
     return value
 
 
+_HWCAP = re.compile(r"^x86-64-v([1-9])$")
+
+
+def glibc_level(hwcaps: Any) -> int | None:
+    """glibc's supported hwcaps subdirectories (``"x86-64-v3 x86-64-v2"``) -> its level.
+
+    glibc sets the level bits cumulatively (sysdeps/x86/get-isa-level.h: v3 only on top of v2), so
+    the level is the highest N with every level from 2 to N listed. Names this parser does not know
+    (a future ``x86-64-v5``, other platforms' subdirectories) are ignored; anything that is not a
+    string is "not reported" (None).
+    """
+    if not isinstance(hwcaps, str):
+        return None
+    listed = set()
+    for token in hwcaps.replace(",", " ").split():
+        match = _HWCAP.match(token)
+        if match:
+            listed.add(int(match.group(1)))
+    level = 1
+    while level + 1 in listed:
+        level += 1
+    return level
+
+
 def _record(data: dict[str, Any]) -> Record | None:
     kind = data.get("type")
     if kind == "hello":
         kernel, flags = _text(data, "kernel"), data.get("flags", "")
         if kernel is None:
             return None
+        # a malformed optional field costs only itself: the flags are what matter most
+        level = glibc_level(data.get("glibc_hwcaps"))
         if isinstance(flags, str):
-            return Hello(kernel, tuple(flags.split()))
+            return Hello(kernel, tuple(flags.split()), level)
         if isinstance(flags, list) and all(isinstance(f, str) for f in flags):
-            return Hello(kernel, tuple(flags))
+            return Hello(kernel, tuple(flags), level)
         return None
     if kind == "driver":
         cipher, driver, algorithm = (

@@ -8,6 +8,7 @@ from pathlib import Path
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from exporter.levels import level_of
 from exporter.procfs.cpuinfo import read_cpuinfo
 
 
@@ -26,6 +27,10 @@ class CpuCollector:
         kvmcpu_host_cpu_feature{feature="avx512f"} 0.0
         kvmcpu_host_cpu_feature_cpus{feature="aes"} 4.0
         kvmcpu_host_cpu_feature_cpus{feature="avx512f"} 0.0
+        kvmcpu_host_x86_64_level 3.0
+
+    ``kvmcpu_host_x86_64_level`` is the x86-64 psABI level every logical CPU reaches (levels are
+    computed from all flags, not only the watched ones).
 
     A heterogeneous host (different models or microcode revisions) gets one
     ``kvmcpu_host_cpu_info`` series per distinct combination.
@@ -62,3 +67,8 @@ class CpuCollector:
             cpus.add_metric([feature], float(n))
         yield present
         yield cpus
+        yield GaugeMetricFamily(
+            "kvmcpu_host_x86_64_level",
+            "x86-64 psABI level (1-4; 0 below v1) that every logical CPU of the host reaches.",
+            value=float(level_of(info.flags_everywhere())),
+        )

@@ -102,6 +102,15 @@ def _canary(ctx: Context) -> Collector:
     return CanaryCollector(store=ctx.canary_store, watch=ctx.watch)
 
 
+def _canary_selfcheck(ctx: Context) -> Collector:
+    from exporter.canary.selfcheck import SelfCheck
+    from exporter.collectors.canary_selfcheck import CanarySelfcheckCollector
+
+    assert ctx.knowledge is not None
+    selfcheck = SelfCheck(ctx.knowledge, ctx.watch, ctx.config.qemu.binary)
+    return CanarySelfcheckCollector(store=ctx.canary_store, selfcheck=selfcheck)
+
+
 #: name -> collector; generates --collector.NAME / --no-collector.NAME
 COLLECTORS: dict[str, CollectorSpec] = {
     spec.name: spec
@@ -118,6 +127,12 @@ COLLECTORS: dict[str, CollectorSpec] = {
             "guests", "running QEMU guests and the host features they do not get", _guests, needs_qemu=True
         ),
         CollectorSpec("canary", "results of the last canary guest benchmark runs", _canary),
+        CollectorSpec(
+            "canary_selfcheck",
+            "canary guests compared with the exporter's CPU model (features, level, hazards)",
+            _canary_selfcheck,
+            needs_qemu=True,
+        ),
     )
 }
 

@@ -25,6 +25,8 @@ from exporter import __version__
 from exporter.config import Config
 from exporter.errors import ExporterError
 from exporter.features import watchlist
+from exporter.hazards import usable_features
+from exporter.levels import level_of, name
 from exporter.logsetup import setup_logging
 from exporter.procfs.cpuinfo import CpuInfo, read_cpuinfo
 from exporter.procfs.crypto import WATCHED_AES_ALGORITHMS, aesni_active, read_crypto, select_watched
@@ -88,9 +90,11 @@ def _cpu_section(procfs: Path) -> tuple[Section, CpuInfo | None]:
         ]
     if len(identities) > 1:
         lines.append("  note: logical CPUs differ (heterogeneous host or partial microcode update)")
-    lines.append(f"  logical CPUs: {info.count}")
-    return Section("host", "Host CPU", {"cpus": info.count, "identities": identities, "error": None},
-                   lines), info
+        lines.append(f"  logical CPUs: {info.count}")
+    level = level_of(info.flags_everywhere())
+    lines.append(f"  {name(level)} (every logical CPU)")
+    return Section("host", "Host CPU", {"cpus": info.count, "identities": identities, "x86_64_level": level,
+                                        "error": None}, lines), info
 
 
 # --------------------------------------------------------------------------- QEMU
@@ -109,7 +113,8 @@ def _qemu_section(cfg: Config, knowledge: QemuKnowledge) -> tuple[Section, HostQ
         _trace("cannot inspect QEMU", err)
         msg = _describe(err)
         return Section("qemu", "QEMU", _empty_qemu(cfg, msg), error=msg, ok=False), None
-    usable = sorted(name for name, m in facts.models.items() if m.usable)
+    usable = sorted(model for model, m in facts.models.items() if m.usable)
+    exposable_level = level_of(usable_features(facts.exposable))
     accels = {
         accel: {"usable": bool(ok), "error": None if ok else facts.accelerator_errors.get(accel)}
         for accel, ok in facts.accelerators.items()
@@ -119,6 +124,7 @@ def _qemu_section(cfg: Config, knowledge: QemuKnowledge) -> tuple[Section, HostQ
         "version": facts.version,
         "accelerators": accels,
         "exposable_model": facts.exposable_model,
+        "exposable_x86_64_level": exposable_level,
         "usable_model_count": len(usable),
         "model_count": len(facts.models),
         "usable_models": usable,
@@ -128,6 +134,7 @@ def _qemu_section(cfg: Config, knowledge: QemuKnowledge) -> tuple[Section, HostQ
     for accel, st in accels.items():
         verdict = "usable (proven)" if st["usable"] else f"NOT usable: {st['error'] or 'no reason given'}"
         lines.append(f"    {accel:<5} {verdict}")
+    lines.append(f"  -cpu {facts.exposable_model} gives a guest {name(exposable_level)}")
     lines.append(f"  usable CPU models: {len(usable)} of {len(facts.models)}")
     lines += textwrap.wrap(", ".join(usable), width=100, initial_indent="    ", subsequent_indent="    ")
     return Section("qemu", "QEMU", data, lines), facts
@@ -135,7 +142,7 @@ def _qemu_section(cfg: Config, knowledge: QemuKnowledge) -> tuple[Section, HostQ
 
 def _empty_qemu(cfg: Config, error: str) -> dict[str, Any]:
     return {"binary": cfg.qemu.binary, "version": None, "accelerators": {}, "exposable_model": None,
-            "usable_model_count": None, "model_count": None, "usable_models": [], "error": error}
+            "exposable_x86_64_level": None, "usable_model_count": None, "model_count": None, "usable_models": [], "error": error}
 
 
 # --------------------------------------------------------------------------- features
@@ -218,6 +225,11 @@ def _guest_section(
             lines.append(f"    missing: {', '.join(d['missing']) if d['missing'] else 'nothing watched'}")
         if d["filtered"]:
             lines.append(f"    asked for but filtered by {d['accel']}: {', '.join(d['filtered'])}")
+        if r.level is not None:
+            lines.append(f"    level: {r.level_note or name(r.level)}")
+        for h in r.hazards:
+            lines.append(f"    HAZARD: shows {h.feature} without {', '.join(h.requires)}"
+                         " (code trusting the flag gets invalid opcode)")
     for issue in issues:
         lines.append(f"  pid {issue.pid}: not inspected ({issue.reason}: {issue.detail})")
     return Section("guests", "Guests", {"available": True, "guests": guests, "error": None,

@@ -220,6 +220,12 @@ class GuestsConfig:
     process_names: list[Text] = setting(
         help="process names treated as QEMU guests besides qemu-system-*", factory=lambda: ["qemu-kvm", "kvm"]
     )
+    full_feature_matrix: StrictBool = setting(
+        False,
+        help="also export the per-guest feature matrix (kvmcpu_guest_cpu_feature{guest,feature} and "
+        "_hidden): about 2 x watched features series per guest; off by default, the matrix is "
+        "exported once per CPU configuration instead",
+    )
 
 
 @dataclass(config=_MODEL)

@@ -2,7 +2,8 @@
 
 The command line is the only thing we may read without touching the guest, so the parser has to
 cope with what real hosts run: libvirt's very long lines (``-name guest=web01,debug-threads=on``,
-``-machine pc-q35-7.2,usb=off,...,accel=kvm``), QEMU's ``,,`` escaping inside option values, the
+``-machine pc-q35-7.2,usb=off,...,accel=kvm``), QEMU's ``,,`` escaping inside option values (the
+``-cpu`` value follows ``exporter.qemu.cpuspec``, the grammar shared with QMP expansions), the
 ``--opt`` and ``-opt=value`` spellings QEMU also accepts, and the ``-enable-kvm`` / ``-accel`` /
 ``-machine accel=`` ways of choosing an accelerator. Anything it cannot make sense of raises
 ``CmdlineError`` (and nothing else), so one strange process never breaks a scrape.
@@ -16,59 +17,75 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from exporter.errors import ExporterError
+from exporter.qemu.cpuspec import CmdlineError, CpuSpec, parse_cpu, split_options
+
+__all__ = [
+    "CmdlineError",
+    "CpuSpec",
+    "GuestSpec",
+    "parse_argv",
+    "parse_cmdline",
+    "parse_cpu",
+    "split_options",
+]
 
 #: QEMU options that take no argument (QEMU 7.2 plus older spellings still seen on hosts). Every
 #: other option takes exactly one, as in QEMU's own qemu-options table.
 _NO_ARG_OPTIONS = frozenset(
     {
-        "S", "s", "h", "help", "version", "snapshot", "usb", "nographic", "portrait", "full-screen",
-        "win2k-hack", "no-fd-bootchk", "no-acpi", "no-hpet", "singlestep", "preconfig", "enable-kvm",
-        "xen-attach", "xen-domid-restrict", "no-reboot", "no-shutdown", "daemonize", "only-migratable",
-        "nodefaults", "no-user-config", "async-teardown", "enable-sync-profile", "mem-prealloc",
-        "audio-help", "no-kvm", "no-kvm-irqchip", "no-kvm-pit", "no-kvm-pit-reinjection",
-        "enable-nesting", "nodefconfig", "no-quit", "no-frame", "alt-grab", "ctrl-grab", "sdl",
-        "curses", "semihosting", "enable-fips", "show-cursor", "rtc-td-hack", "old-param",
+        "S",
+        "s",
+        "h",
+        "help",
+        "version",
+        "snapshot",
+        "usb",
+        "nographic",
+        "portrait",
+        "full-screen",
+        "win2k-hack",
+        "no-fd-bootchk",
+        "no-acpi",
+        "no-hpet",
+        "singlestep",
+        "preconfig",
+        "enable-kvm",
+        "xen-attach",
+        "xen-domid-restrict",
+        "no-reboot",
+        "no-shutdown",
+        "daemonize",
+        "only-migratable",
+        "nodefaults",
+        "no-user-config",
+        "async-teardown",
+        "enable-sync-profile",
+        "mem-prealloc",
+        "audio-help",
+        "no-kvm",
+        "no-kvm-irqchip",
+        "no-kvm-pit",
+        "no-kvm-pit-reinjection",
+        "enable-nesting",
+        "nodefconfig",
+        "no-quit",
+        "no-frame",
+        "alt-grab",
+        "ctrl-grab",
+        "sdl",
+        "curses",
+        "semihosting",
+        "enable-fips",
+        "show-cursor",
+        "rtc-td-hack",
+        "old-param",
     }
 )
-_TRUE = frozenset({"on", "yes", "true", "y"})
-_FALSE = frozenset({"off", "no", "false", "n"})
-_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-_FEATURE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?$", re.IGNORECASE)
 _SIZE_MIB = {"": 1.0, "K": 1 / 1024, "M": 1.0, "G": 1024.0, "T": 1024.0 * 1024}
 
 #: QEMU's built-in default model per binary, used when a guest has no ``-cpu`` at all.
 DEFAULT_MODELS = {"qemu-system-x86_64": "qemu64", "qemu-system-i386": "qemu32", "qemu-kvm": "qemu64"}
-
-
-class CmdlineError(ExporterError):
-    """A QEMU command line could not be understood well enough to report on the guest."""
-
-    reason = "parse_error"
-
-
-@dataclass(frozen=True)
-class CpuSpec:
-    """The guest's ``-cpu`` option: a model plus feature switches, in QEMU spelling.
-
-    ``overrides`` is the net effect of every switch, resolved the way QEMU 7.2 does it:
-    ``feat=on|off`` (last one wins), then every ``+feat``, then every ``-feat`` (so ``-feat``
-    beats ``+feat`` regardless of order).
-    """
-
-    model: str
-    overrides: tuple[tuple[str, bool], ...] = ()
-    properties: tuple[tuple[str, str], ...] = ()
-    explicit: bool = True
-
-    @property
-    def enabled(self) -> frozenset[str]:
-        return frozenset(f for f, on in self.overrides if on)
-
-    @property
-    def disabled(self) -> frozenset[str]:
-        return frozenset(f for f, on in self.overrides if not on)
 
 
 @dataclass(frozen=True)
@@ -90,27 +107,6 @@ class GuestSpec:
     @property
     def accel(self) -> str:
         return self.accels[0]
-
-
-def split_options(value: str) -> list[str]:
-    """Split a QEMU option value on commas, honouring the ``,,`` escape for a literal comma."""
-    parts: list[str] = []
-    cur: list[str] = []
-    i = 0
-    while i < len(value):
-        ch = value[i]
-        if ch == ",":
-            if i + 1 < len(value) and value[i + 1] == ",":
-                cur.append(",")
-                i += 2
-                continue
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-        i += 1
-    parts.append("".join(cur))
-    return parts
 
 
 def _keyvals(value: str, implied: str | None) -> list[tuple[str, str | None]]:
@@ -170,49 +166,6 @@ def _iter_options(argv: Sequence[str]) -> list[tuple[str, str | None]]:
     return out
 
 
-def parse_cpu(value: str) -> CpuSpec:
-    """Parse a ``-cpu`` value: ``MODEL[,+f][,-f][,f=on|off][,key=val...]``."""
-    parts = split_options(value)
-    model = parts[0].strip()
-    if not model:
-        raise CmdlineError(f"-cpu {value!r}: no CPU model")
-    if not _MODEL.match(model):
-        raise CmdlineError(f"-cpu {value!r}: {model!r} is not a CPU model name")
-    valued: dict[str, bool] = {}
-    plus: list[str] = []
-    minus: list[str] = []
-    props: list[tuple[str, str]] = []
-    for part in parts[1:]:
-        if part == "":
-            continue
-        if part[0] in "+-":
-            feat = part[1:]
-            if not _FEATURE.match(feat):
-                raise CmdlineError(f"-cpu {value!r}: {part!r} is not a feature switch")
-            (plus if part[0] == "+" else minus).append(feat)
-            continue
-        key, eq, val = part.partition("=")
-        if not _FEATURE.match(key):
-            raise CmdlineError(f"-cpu {value!r}: {part!r} is not a property")
-        if not eq:
-            valued.pop(key, None)
-            valued[key] = True  # legacy bare "feat" means feat=on
-        elif val.lower() in _TRUE:
-            valued.pop(key, None)
-            valued[key] = True
-        elif val.lower() in _FALSE:
-            valued.pop(key, None)
-            valued[key] = False
-        else:
-            props.append((key, val))
-    net = dict(valued)
-    for f in plus:
-        net[f] = True
-    for f in minus:
-        net[f] = False
-    return CpuSpec(model=model, overrides=tuple(net.items()), properties=tuple(props), explicit=True)
-
-
 def _parse_accels(value: str) -> list[str]:
     """``kvm:tcg`` -> [kvm, tcg]; empty names are dropped."""
     return [a.strip() for a in value.split(":") if a.strip()]
@@ -222,7 +175,7 @@ def _parse_smp(value: str) -> int | None:
     cpus: int | None = None
     topology: dict[str, int] = {}
     for key, val in _keyvals(value, "cpus"):
-        if val is None or not val.strip().isdigit():
+        if val is None or not val.strip().isdecimal():  # "²" is a digit, not a number
             continue
         if key == "cpus":
             cpus = int(val)

@@ -14,13 +14,17 @@ Nothing here blocks: the knowledge source answers from its cache or queues the Q
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Protocol
 
 from exporter.errors import QemuError, UnknownCpuModel
 from exporter.features import full_cpu_model, qemu_to_cpuinfo
 from exporter.guests.cmdline import CpuSpec
+from exporter.hazards import Hazard, hazards, usable_features
+from exporter.levels import MAX_LEVEL, level_of, missing_for
 
 #: models that pass the host CPU through: such a guest cannot migrate to a different host CPU
 PASSTHROUGH_MODELS = frozenset({"host", "max"})
@@ -42,9 +46,13 @@ class FactsLike(Protocol):
 class KnowledgeSource(Protocol):
     """The part of ``exporter.qemu.knowledge.QemuKnowledge`` this module relies on."""
 
-    def expansion(self, model: str, *, binary: str | None = None, accel: str = "tcg") -> ExpansionLike | None: ...
+    def expansion(
+        self, model: str, *, binary: str | None = None, accel: str = "tcg"
+    ) -> ExpansionLike | None: ...
 
-    def cached_failure(self, model: str, *, binary: str | None = None, accel: str = "tcg") -> QemuError | None: ...
+    def cached_failure(
+        self, model: str, *, binary: str | None = None, accel: str = "tcg"
+    ) -> QemuError | None: ...
 
     def facts(self) -> FactsLike | None: ...
 
@@ -123,3 +131,47 @@ def resolve(knowledge: KnowledgeSource, cpu: CpuSpec, *, binary: str | None, acc
     # requested set is the best statement available.
     features = requested if supported is None else requested & supported
     return EffectiveCpu(KNOWN, features=features, requested=requested)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a guest OS makes of its effective features (one per distinct feature set)."""
+
+    #: what the guest OS shows in /proc/cpuinfo and uses (see :mod:`exporter.hazards`)
+    usable: frozenset[str]
+    #: x86-64 psABI level of ``usable``
+    level: int
+    #: features (table order) that keep it from the next level; empty at the top level
+    next_missing: tuple[str, ...]
+    hazards: tuple[Hazard, ...]
+
+
+@lru_cache(maxsize=1024)
+def verdict(features: frozenset[str]) -> Verdict:
+    """Level and hazards of a guest with ``features``: cached, because a host runs hundreds of
+    guests but a handful of distinct feature sets."""
+    usable = usable_features(features)
+    level = level_of(usable)
+    nxt = missing_for(level + 1, usable) if level < MAX_LEVEL else ()
+    return Verdict(usable, level, nxt, hazards(usable))
+
+
+def hidden_features(
+    watch: Iterable[str], host: frozenset[str] | None, usable: frozenset[str]
+) -> tuple[str, ...]:
+    """Watched features every host CPU has and the guest OS does not get: the one "hidden" rule
+    (series, counts, inspect and the landing page all use it). Empty when the host is unknown."""
+    if host is None:
+        return ()
+    return tuple(f for f in watch if f in host and f not in usable)
+
+
+def cpu_config_id(cpu: CpuSpec, accel: str, binary: str | None, live: frozenset[str] | None = None) -> str:
+    """Short stable id of a CPU configuration: ``<model>-<8 hex>`` over (model, switches, accel,
+    binary) and, for a guest reported by its live QMP check, the features it reported. Guests
+    sharing it share one feature matrix; the id does not change when a guest restarts."""
+    h = hashlib.blake2s(digest_size=4)
+    h.update(repr((cpu.model, tuple(sorted(cpu.overrides)), accel, binary or "")).encode())
+    if live is not None:
+        h.update(repr(sorted(live)).encode())
+    return f"{cpu.model}-{h.hexdigest()}"

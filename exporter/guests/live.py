@@ -8,24 +8,23 @@ CPUID register words on the vCPU object (``feature-words``, ``filtered-features`
 Only sockets the operator listed in ``guests.qmp_sockets`` are contacted, and never one that looks
 like libvirt's monitor: a QMP monitor serves one client at a time, so talking to libvirt's would
 stall libvirt. The check runs in its own thread on an interval; scrapes read the cached result.
+The conversation itself is ``exporter.qemu.qmp.QmpSession``, the exporter's one QMP client.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from exporter.config import QmpSocketConfig
 from exporter.errors import QmpError
 from exporter.guests.cpuid import decode_feature_words
 from exporter.logsetup import log_failure
+from exporter.qemu.qmp import QmpSession
 
 log = logging.getLogger(__name__)
 
@@ -54,86 +53,16 @@ def refuses(path: str) -> str | None:
     return None
 
 
-class QmpClient:
-    """A minimal blocking QMP client: enough for three queries, with one deadline for all of them."""
-
-    def __init__(self, path: str, timeout: float = 5.0) -> None:
-        self.path = path
-        self.timeout = timeout
-        self._sock: socket.socket | None = None
-        self._buf = b""
-        self._deadline = 0.0
-
-    def __enter__(self) -> QmpClient:
-        self._deadline = time.monotonic() + self.timeout
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.path)
-        except OSError as err:
-            sock.close()
-            raise QmpError(f"{self.path}: cannot connect: {err.strerror or err}") from err
-        self._sock = sock
-        greeting = self._read()
-        if "QMP" not in greeting:
-            raise QmpError(f"{self.path}: not a QMP monitor (greeting {str(greeting)[:80]})")
-        self.execute("qmp_capabilities")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    def _read(self) -> dict[str, Any]:
-        assert self._sock is not None
-        while b"\n" not in self._buf:
-            left = self._deadline - time.monotonic()
-            if left <= 0:
-                raise QmpError(f"{self.path}: no answer within {self.timeout:g}s")
-            self._sock.settimeout(left)
-            try:
-                chunk = self._sock.recv(65536)
-            except OSError as err:
-                raise QmpError(f"{self.path}: read failed: {err}") from err
-            if not chunk:
-                raise QmpError(f"{self.path}: monitor closed the connection")
-            self._buf += chunk
-        line, _, self._buf = self._buf.partition(b"\n")
-        try:
-            msg = json.loads(line)
-        except ValueError as err:
-            raise QmpError(f"{self.path}: garbled reply") from err
-        if not isinstance(msg, dict):
-            raise QmpError(f"{self.path}: unexpected reply {str(msg)[:80]}")
-        return msg
-
-    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        assert self._sock is not None
-        req: dict[str, Any] = {"execute": command}
-        if arguments:
-            req["arguments"] = arguments
-        try:
-            self._sock.sendall(json.dumps(req).encode() + b"\n")
-        except OSError as err:
-            raise QmpError(f"{self.path}: write failed: {err}") from err
-        while True:
-            msg = self._read()
-            if "event" in msg:
-                continue
-            if "error" in msg:
-                problem = msg["error"]
-                desc = problem.get("desc", problem) if isinstance(problem, dict) else problem
-                raise QmpError(f"{self.path}: {command}: {desc}")
-            if "return" in msg:
-                return msg["return"]
-
-
 def check(path: str, timeout: float = 5.0) -> tuple[frozenset[str], frozenset[str]]:
     """(enabled, filtered) feature flags of the guest's first vCPU; raises ``QmpError``."""
-    with QmpClient(path, timeout) as qmp:
+    with QmpSession(path, timeout=timeout) as qmp:
         cpus = qmp.execute("query-cpus-fast")
-        if not isinstance(cpus, list) or not cpus or "qom-path" not in cpus[0]:
+        if (
+            not isinstance(cpus, list)
+            or not cpus
+            or not isinstance(cpus[0], dict)
+            or "qom-path" not in cpus[0]
+        ):
             raise QmpError(f"{path}: query-cpus-fast returned no vCPU")
         qom = str(cpus[0]["qom-path"])
         words = qmp.execute("qom-get", {"path": qom, "property": "feature-words"})
@@ -194,7 +123,9 @@ class LiveChecker:
             if previous is None or previous.ok:
                 log_failure(log, "live check failed", err, guest=sock.guest, path=sock.path)
             return LiveResult(sock.guest, self.clock(), False, error=str(err))
-        log.debug("live check", extra={"fields": {"guest": sock.guest, "filtered": ",".join(sorted(filtered))}})
+        log.debug(
+            "live check", extra={"fields": {"guest": sock.guest, "filtered": ",".join(sorted(filtered))}}
+        )
         return LiveResult(sock.guest, self.clock(), True, enabled, filtered)
 
     def start(self) -> None:

@@ -1,5 +1,6 @@
-"""One-shot guest report for ``kvm-cpu-exporter inspect``: the same answers as the collector, but
-allowed to wait for QEMU (there is no scrape to keep fast)."""
+"""The guest read model for ``inspect`` and the landing page: the same answers as the collector
+(one rule each for hidden features, level and hazards, in exporter.guests.effective), but allowed
+to wait for QEMU (there is no scrape to keep fast)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,17 @@ from typing import Any, Protocol
 from exporter.errors import QemuError
 from exporter.features import full_cpu_model
 from exporter.guests.discovery import Guest, ScanIssue, scan
-from exporter.guests.effective import EffectiveCpu, KnowledgeSource, migratable, resolve
-from exporter.hazards import Hazard
-from exporter.levels import level_of
+from exporter.guests.effective import (
+    EffectiveCpu,
+    KnowledgeSource,
+    cpu_config_id,
+    hidden_features,
+    migratable,
+    resolve,
+    verdict,
+)
+from exporter.hazards import Hazard, usable_features
+from exporter.levels import level_of, name, next_level_note
 
 
 class BlockingKnowledge(KnowledgeSource, Protocol):
@@ -24,12 +33,28 @@ class BlockingKnowledge(KnowledgeSource, Protocol):
 class GuestReport:
     guest: Guest
     effective: EffectiveCpu
-    #: watched features every host CPU has and the guest does not get (empty when unknown)
+    #: watched features every host CPU has and the guest does not get (empty when unknown): the
+    #: "hidden" features of the metrics
     missing: tuple[str, ...]
-    #: x86-64 level of what the guest gets (None when its features are not known)
+    #: x86-64 level of what the guest OS sees (None while the features are unknown)
     level: int | None = None
-    #: features the guest gets without their prerequisites
+    #: features the guest OS shows although a prerequisite is missing
     hazards: tuple[Hazard, ...] = ()
+    #: the level the host could give (-cpu host / max), None when QEMU was not probed
+    host_level: int | None = None
+
+    @property
+    def hidden(self) -> tuple[str, ...]:
+        """The metrics' name for ``missing``: watched host features the guest does not get."""
+        return self.missing
+
+    @property
+    def level_note(self) -> str | None:
+        """``x86-64-v2: RHEL ... 10 needs v3, missing avx, ...`` where the guest is below what its
+        host could give; None otherwise."""
+        if self.level is None or self.effective.features is None:
+            return None
+        return next_level_note(self.level, verdict(self.effective.features).usable, self.host_level)
 
     def as_dict(self, watch: Sequence[str]) -> dict[str, Any]:
         g, eff = self.guest, self.effective
@@ -46,9 +71,18 @@ class GuestReport:
             "vcpus": g.spec.vcpus,
             "memory_mib": g.spec.memory_mib,
             "cpu_model_known": eff.known,
-            "features": None if eff.features is None else sorted(f for f in watch if f in eff.features),
+            "features": None
+            if eff.features is None
+            else sorted(f for f in watch if f in verdict(eff.features).usable),
             "filtered": sorted(f for f in watch if f in eff.filtered),
             "missing": list(self.missing),
+            "hidden": list(self.missing),
+            "cpu_config": cpu_config_id(g.spec.cpu, g.accel, g.binary),
+            "x86_64_level": self.level,
+            "x86_64_level_name": None if self.level is None else name(self.level),
+            "host_x86_64_level": self.host_level,
+            "level_note": self.level_note,
+            "hazards": [{"feature": h.feature, "requires": list(h.requires)} for h in self.hazards],
             "error": None if eff.error is None else str(eff.error),
         }
 
@@ -85,11 +119,15 @@ def guest_reports(
     result = scan(procfs, process_names)
     if prefill:
         _prefill(knowledge, result.guests)
+    facts = knowledge.facts()
+    host_level = None if facts is None else level_of(usable_features(facts.exposable))
     reports = []
     for g in result.guests:
         eff = resolve(knowledge, g.spec.cpu, binary=g.binary, accel=g.accel)
-        missing: tuple[str, ...] = ()
-        if eff.features is not None and host is not None:
-            missing = tuple(f for f in watch if f in host and f not in eff.features)
-        reports.append(GuestReport(g, eff, missing, None if eff.features is None else level_of(eff.features)))
+        if eff.features is None:
+            reports.append(GuestReport(g, eff, (), host_level=host_level))
+            continue
+        v = verdict(eff.features)
+        missing = hidden_features(watch, host, v.usable)
+        reports.append(GuestReport(g, eff, missing, v.level, v.hazards, host_level))
     return reports, result.issues

@@ -12,144 +12,58 @@ Two kinds of answers, with different lifetimes:
 
 Scrapes only read: ``facts()``, ``expansion()`` and ``cached_failure()`` never start QEMU; a missing
 expansion is queued for the background thread and shows up on a later scrape.
+
+This module is the memo and the thread that fills it (about 440 lines, one class: both halves share
+one lock, the queue and the failure memo, and split apart they would reach into each other).
+Asking QEMU and reading its answers is ``exporter.qemu.cpumodels``, the disk cache
+``exporter.qemu.cache``, starting QEMU ``exporter.qemu.process``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
-import re
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from exporter.config import Config
 from exporter.errors import QemuBinaryMissing, QemuError, UnknownCpuModel
-from exporter.features import full_cpu_model, qemu_to_cpuinfo
+from exporter.features import full_cpu_model
 from exporter.logsetup import log_failure
+from exporter.qemu import cache, process
+from exporter.qemu.binary import BinaryId, resolve_binary
+from exporter.qemu.cache import CACHE_FILE, BinaryRecord
+from exporter.qemu.cpumodels import (
+    ACCELERATORS,
+    CpuModelInfo,
+    Expansion,
+    HostQemuFacts,
+    expand,
+    models_from_definitions,
+    query_models,
+    verdicts,
+)
+from exporter.qemu.cpuspec import parse_cpu_spec
 from exporter.qemu.proof import prove_accelerators
-from exporter.qemu.qmp import BinaryId, QmpCommandFailed, ScratchQemu, kill_group, resolve_binary
+from exporter.qemu.qmp import ScratchQemu
+
+__all__ = [
+    "ACCELERATORS",
+    "CACHE_FILE",
+    "CpuModelInfo",
+    "Expansion",
+    "HostQemuFacts",
+    "QemuKnowledge",
+    "parse_cpu_spec",
+]
 
 log = logging.getLogger(__name__)
 
-ACCELERATORS: tuple[str, ...] = ("kvm", "tcg")
-CACHE_FILE = "qemu-knowledge.json"
-_CACHE_FORMAT = 1
-#: Boolean properties of a full expansion that are QEMU switches, not CPUID features.
-_NOT_FEATURES = frozenset(
-    {
-        "check", "enforce", "migratable", "realized", "pmu", "l3-cache", "legacy-cache",
-        "host-cache-info", "host-phys-bits", "fill-mtrr-mask", "full-cpuid-auto-level", "cpuid-0xb",
-        "start-powered-off", "tcg-cpuid", "vmware-cpuid-freq", "kvm-no-smi-migration",
-        "kvm-pv-enforce-cpuid", "hv-passthrough", "hv-enforce-cpuid",
-    }
-)  # fmt: skip
-_MODEL_NOT_FOUND = re.compile(r"CPU model '([^']*)' not found|requires KVM|not supported", re.IGNORECASE)
-_PROPERTY_NOT_FOUND = re.compile(r"Property '[^']*?\.?([^'.]+)' not found")
 #: how long a transient (non-deterministic) expansion failure is reported before it is retried
 RETRY_AFTER = 60.0
-
-
-@dataclass(frozen=True)
-class CpuModelInfo:
-    name: str
-    #: QEMU's own verdict (no unavailable-features) under the accelerator used
-    usable: bool
-    #: QEMU's unavailable-features, /proc/cpuinfo spelling
-    unavailable: tuple[str, ...]
-    alias_of: str | None = None
-
-
-@dataclass(frozen=True)
-class Expansion:
-    #: resolved absolute path of the QEMU binary
-    binary: str
-    #: model (or full -cpu spec) as asked: "Westmere", "max", "SandyBridge,+avx2"
-    model: str
-    accel: str
-    #: enabled features, /proc/cpuinfo spelling
-    features: frozenset[str]
-    #: every feature property QEMU reported (enabled or not), /proc/cpuinfo spelling
-    known: frozenset[str]
-
-
-@dataclass(frozen=True)
-class HostQemuFacts:
-    binary: str
-    version: str
-    #: {"kvm": False, "tcg": True}: proven by booting a guest, not assumed
-    accelerators: dict[str, bool]
-    #: why an accelerator is unusable (one line)
-    accelerator_errors: dict[str, str]
-    #: from query-cpu-definitions under best_accel
-    models: dict[str, CpuModelInfo]
-    #: "host" when KVM is proven usable, else "max"
-    exposable_model: str
-    #: features (cpuinfo spelling) -cpu host/max would give a guest
-    exposable: frozenset[str]
-    probed_at: float
-
-    @property
-    def kvm_usable(self) -> bool:
-        return bool(self.accelerators.get("kvm", False))
-
-    @property
-    def best_accel(self) -> str:
-        return "kvm" if self.kvm_usable else "tcg"
-
-
-def parse_cpu_spec(spec: str) -> tuple[str, dict[str, bool | str]]:
-    """``"Westmere,+aes,-avx,avx2=on"`` -> ``("Westmere", {"aes": True, "avx": False, "avx2": True})``."""
-    name, *opts = [part.strip() for part in spec.split(",")]
-    props: dict[str, bool | str] = {}
-    for opt in opts:
-        if not opt:
-            continue
-        if opt[0] in "+-":
-            props[opt[1:]] = opt[0] == "+"
-        elif "=" in opt:
-            key, value = opt.split("=", 1)
-            low = value.lower()
-            props[key] = low in ("on", "yes", "true") if low in ("on", "off", "yes", "no", "true", "false") else value
-        else:
-            props[opt] = True
-    return name, props
-
-
-def expansion_from_props(binary: str, model: str, accel: str, props: dict[str, Any]) -> Expansion:
-    """Keep the boolean feature properties of a QMP expansion, in /proc/cpuinfo spelling."""
-    flags = {
-        k: v for k, v in props.items() if isinstance(v, bool) and k not in _NOT_FEATURES and not k.startswith("x-")
-    }
-    return Expansion(
-        binary=binary,
-        model=model,
-        accel=accel,
-        features=frozenset(qemu_to_cpuinfo(k) for k, v in flags.items() if v),
-        known=frozenset(qemu_to_cpuinfo(k) for k in flags),
-    )
-
-
-def models_from_definitions(definitions: Iterable[dict[str, Any]]) -> dict[str, CpuModelInfo]:
-    out: dict[str, CpuModelInfo] = {}
-    for d in definitions:
-        unavailable = tuple(dict.fromkeys(qemu_to_cpuinfo(f) for f in d.get("unavailable-features", [])))
-        out[str(d["name"])] = CpuModelInfo(
-            name=str(d["name"]), usable=not unavailable, unavailable=unavailable, alias_of=d.get("alias-of")
-        )
-    return dict(sorted(out.items()))
-
-
-def _version_string(reply: dict[str, Any]) -> str:
-    q = reply.get("qemu", {})
-    return f"{q.get('major', 0)}.{q.get('minor', 0)}.{q.get('micro', 0)}"
 
 
 @dataclass
@@ -163,15 +77,6 @@ class _Failure:
         return isinstance(self.error, UnknownCpuModel)
 
 
-@dataclass
-class _BinaryRecord:
-    """Everything learnt about one binary identity; what goes into the JSON cache."""
-
-    path: str
-    version: str = ""
-    definitions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # accel -> raw defs
-
-
 class QemuKnowledge:
     """The one source of QEMU facts and CPU model expansions for the daemon, inspect and canaries."""
 
@@ -182,6 +87,7 @@ class QemuKnowledge:
             accelerators=tuple(cfg.qemu.accelerators),
             probe_timeout=cfg.qemu.probe_timeout_seconds,
             cache_dir=Path(cfg.paths.cache_dir),
+            run_as_user=cfg.canary.run_as_user,
         )
 
     def __init__(
@@ -192,8 +98,11 @@ class QemuKnowledge:
         probe_timeout: float = 15.0,
         cache_dir: Path | None = None,
         clock: Callable[[], float] = time.time,
+        run_as_user: str | None = None,
     ) -> None:
         self.binary = binary
+        #: who proof and scratch QEMUs run as when the exporter is root (the canary's user)
+        self.run_as_user = run_as_user
         self.accelerators = tuple(a for a in accelerators if a in ACCELERATORS)
         self.probe_timeout = probe_timeout
         self.cache_dir = cache_dir
@@ -204,7 +113,7 @@ class QemuKnowledge:
         self._probe_lock = threading.Lock()
         self._facts: HostQemuFacts | None = None
         self._error: QemuError | None = None
-        self._records: dict[str, _BinaryRecord] = {}
+        self._records: dict[str, BinaryRecord] = {}
         self._expansions: dict[tuple[str, str, str], Expansion] = {}
         self._failures: dict[tuple[str, str, str], _Failure] = {}
         self._pending: dict[tuple[str, str, str], tuple[BinaryId, str, str]] = {}
@@ -246,7 +155,9 @@ class QemuKnowledge:
         self._wake.set()
         return None
 
-    def cached_failure(self, model: str, *, binary: str | None = None, accel: str = "tcg") -> QemuError | None:
+    def cached_failure(
+        self, model: str, *, binary: str | None = None, accel: str = "tcg"
+    ) -> QemuError | None:
         """Why resolving ``model`` failed (e.g. UnknownCpuModel, QemuBinaryMissing), without blocking."""
         try:
             bid = resolve_binary(binary or self.binary)
@@ -323,7 +234,8 @@ class QemuKnowledge:
                     "fields": {
                         "binary": facts.binary,
                         "version": facts.version,
-                        "usable_accelerators": ",".join(a for a, ok in facts.accelerators.items() if ok) or "none",
+                        "usable_accelerators": ",".join(a for a, ok in facts.accelerators.items() if ok)
+                        or "none",
                         "usable_models": sum(1 for m in facts.models.values() if m.usable),
                         "exposable_model": facts.exposable_model,
                         "duration_seconds": round(time.monotonic() - started, 3),
@@ -340,6 +252,7 @@ class QemuKnowledge:
         """Probe now in a background thread, re-probe every ``refresh_interval``, serve queued expansions."""
         if self._thread is not None and self._thread.is_alive():
             return
+        process.sweep_stale_dirs()  # work dirs of a previous daemon that was killed
         self._stopping.clear()
         self._thread = threading.Thread(
             target=self._loop, args=(refresh_interval,), name="qemu-knowledge", daemon=True
@@ -353,7 +266,7 @@ class QemuKnowledge:
         with self._lock:
             procs = list(self._procs)
         for proc in procs:
-            kill_group(proc)
+            process.kill(proc)
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
@@ -395,17 +308,33 @@ class QemuKnowledge:
             self._procs = {p for p in self._procs if p.poll() is None}
             self._procs.add(proc)
         if self._stopping.is_set():
-            kill_group(proc)
+            process.kill(proc)
+
+    def _credentials(self) -> process.Credentials | None:
+        try:
+            return process.drop_to(self.run_as_user)
+        except KeyError as err:
+            raise QemuError(f"cannot run QEMU as {self.run_as_user!r}: no such user") from err
+
+    def _scratch(self, bid: BinaryId, accel: str) -> ScratchQemu:
+        return ScratchQemu(
+            bid,
+            accel=accel,
+            timeout=self.probe_timeout,
+            on_spawn=self._track,
+            credentials=self._credentials(),
+        )
 
     def _probe(self) -> HostQemuFacts:
         bid = resolve_binary(self.binary, fresh=True)
-        proofs = prove_accelerators(bid, self.accelerators, timeout=self.probe_timeout, on_spawn=self._track)
-        accelerators = {a: bool(proofs[a].usable) if a in proofs else False for a in ACCELERATORS}
-        errors = {
-            a: (proofs[a].error if a in proofs else "not tried (not in qemu.accelerators)")
-            for a in ACCELERATORS
-            if not accelerators[a]
-        }
+        proofs = prove_accelerators(
+            bid,
+            self.accelerators,
+            timeout=self.probe_timeout,
+            on_spawn=self._track,
+            credentials=self._credentials(),
+        )
+        accelerators, errors = verdicts(proofs)
         best = "kvm" if accelerators["kvm"] else "tcg"
         exposable_model = full_cpu_model(best)
         with self._lock:
@@ -428,23 +357,16 @@ class QemuKnowledge:
             probed_at=self.clock(),
         )
 
-    def _query_host(self, bid: BinaryId, accel: str, exposable_model: str) -> tuple[_BinaryRecord, Expansion]:
+    def _query_host(self, bid: BinaryId, accel: str, exposable_model: str) -> tuple[BinaryRecord, Expansion]:
         with self._lock:
             extra = [m for (k, m, a) in self._pending if k == bid.key and a == accel and m != exposable_model]
-        with ScratchQemu(bid, accel=accel, timeout=self.probe_timeout, on_spawn=self._track) as q:
-            version = q.execute("query-version")
-            definitions = q.execute("query-cpu-definitions")
-            if not isinstance(version, dict) or not isinstance(definitions, list):
-                raise QemuError(f"{bid.path}: unexpected QMP answers (not QEMU's x86 system emulator?)")
+        with self._scratch(bid, accel) as q:
+            version, definitions = query_models(q, bid)
             results = self._expand_in(q, bid, accel, [exposable_model, *extra])
         with self._lock:
-            record = self._records.setdefault(bid.key, _BinaryRecord(path=bid.path))
-            record.version = _version_string(version)
-            record.definitions[accel] = [
-                {k: d[k] for k in ("name", "unavailable-features", "alias-of") if k in d}
-                for d in definitions
-                if isinstance(d, dict) and "name" in d
-            ]
+            record = self._records.setdefault(bid.key, BinaryRecord(path=bid.path))
+            record.version = version
+            record.definitions[accel] = definitions
             for model in extra:
                 self._pending.pop((bid.key, model, accel), None)
         self._save_cache()
@@ -456,7 +378,7 @@ class QemuKnowledge:
     def _resolve(self, bid: BinaryId, accel: str, models: list[str]) -> dict[str, Expansion | QemuError]:
         """Expand ``models`` in one scratch QEMU; records (and returns) each result or error."""
         try:
-            with ScratchQemu(bid, accel=accel, timeout=self.probe_timeout, on_spawn=self._track) as q:
+            with self._scratch(bid, accel) as q:
                 results = self._expand_in(q, bid, accel, models)
         except QemuError as err:
             results = {}
@@ -472,22 +394,7 @@ class QemuKnowledge:
     ) -> dict[str, Expansion | QemuError]:
         results: dict[str, Expansion | QemuError] = {}
         for model in dict.fromkeys(models):
-            name, props = parse_cpu_spec(model)
-            arg: dict[str, Any] = {"name": name}
-            if props:
-                arg["props"] = props
-            result: Expansion | QemuError
-            try:
-                reply = q.execute("query-cpu-model-expansion", {"type": "full", "model": arg})
-                got_model = reply.get("model") if isinstance(reply, dict) else None
-                got = got_model.get("props") if isinstance(got_model, dict) else None
-                if not isinstance(got, dict):
-                    raise QemuError(f"{bid.path}: unexpected answer expanding {model!r}")
-                result = expansion_from_props(bid.path, model, accel, got)
-            except QmpCommandFailed as err:
-                result = _classify(err, bid, model, accel)
-            except QemuError as err:
-                result = err
+            result = expand(q, bid, accel, model)
             results[model] = result
             with self._lock:
                 key = (bid.key, model, accel)
@@ -501,59 +408,28 @@ class QemuKnowledge:
     # ------------------------------------------------------------------ persistence
 
     def _cache_path(self) -> Path | None:
-        return self.cache_dir / CACHE_FILE if self.cache_dir is not None else None
+        return self.cache_dir / cache.CACHE_FILE if self.cache_dir is not None else None
 
     def _load_cache(self) -> None:
         path = self._cache_path()
-        if path is None or not path.exists():
+        if path is None:
             return
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if data.get("format") != _CACHE_FORMAT:
-                return
-            for key, entry in data["binaries"].items():
-                self._records[key] = _BinaryRecord(
-                    path=entry["path"], version=entry.get("version", ""), definitions=entry.get("definitions", {})
-                )
-                for exp in entry.get("expansions", []):
-                    self._expansions[(key, exp["model"], exp["accel"])] = Expansion(
-                        binary=entry["path"],
-                        model=exp["model"],
-                        accel=exp["accel"],
-                        features=frozenset(exp["features"]),
-                        known=frozenset(exp["known"]),
-                    )
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            log.warning("ignoring unreadable QEMU knowledge cache", extra={"fields": {"path": path, "err": err}})
-            self._records.clear()
-            self._expansions.clear()
+            self._records, self._expansions = cache.load(path)
+        except (OSError, ValueError) as err:
+            log.warning(
+                "ignoring unreadable QEMU knowledge cache", extra={"fields": {"path": path, "err": err}}
+            )
 
     def _save_cache(self) -> None:
         path = self._cache_path()
         if path is None:
             return
         with self._lock:
-            binaries: dict[str, dict[str, Any]] = {}
-            for key, rec in self._records.items():
-                binaries[key] = {
-                    "path": rec.path, "version": rec.version, "definitions": rec.definitions, "expansions": []
-                }
-            for (key, _model, _accel), exp in sorted(self._expansions.items()):
-                entry = binaries.setdefault(key, {"path": exp.binary, "expansions": []})
-                entry["expansions"].append({
-                    "model": exp.model, "accel": exp.accel,
-                    "features": sorted(exp.features), "known": sorted(exp.known),
-                })
-            binaries = {k: v for k, v in binaries.items() if _still_installed(k, v["path"])}
-            text = json.dumps({"format": _CACHE_FORMAT, "binaries": binaries}, indent=1, sort_keys=True)
-        tmp: str | None = None
+            records = {k: r.model_copy(deep=True) for k, r in self._records.items()}
+            expansions = dict(self._expansions)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".qemu-knowledge.", dir=path.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
+            cache.save(path, records, expansions)
         except OSError as err:
             if not self._cache_warned:  # once: the answers still work from memory
                 self._cache_warned = True
@@ -561,25 +437,3 @@ class QemuKnowledge:
                     "cannot write QEMU knowledge cache; answers are kept in memory only",
                     extra={"fields": {"path": path, "err": err.strerror or str(err)}},
                 )
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-
-
-def _still_installed(key: str, path: str) -> bool:
-    """Whether a cache entry still describes an installed file (old versions are dropped)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    return key == f"{path}|{st.st_mtime_ns}|{st.st_size}"
-
-
-def _classify(err: QmpCommandFailed, bid: BinaryId, model: str, accel: str) -> QemuError:
-    """QEMU's error text -> UnknownCpuModel for deterministic "no such model/feature" answers."""
-    prop = _PROPERTY_NOT_FOUND.search(err.desc)
-    if prop:
-        return UnknownCpuModel(f"{bid.path} ({accel}): unknown CPU feature {prop.group(1)!r} in {model!r}")
-    if _MODEL_NOT_FOUND.search(err.desc):
-        return UnknownCpuModel(f"{bid.path} ({accel}): unknown CPU model {model!r}: {err.desc}")
-    return err

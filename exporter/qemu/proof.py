@@ -11,14 +11,14 @@ sector while ``-cpu host`` cannot even start, and the canary boots with ``host``
 from __future__ import annotations
 
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.features import OWN_GUEST_PREFIX, full_cpu_model
-from exporter.qemu.qmp import BinaryId, first_error_line, kill_group
+from exporter.qemu import process
+from exporter.qemu.binary import BinaryId
 
 #: What the proof guest writes to its serial port; long enough that firmware output cannot fake it.
 MARKER = b"KVMCPU-PROOF-OK\n"
@@ -54,24 +54,27 @@ def prove_accelerators(
     timeout: float = 15.0,
     on_spawn: Callable[[subprocess.Popen[bytes]], None] | None = None,
     poll_interval: float = 0.05,
+    credentials: process.Credentials | None = None,
 ) -> dict[str, ProofResult]:
     """Boot the proof guest under every accelerator at once; each result within ``timeout``.
 
     Run concurrently so that a hanging KVM costs ``timeout`` in total, not on top of TCG's proof.
-    Every process is killed (process group) before this returns, whatever happened.
+    Every process is killed (process group) before this returns, whatever happened; QEMU runs as
+    ``credentials`` (see ``exporter.qemu.process``).
     """
     accels = list(dict.fromkeys(accels))
     results: dict[str, ProofResult] = {}
-    with tempfile.TemporaryDirectory(prefix="kvmcpu-proof-") as tmpdir:
-        tmp = Path(tmpdir)
+    with process.work_dir("proof", credentials) as tmp:
         image = tmp / "proof.img"
         image.write_bytes(boot_sector())
+        process.hand_over(image, credentials)
         running: dict[str, tuple[subprocess.Popen[bytes], Path, Path]] = {}
         start = time.monotonic()
         try:
             for accel in accels:
                 serial, stderr = tmp / f"{accel}.serial", tmp / f"{accel}.stderr"
                 serial.touch()
+                process.hand_over(serial, credentials)  # QEMU writes it after dropping privileges
                 cmd = [
                     binary.exec_path, "-name", f"guest={OWN_GUEST_PREFIX}proof-{accel}",
                     "-accel", accel, "-cpu", PROOF_CPU.get(accel, "max"),
@@ -82,10 +85,7 @@ def prove_accelerators(
                 ]  # fmt: skip
                 try:
                     with open(stderr, "wb") as err:
-                        proc = subprocess.Popen(
-                            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                            start_new_session=True, close_fds=True,
-                        )  # fmt: skip
+                        proc = process.spawn(cmd, stderr=err, credentials=credentials)
                 except OSError as e:
                     results[accel] = ProofResult(accel, False, f"cannot execute {binary.exec_path}: {e}")
                     continue
@@ -98,7 +98,7 @@ def prove_accelerators(
                     if MARKER in serial.read_bytes():
                         results[accel] = ProofResult(accel, True, "", now - start)
                     elif proc.poll() is not None:
-                        why = first_error_line(stderr.read_text(errors="replace"))
+                        why = process.first_error_line(process.tail(stderr))
                         results[accel] = ProofResult(
                             accel, False, why or f"QEMU exited with status {proc.returncode}", now - start
                         )
@@ -108,11 +108,11 @@ def prove_accelerators(
                         )
                     else:
                         continue
-                    kill_group(proc)
+                    process.kill(proc)
                     del running[accel]
                 if running:
                     time.sleep(poll_interval)
         finally:
             for proc, _, _ in running.values():
-                kill_group(proc)
+                process.kill(proc)
     return {accel: results[accel] for accel in accels}

@@ -1,4 +1,9 @@
-"""Throwaway QEMU processes that answer QMP questions, and the binary resolution they need.
+"""The one QMP session type (over ``qemu.qmp``), and throwaway QEMU processes that answer QMP.
+
+``QmpSession`` is a blocking session with one deadline for connect and every command, so a hung
+or garbage-spewing monitor cannot stall the thread that asked for longer than ``timeout``. Every
+QMP conversation of the exporter goes through it: the ``-machine none`` scratch QEMU below and the
+opt-in live check of operator-configured guest sockets (``exporter.guests.live``).
 
 Knowledge about a QEMU binary (its CPU models, what a model expands to) only exists inside a
 running QEMU. A ``-machine none -S`` process costs ~40 ms and no guest CPU, so one is started per
@@ -11,112 +16,160 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import shutil
-import signal
-import stat
 import subprocess
-import tempfile
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
 from exporter.errors import QemuBinaryMissing, QemuError, QmpError
+from exporter.qemu import process
+from exporter.qemu.binary import BinaryId, resolve_binary
+from exporter.qemu.process import first_error_line
 
-#: The QMP library logs every refused connection attempt at ERROR; this module reports failures
-#: itself (as QemuError with the cause), so its own scratch clients stay quiet.
-_CLIENT_NAME = "kvmcpu-scratch"
+__all__ = [
+    "BinaryId",
+    "QmpCommandFailed",
+    "QmpSession",
+    "QmpTimeout",
+    "ScratchQemu",
+    "first_error_line",
+    "resolve_binary",
+]
+
+#: The QMP library logs every refused connection attempt at ERROR; the exporter reports failures
+#: itself (as QmpError/QemuError with the cause), so its clients stay quiet.
+_CLIENT_NAME = "kvmcpu"
 logging.getLogger("qemu.qmp.protocol").getChild(_CLIENT_NAME).setLevel(logging.CRITICAL)
 
 
-@dataclass(frozen=True)
-class BinaryId:
-    """Identity of a QEMU binary: answers are reused only while the very same file is installed."""
+class QmpCommandFailed(QmpError):
+    """QEMU answered a command with an error (e.g. an unknown CPU model or property)."""
 
-    #: absolute path to report (the realpath; may end in " (deleted)" for an upgraded binary)
-    path: str
-    #: path to execute (differs from ``path`` only for a deleted binary still reachable via /proc/PID/exe)
-    exec_path: str
-    mtime_ns: int
-    size: int
-
-    @property
-    def key(self) -> str:
-        return f"{self.path}|{self.mtime_ns}|{self.size}"
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+        super().__init__(f"QMP {command}: {desc}")
 
 
-_which_cache: dict[str, str] = {}
+class QmpTimeout(QmpError):
+    """QEMU did not answer within the session's deadline; counted like a QEMU that never started."""
+
+    reason = "qemu_error"
 
 
-def resolve_binary(binary: str, *, fresh: bool = False) -> BinaryId:
-    """Find ``binary`` (a name looked up in PATH, or a path such as ``/proc/PID/exe``).
+class _Closing:
+    """``with`` support for the types below: open on entry, close on exit, and close whatever was
+    opened when opening fails half-way (a QEMU started, its socket never answered)."""
 
-    ``fresh`` rescans PATH instead of trusting the remembered answer (probes do, scrapes do not).
-    Raises QemuBinaryMissing with an operator-actionable message.
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class QmpSession(_Closing):
+    """A blocking QMP session on a unix socket; every step shares one deadline of ``timeout`` s.
+
+    Errors are ``QmpError`` (``QmpCommandFailed`` for an error reply), worded with ``label``::
+
+        with QmpSession("/run/qemu/web01.qmp", timeout=5) as qmp:
+            cpus = qmp.execute("query-cpus-fast")
     """
-    if os.sep in binary:
-        candidate: str | None = binary
-    else:
-        # The scrape path resolves names often; a PATH scan costs ~100 us, a remembered hit one stat.
-        candidate = _which_cache.get(binary)
-        if fresh or candidate is None or not os.path.exists(candidate):
-            candidate = shutil.which(binary)
-            if candidate is None:
-                raise QemuBinaryMissing(f"{binary} not found in PATH; install qemu-system-x86")
-            _which_cache[binary] = candidate
-    assert candidate is not None
-    try:
-        st = os.stat(candidate)
-    except FileNotFoundError as err:
-        raise QemuBinaryMissing(f"{candidate}: no such file; install qemu-system-x86") from err
-    except OSError as err:  # e.g. /proc/PID/exe of another user's guest when not running as root
-        raise QemuBinaryMissing(f"{candidate}: {err.strerror or err}") from err
-    if not stat.S_ISREG(st.st_mode) or not os.access(candidate, os.X_OK):
-        raise QemuBinaryMissing(f"{candidate}: not an executable file")
-    real = os.path.realpath(candidate)
-    # An upgraded binary kept alive by a running guest has a realpath ending in " (deleted)" that
-    # does not exist; only its /proc/PID/exe link can still run it.
-    exec_path = real if os.path.isfile(real) else candidate
-    return BinaryId(path=real, exec_path=exec_path, mtime_ns=st.st_mtime_ns, size=st.st_size)
+
+    def __init__(
+        self, path: str, *, timeout: float = 5.0, label: str | None = None, deadline: float | None = None
+    ) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.label = label or path
+        #: ``time.monotonic()`` value; a caller with a larger budget (ScratchQemu) passes its own
+        self._deadline = time.monotonic() + timeout if deadline is None else deadline
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: QMPClient | None = None
+
+    def remaining(self) -> float:
+        return max(0.0, self._deadline - time.monotonic())
+
+    def _open(self) -> None:
+        self.connect()
+
+    def connect(self, *, retry_refused: Callable[[], bool] | None = None) -> None:
+        """Connect and negotiate capabilities. While ``retry_refused()`` is true, a refused
+        connection is retried (a QEMU that bound its socket a moment before listening)."""
+        self._loop = self._loop or asyncio.new_event_loop()
+        while True:
+            self._client = QMPClient(_CLIENT_NAME)
+            try:
+                self._run(self._client.connect(self.path), "connect")
+                return
+            except QmpError:
+                raise
+            except (QMPError, OSError) as err:
+                cause = err.__cause__ or err
+                refused = isinstance(cause, ConnectionRefusedError)
+                if not (
+                    refused and retry_refused is not None and retry_refused() and self.remaining() > 0.05
+                ):
+                    why = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(err)
+                    raise QmpError(f"{self.label}: cannot connect: {why}") from err
+            time.sleep(0.02)
+
+    def _run(self, coro: Any, what: str) -> Any:
+        assert self._loop is not None
+        remaining = self.remaining()
+        if remaining <= 0:
+            coro.close()
+            raise QmpTimeout(f"{self.label}: no QMP answer to {what} within {self.timeout:g}s")
+        try:
+            return self._loop.run_until_complete(asyncio.wait_for(coro, remaining))
+        except TimeoutError as err:
+            raise QmpTimeout(f"{self.label}: no QMP answer to {what} within {self.timeout:g}s") from err
+
+    def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+        """Run one QMP command; a QMP error reply becomes ``QmpCommandFailed`` (QMP's ``desc`` text)."""
+        if self._client is None:
+            raise QmpError(f"{self.label}: not connected")
+        try:
+            return self._run(self._client.execute(command, dict(arguments or {})), command)
+        except ExecuteError as err:
+            raise QmpCommandFailed(command, err.error_class, str(err)) from err
+        except QmpError:
+            raise
+        except (QMPError, OSError) as err:
+            raise QmpError(f"{self.label}: QMP {command} failed: {err}") from err
+
+    def close(self) -> None:
+        if self._client is not None and self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.run_until_complete(asyncio.wait_for(self._client.disconnect(), 1.0))
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.close()
+        self._client, self._loop = None, None
 
 
-def kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """Kill a process started with ``start_new_session=True`` and everything it spawned; reap it."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
-
-
-def _tail(path: Path, limit: int = 4000) -> str:
-    try:
-        data = path.read_bytes()[-limit:]
-    except OSError:
-        return ""
-    return data.decode(errors="replace")
-
-
-def first_error_line(text: str) -> str:
-    """The line of QEMU's stderr that explains a failure (its "error:" line if any), without noise."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    lines = [ln for ln in lines if "terminating on signal" not in ln]
-    for ln in lines:
-        if "error" in ln.lower():
-            return ln
-    return lines[-1] if lines else ""
-
-
-class ScratchQemu:
+class ScratchQemu(_Closing):
     """A ``-machine none -S`` QEMU reachable over QMP, killed on exit.
 
     The whole session (start, connect, every command) shares one deadline of ``timeout`` seconds,
@@ -134,16 +187,18 @@ class ScratchQemu:
         accel: str = "tcg",
         timeout: float = 15.0,
         on_spawn: Callable[[subprocess.Popen[bytes]], None] | None = None,
+        credentials: process.Credentials | None = None,
     ) -> None:
         self.binary = binary
         self.accel = accel
         self.timeout = timeout
+        self.credentials = credentials
         self._on_spawn = on_spawn
         self._deadline = 0.0
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._stack = contextlib.ExitStack()
+        self._dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: QMPClient | None = None
+        self._session: QmpSession | None = None
 
     @property
     def proc(self) -> subprocess.Popen[bytes] | None:
@@ -153,27 +208,16 @@ class ScratchQemu:
         return max(0.0, self._deadline - time.monotonic())
 
     def _stderr(self) -> str:
-        return first_error_line(_tail(Path(self._tmp.name) / "stderr")) if self._tmp else ""
+        return first_error_line(process.tail(self._dir / "stderr")) if self._dir else ""
 
-    def __enter__(self) -> ScratchQemu:
+    def _open(self) -> None:
         self._deadline = time.monotonic() + self.timeout
-        self._tmp = tempfile.TemporaryDirectory(prefix="kvmcpu-qmp-")
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+        self._dir = self._stack.enter_context(process.work_dir("qmp", self.credentials))
+        self._start()
 
     def _start(self) -> None:
-        assert self._tmp is not None
-        tmp = Path(self._tmp.name)
-        sock = tmp / "qmp.sock"
+        assert self._dir is not None
+        sock = self._dir / "qmp.sock"
         cmd = [
             self.binary.exec_path,
             "-machine", "none",
@@ -181,12 +225,9 @@ class ScratchQemu:
             "-qmp", f"unix:{sock},server=on,wait=off",
             "-accel", self.accel,
         ]  # fmt: skip
-        with open(tmp / "stderr", "wb") as err:
+        with open(self._dir / "stderr", "wb") as err:
             try:
-                self._proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                    start_new_session=True, close_fds=True,
-                )  # fmt: skip
+                self._proc = process.spawn(cmd, stderr=err, credentials=self.credentials)
             except OSError as e:
                 raise QemuBinaryMissing(f"{self.binary.exec_path}: cannot execute: {e.strerror or e}") from e
         if self._on_spawn is not None:
@@ -200,77 +241,43 @@ class ScratchQemu:
             if self._remaining() <= 0:
                 raise QemuError(f"{self.binary.path} did not open its QMP socket within {self.timeout:g}s")
             time.sleep(0.01)
-        self._loop = asyncio.new_event_loop()
-        while True:
-            # The socket file appears at bind(), a moment before QEMU listens: retry refusals.
-            self._client = QMPClient(_CLIENT_NAME)
-            try:
-                self._run(self._client.connect(str(sock)), "connect")
-                return
-            except QemuError:
-                raise
-            except (QMPError, OSError) as err:
-                refused = isinstance(err.__cause__ or err, ConnectionRefusedError)
-                if not refused or self._proc.poll() is not None or self._remaining() <= 0.05:
-                    self._raise_exit_status(err)
-                    raise QmpError(f"{self.binary.path}: QMP handshake failed: {err}") from err
-            time.sleep(0.02)
+        self._session = QmpSession(
+            str(sock), timeout=self.timeout, label=self.binary.path, deadline=self._deadline
+        )
+        proc = self._proc
+        with self._exit_status():
+            self._session.connect(retry_refused=lambda: proc.poll() is None)
 
-    def _raise_exit_status(self, cause: BaseException) -> None:
+    @contextlib.contextmanager
+    def _exit_status(self) -> Iterator[None]:
         """If QEMU died (e.g. "could not load module"), say so with its own words, not the socket's."""
-        assert self._proc is not None
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._proc.wait(timeout=min(0.5, self._remaining()))
-        if self._proc.returncode is not None:
-            why = self._stderr()
-            raise QemuError(
-                f"{self.binary.path} exited with status {self._proc.returncode}" + (f": {why}" if why else "")
-            ) from cause
-
-    def _run(self, coro: Any, what: str) -> Any:
-        assert self._loop is not None
-        remaining = self._remaining()
-        if remaining <= 0:
-            coro.close()
-            raise QemuError(f"{self.binary.path}: no QMP answer to {what} within {self.timeout:g}s")
         try:
-            return self._loop.run_until_complete(asyncio.wait_for(coro, remaining))
-        except TimeoutError as err:
-            raise QemuError(f"{self.binary.path}: no QMP answer to {what} within {self.timeout:g}s") from err
+            yield
+        except QmpCommandFailed:
+            raise
+        except QmpError as err:
+            assert self._proc is not None
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=min(0.5, self._remaining()))
+            if self._proc.returncode is not None:
+                why = self._stderr()
+                raise QemuError(
+                    f"{self.binary.path} exited with status {self._proc.returncode}"
+                    + (f": {why}" if why else "")
+                ) from err
+            raise
 
     def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
         """Run one QMP command; a QMP error reply becomes ``QmpCommandFailed`` (QMP's ``desc`` text)."""
-        assert self._client is not None
-        try:
-            return self._run(self._client.execute(command, dict(arguments or {})), command)
-        except ExecuteError as err:
-            raise QmpCommandFailed(command, err.error_class, str(err)) from err
-        except QemuError:
-            raise
-        except (QMPError, OSError) as err:
-            self._raise_exit_status(err)
-            raise QmpError(f"{self.binary.path}: QMP {command} failed: {err}") from err
+        assert self._session is not None
+        with self._exit_status():
+            return self._session.execute(command, arguments)
 
     def close(self) -> None:
-        if self._client is not None and self._loop is not None:
-            with contextlib.suppress(Exception):
-                self._loop.run_until_complete(asyncio.wait_for(self._client.disconnect(), 1.0))
+        if self._session is not None:
+            self._session.close()
         if self._proc is not None:
-            kill_group(self._proc)
-        if self._loop is not None:
-            with contextlib.suppress(Exception):
-                self._loop.close()
-        if self._tmp is not None:
-            with contextlib.suppress(OSError):
-                self._tmp.cleanup()
-        self._client, self._loop, self._tmp = None, None, None
-
-
-class QmpCommandFailed(QmpError):
-    """QEMU answered a command with an error (e.g. an unknown CPU model or property)."""
-
-    def __init__(self, command: str, error_class: str, desc: str) -> None:
-        self.command = command
-        self.error_class = error_class
-        self.desc = desc
-        super().__init__(f"QMP {command}: {desc}")
+            process.kill(self._proc)
+        self._stack.close()
+        self._session = None
+        self._dir = None

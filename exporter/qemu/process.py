@@ -1,0 +1,260 @@
+"""The one way the exporter starts QEMU: no QEMU may outlive the daemon, whatever moment it dies.
+
+Every launcher (the accelerator proof, the ``-machine none`` QMP scratch QEMU, the canary guest,
+the ``-help`` feature probe) goes through ``spawn``, which layers three guards, because each alone
+has a hole:
+
+* the child gets its own process group, so one ``kill`` reaches QEMU and anything it spawned;
+* ``PR_SET_PDEATHSIG`` (SIGKILL) is armed in the child, so the kernel kills it when the daemon is
+  SIGKILLed and no Python cleanup runs. The parent may die between ``fork`` and ``prctl``: the
+  child then checks ``getppid`` and exits, since the signal would never come. The kernel sends it
+  when the *thread* that spawned the child ends, so spawn from a thread that outlives its QEMU
+  (every launcher here waits for, or kills, its QEMU before returning);
+* every exit path of a launcher calls ``kill``.
+
+When the daemon runs as root, QEMU runs as an unprivileged user (plus the ``kvm`` group, so it
+can still open /dev/kvm). The credential change happens before the death signal is armed, since
+the kernel clears it on a credential change.
+
+Work files (sockets, serial logs) live in per-run directories ``<tmp>/kvm-cpu-exporter-<kind>-
+<pid>-<random>``: the survivor removes its own, and ``sweep_stale_dirs`` (run when the daemon's
+QEMU knowledge starts, and before every canary run) removes those whose owner PID is dead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import grp
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+PR_SET_PDEATHSIG = 1
+#: every per-run directory of the exporter starts with this, in ``tempfile.gettempdir()``
+TEMP_PREFIX = "kvm-cpu-exporter-"
+_TEMP_NAME = re.compile(rf"^{re.escape(TEMP_PREFIX)}([a-z]+)-(\d+)-")
+
+_libc: ctypes.CDLL | None = None
+
+
+def _prctl() -> Callable[..., int]:
+    # Resolved in the parent: the child between fork and exec must not load libraries.
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    func: Callable[..., int] = _libc.prctl
+    return func
+
+
+# ---------------------------------------------------------------------------- users
+
+
+@dataclass(frozen=True)
+class Credentials:
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    name: str
+
+
+def lookup_user(name: str) -> Credentials:
+    """Uid/gid of ``name`` plus the kvm group (so an unprivileged QEMU can still open /dev/kvm).
+
+    Raises KeyError for an unknown user (the caller reports it in its own terms)."""
+    pw = pwd.getpwnam(name)
+    groups = {pw.pw_gid}
+    with contextlib.suppress(KeyError):
+        groups.add(grp.getgrnam("kvm").gr_gid)
+    return Credentials(pw.pw_uid, pw.pw_gid, tuple(sorted(groups)), name)
+
+
+def drop_to(user: str | None) -> Credentials | None:
+    """Whom QEMU runs as: ``user`` when the exporter is root, else the exporter's own user (None)."""
+    if not user or os.geteuid() != 0:
+        return None
+    return lookup_user(user)
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+def child_setup(
+    *,
+    parent_pid: int,
+    nice: int = 0,
+    cpu_affinity: Sequence[int] = (),
+    credentials: Credentials | None = None,
+    before_drop: Callable[[], None] | None = None,
+) -> Callable[[], None]:
+    """A preexec_fn: privileged steps first (``before_drop``, e.g. entering a netns), then drop to
+    ``credentials``, then the parent-death signal (a credential change would clear it), then the
+    scheduling limits. Runs in the forked child, so it only makes plain system calls."""
+    prctl = _prctl()
+    affinity = set(cpu_affinity)
+
+    def setup() -> None:
+        if before_drop is not None:
+            before_drop()
+        if credentials is not None:
+            os.setgroups(list(credentials.groups))
+            os.setgid(credentials.gid)
+            os.setuid(credentials.uid)
+        if prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent_pid:
+            os._exit(1)  # the parent died before the death signal was armed
+        if nice:
+            os.nice(nice)
+        if affinity:
+            os.sched_setaffinity(0, affinity)
+
+    return setup
+
+
+def spawn(
+    cmd: Sequence[str],
+    *,
+    stdout: int | IO[bytes] = subprocess.DEVNULL,
+    stderr: int | IO[bytes] = subprocess.DEVNULL,
+    credentials: Credentials | None = None,
+    nice: int = 0,
+    cpu_affinity: Sequence[int] = (),
+    before_drop: Callable[[], None] | None = None,
+    pass_fds: Sequence[int] = (),
+) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` guarded as the module docstring says; stop it with ``kill``.
+
+    Raises OSError when it cannot be started (also for a failing child setup step)."""
+    preexec = child_setup(
+        parent_pid=os.getpid(),
+        nice=nice,
+        cpu_affinity=cpu_affinity,
+        credentials=credentials,
+        before_drop=before_drop,
+    )
+    try:
+        return subprocess.Popen(
+            list(cmd),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+            preexec_fn=preexec,
+            close_fds=True,
+            pass_fds=tuple(pass_fds),
+        )
+    except subprocess.SubprocessError as err:  # the child's setup step raised
+        raise OSError(f"setting up the child process failed: {err}") from err
+
+
+def kill(target: subprocess.Popen[bytes] | int) -> None:
+    """SIGKILL a spawned process's whole group; a ``Popen`` is also reaped.
+
+    An ``int`` is a process group id (= the pid ``spawn`` returned) whose owner reaps it itself,
+    e.g. to read its rusage. A group that is already gone is fine."""
+    if isinstance(target, int):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(target, signal.SIGKILL)
+        return
+    if target.poll() is None:  # not yet reaped, so the group id cannot have been reused
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(target.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            target.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        target.wait(timeout=5)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists (owned by anyone: EPERM means it is there)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def first_error_line(text: str) -> str:
+    """The line of QEMU's output that explains a failure, without noise: its first line saying
+    "error", else its last own line (``qemu-system-x86_64: ...``) that is not a warning, else the
+    last line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if "terminating on signal" not in ln]
+    for ln in lines:
+        if "error" in ln.lower():
+            return ln[:300]
+    own = [ln for ln in lines if ln.startswith("qemu") and "warning:" not in ln]
+    return (own or lines or [""])[-1][:300]
+
+
+def tail(path: Path, limit: int = 4000) -> str:
+    """The last ``limit`` bytes of a log file QEMU wrote ("" if unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            data = f.read()
+    except OSError:
+        return ""
+    return data.decode(errors="replace")
+
+
+# ---------------------------------------------------------------------------- work dirs
+
+
+def temp_dir_prefix(kind: str, pid: int | None = None) -> str:
+    """``kvm-cpu-exporter-<kind>-<pid>-``: the pid says whose a directory is after a crash."""
+    if not kind.isalpha() or not kind.islower():
+        raise ValueError(f"temp dir kind must be lowercase letters: {kind!r}")
+    return f"{TEMP_PREFIX}{kind}-{os.getpid() if pid is None else pid}-"
+
+
+@contextlib.contextmanager
+def work_dir(kind: str, owner: Credentials | None = None) -> Iterator[Path]:
+    """A fresh per-run directory (owned by ``owner``, so an unprivileged QEMU can write there),
+    removed on the way out."""
+    path = Path(tempfile.mkdtemp(prefix=temp_dir_prefix(kind)))
+    try:
+        if owner is not None:
+            os.chown(path, owner.uid, owner.gid)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def hand_over(path: Path, owner: Credentials | None) -> Path:
+    """Give a file the parent created in a work dir to the user QEMU runs as (whatever the umask)."""
+    if owner is not None:
+        os.chown(path, owner.uid, owner.gid)
+    return path
+
+
+def sweep_stale_dirs(parent: Path | None = None) -> list[Path]:
+    """Remove work dirs whose owner process is gone (SIGKILL, power loss); returns them.
+
+    A live owner's directory may belong to a run in progress and is kept."""
+    root = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+    removed: list[Path] = []
+    try:
+        candidates = [p for p in root.iterdir() if p.name.startswith(TEMP_PREFIX)]
+    except OSError:
+        return removed
+    for path in candidates:
+        m = _TEMP_NAME.match(path.name)
+        if m is None or pid_alive(int(m.group(2))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
