@@ -103,6 +103,9 @@ def gzip_accepted(accept_encoding: str | None) -> bool:
     return weights.get("*", 0.0) > 0
 
 
+#: fixed paths -> ``handler`` label of kvmcpu_http_requests_total (the telemetry path is "metrics")
+_HANDLER_LABELS = {"/": "landing", "/config": "config", "/-/healthy": "healthy", "/-/ready": "ready"}
+
 #: accepted, waiting for a worker; reading the request head; between requests; being answered
 QUEUED, READING, IDLE, SERVING = "queued", "reading", "idle", "serving"
 
@@ -572,7 +575,7 @@ class ExporterHTTP:
     def handler_label(self, path: str) -> str:
         if path == self.telemetry_path:
             return "metrics"
-        return {"/": "landing", "/config": "config", "/-/healthy": "healthy", "/-/ready": "ready"}.get(path, "other")
+        return _HANDLER_LABELS.get(path, "other")
 
     def acquire(self) -> bool:
         """A slot for one scrape or landing page, without waiting (promhttp's MaxRequestsInFlight)."""

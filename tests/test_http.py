@@ -33,7 +33,9 @@ def server():  # type: ignore[no-untyped-def]
     app = ExporterHTTP(
         registry,
         "127.0.0.1:0",
-        status=lambda: Status(collectors={"cpu": (True, 0.001, None)}, canary=(CanaryProfileStatus("<no run yet>"),)),
+        status=lambda: Status(
+            collectors={"cpu": (True, 0.001, None)}, canary=(CanaryProfileStatus("<no run yet>"),)
+        ),
         ready=lambda: ready["v"],
     )
     host, port = app.bind()
