@@ -54,7 +54,7 @@ class QemuCollector:
         # TYPE kvmcpu_cpu_model_features gauge
         kvmcpu_cpu_model_features{model="Broadwell-v1"} 56.0
         # TYPE kvmcpu_cpu_model_rank gauge
-        kvmcpu_cpu_model_rank{model="Broadwell-v1"} 3.056613e+06
+        kvmcpu_cpu_model_rank{model="Broadwell-v1"} 3.056315e+06
         # TYPE kvmcpu_host_x86_64_level gauge
         kvmcpu_host_x86_64_level 3.0
 
