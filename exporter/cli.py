@@ -14,7 +14,7 @@ from exporter import __version__
 from exporter.collector import COLLECTORS
 from exporter.config import Config, load_file, validate
 
-SUBCOMMANDS = ("serve", "inspect", "canary")
+SUBCOMMANDS = ("serve", "inspect", "canary", "fleet")
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     from exporter.commands import canary as canary_cmd
 
     canary_cmd.add_arguments(canary, add_common)
+    fleet = sub.add_parser("fleet", help="the fleet's CPU baseline, from Prometheus")
+    add_common(fleet)
+    from exporter.commands import fleet as fleet_cmd
+
+    fleet_cmd.add_arguments(fleet)
     return parser
 
 
@@ -198,6 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from exporter.commands import inspect as inspect_cmd
 
         return inspect_cmd.run(cfg, args)
+    if args.command == "fleet":
+        from exporter.commands import fleet as fleet_cmd
+
+        return fleet_cmd.run(cfg, args)
     from exporter.commands import canary as canary_cmd
 
     return canary_cmd.run(cfg, args)
