@@ -243,7 +243,7 @@ def test_fleet_of_four_real_cpus(start_daemon: Any, tmp_path: Path) -> None:
         def recorded() -> list[dict[str, Any]] | None:
             hosts = prom.query("job_cluster:kvmcpu_hosts:count")
             rec = prom.query("job_cluster:kvmcpu_cpu_model_recommended:rank")
-            full = prom.query("count(kvmcpu_host_cpu_model_supported) == %d" % (4 * len(exp["catalogue"])))
+            full = prom.query(f"count(kvmcpu_host_cpu_model_supported) == {4 * len(exp['catalogue'])}")
             ok = hosts and float(hosts[0]["value"][1]) == 4 and rec and full
             return rec if ok else None
 
