@@ -51,7 +51,17 @@ RULES = [ROOT / "deploy" / "prometheus" / "rules" / n for n in ("recording.yml",
 JOB = "kvm-cpu-exporter"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
-NEW_KERNEL_FLAGS = {"pku", "ospke", "ibrs", "ibpb", "stibp", "ssbd", "md_clear", "flush_l1d", "arch_capabilities"}
+NEW_KERNEL_FLAGS = {
+    "pku",
+    "ospke",
+    "ibrs",
+    "ibpb",
+    "stibp",
+    "ssbd",
+    "md_clear",
+    "flush_l1d",
+    "arch_capabilities",
+}
 
 
 @dataclass(frozen=True)
@@ -108,8 +118,13 @@ def catalogue() -> list[ModelFacts]:
     return out
 
 
-def synthetic_fleet(hosts: int, guests_per_host: int, seed: int = 16, kinds: list[CpuKind] | None = None,
-                    models: list[ModelFacts] | None = None) -> Fleet:
+def synthetic_fleet(
+    hosts: int,
+    guests_per_host: int,
+    seed: int = 16,
+    kinds: list[CpuKind] | None = None,
+    models: list[ModelFacts] | None = None,
+) -> Fleet:
     rnd = random.Random(seed)
     kinds = kinds or cpu_kinds()
     models = models or catalogue()
@@ -123,15 +138,22 @@ def synthetic_fleet(hosts: int, guests_per_host: int, seed: int = 16, kinds: lis
     for instance, kind in fleet.hosts.items():
         hostish = kind.flags & watched
         choices = [
-            ("qemu64", frozenset({"hypervisor", "svm"} if kind.vendor == "AuthenticAMD" else {"hypervisor"}), 1),
-            ("Westmere", frozenset({"aes", "pclmulqdq", "ssse3", "sse4_1", "sse4_2", "hypervisor"}) & (kind.flags | {"hypervisor"}), 2),
+            ("qemu64", frozenset({"hypervisor"}), 1),  # KVM turns qemu64's svm off by default
+            (
+                "Westmere",
+                frozenset({"aes", "pclmulqdq", "ssse3", "sse4_1", "sse4_2", "hypervisor"})
+                & (kind.flags | {"hypervisor"}),
+                2,
+            ),
             ("host", frozenset(hostish | {"hypervisor"}), level_of(kind.flags)),
         ]
         for g in range(guests_per_host):
             model, feats, lv = rnd.choices(choices, weights=[5, 3, 1])[0]
             scope = instance if model == "host" else ""
             config = f"{zlib.crc32(f'{model}|{scope}'.encode()):08x}"
-            fleet.guests.append(Guest(f"vm-{instance.split(':')[0]}-{g:02d}", instance, model, config, feats, lv))
+            fleet.guests.append(
+                Guest(f"vm-{instance.split(':')[0]}-{g:02d}", instance, model, config, feats, lv)
+            )
     return fleet
 
 
@@ -145,15 +167,34 @@ def openmetrics(fleet: Fleet, ts: float) -> str:
     watched = DEFAULT_WATCHLIST
     for instance, kind in fleet.hosts.items():
         base = {"job": JOB, "instance": instance}
-        add("kvmcpu_host_cpu_info", {**base, "vendor": kind.vendor, "model_name": kind.model_name, "family": "6",
-                                     "model": "0", "stepping": "0", "microcode": "0x0"}, 1)
+        add(
+            "kvmcpu_host_cpu_info",
+            {
+                **base,
+                "vendor": kind.vendor,
+                "model_name": kind.model_name,
+                "family": "6",
+                "model": "0",
+                "stepping": "0",
+                "microcode": "0x0",
+            },
+            1,
+        )
         add("kvmcpu_host_cpus", base, 64)
         add("kvmcpu_host_x86_64_level", base, level_of(kind.flags))
         for f in watched:
             add("kvmcpu_host_cpu_feature", {**base, "feature": f}, 1 if f in kind.flags else 0)
         for m in fleet.models:
-            add("kvmcpu_host_cpu_model_supported", {**base, "model": m.name}, 0 if m.missing_on(kind.flags) else 1)
-            add("kvmcpu_cpu_model_info", {**base, "model": m.name, "vendor": m.vendor, "alias_of": m.alias_of or ""}, 1)
+            add(
+                "kvmcpu_host_cpu_model_supported",
+                {**base, "model": m.name},
+                0 if m.missing_on(kind.flags) else 1,
+            )
+            add(
+                "kvmcpu_cpu_model_info",
+                {**base, "model": m.name, "vendor": m.vendor, "alias_of": m.alias_of or ""},
+                1,
+            )
             add("kvmcpu_cpu_model_x86_64_level", {**base, "model": m.name}, m.level)
             add("kvmcpu_cpu_model_features", {**base, "model": m.name}, len(m.required))
             if m.rankable:
@@ -161,13 +202,28 @@ def openmetrics(fleet: Fleet, ts: float) -> str:
     configs_done: set[tuple[str, str]] = set()
     for g in fleet.guests:
         base = {"job": JOB, "instance": g.instance}
-        add("kvmcpu_guest_info", {**base, "guest": g.name, "uuid": f"u-{g.name}", "cpu_model": g.model, "accel": "kvm",
-                                  "migratable": "false" if g.model == "host" else "true", "cpu_config": g.config}, 1)
+        add(
+            "kvmcpu_guest_info",
+            {
+                **base,
+                "guest": g.name,
+                "uuid": f"u-{g.name}",
+                "cpu_model": g.model,
+                "accel": "kvm",
+                "migratable": "false" if g.model == "host" else "true",
+                "cpu_config": g.config,
+            },
+            1,
+        )
         if (g.instance, g.config) in configs_done:
             continue
         configs_done.add((g.instance, g.config))
         for f in watched:
-            add("kvmcpu_guest_config_cpu_feature", {**base, "cpu_config": g.config, "feature": f}, 1 if f in g.features else 0)
+            add(
+                "kvmcpu_guest_config_cpu_feature",
+                {**base, "cpu_config": g.config, "feature": f},
+                1 if f in g.features else 0,
+            )
         add("kvmcpu_guest_config_x86_64_level", {**base, "cpu_config": g.config}, g.level)
     lines = []
     for metric, samples in fam.items():
@@ -183,7 +239,9 @@ def openmetrics(fleet: Fleet, ts: float) -> str:
 def truth(fleet: Fleet) -> dict[str, Any]:
     """The answers, computed from the generator's own model of the fleet (not from Prometheus)."""
     kinds_present = {k.name: k for k in fleet.hosts.values()}
-    support = {k: {m.name for m in fleet.models if not m.missing_on(kind.flags)} for k, kind in kinds_present.items()}
+    support = {
+        k: {m.name for m in fleet.models if not m.missing_on(kind.flags)} for k, kind in kinds_present.items()
+    }
     ranked = {m.name: m for m in fleet.models if m.rankable}
 
     def best(names: list[str]) -> str | None:
@@ -235,8 +293,11 @@ class BackfilledPrometheus:
         src = self.workdir / "fleet.om"
         src.write_text(text)
         t0 = time.monotonic()
-        run = subprocess.run([PROMTOOL, "tsdb", "create-blocks-from", "openmetrics", str(src), str(self.workdir / "tsdb")],
-                             capture_output=True, text=True)
+        run = subprocess.run(
+            [PROMTOOL, "tsdb", "create-blocks-from", "openmetrics", str(src), str(self.workdir / "tsdb")],
+            capture_output=True,
+            text=True,
+        )
         if run.returncode != 0:
             raise RuntimeError(run.stderr[-2000:])
         src.unlink()
@@ -244,15 +305,27 @@ class BackfilledPrometheus:
 
     def start(self) -> BackfilledPrometheus:
         cfg = self.workdir / "prometheus.yml"
-        cfg.write_text(json.dumps({
-            "global": {"evaluation_interval": self.eval_interval, "scrape_interval": "1h"},
-            "rule_files": [str(p) for p in RULES],
-        }))
+        cfg.write_text(
+            json.dumps(
+                {
+                    "global": {"evaluation_interval": self.eval_interval, "scrape_interval": "1h"},
+                    "rule_files": [str(p) for p in RULES],
+                }
+            )
+        )
         self.proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={cfg}", f"--storage.tsdb.path={self.workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--query.lookback-delta=3h",
-             "--storage.tsdb.retention.time=30d", "--log.level=warn"],
-            stdout=subprocess.DEVNULL, stderr=open(self.workdir / "prometheus.log", "wb"), start_new_session=True,
+            [
+                PROMETHEUS,
+                f"--config.file={cfg}",
+                f"--storage.tsdb.path={self.workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--query.lookback-delta=3h",
+                "--storage.tsdb.retention.time=30d",
+                "--log.level=warn",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.workdir / "prometheus.log", "wb"),
+            start_new_session=True,
         )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -268,13 +341,19 @@ class BackfilledPrometheus:
         with urllib.request.urlopen(self.url + "/api/v1/rules", timeout=30) as r:
             return list(json.loads(r.read())["data"]["groups"])
 
-    def wait_evaluated(self, groups: tuple[str, ...], rounds: int = 2, timeout: float = 300) -> dict[str, list[float]]:
+    def wait_evaluated(
+        self, groups: tuple[str, ...], rounds: int = 2, timeout: float = 300
+    ) -> dict[str, list[float]]:
         """Evaluation times (s) of ``groups``, one per distinct evaluation, until each has ``rounds``."""
         seen: dict[str, dict[str, float]] = {g: {} for g in groups}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for g in self.rule_groups():
-                if g["name"] in seen and g.get("lastEvaluation", "").startswith("2") and g["evaluationTime"] > 0:
+                if (
+                    g["name"] in seen
+                    and g.get("lastEvaluation", "").startswith("2")
+                    and g["evaluationTime"] > 0
+                ):
                     seen[g["name"]][g["lastEvaluation"]] = float(g["evaluationTime"])
             if all(len(v) >= rounds for v in seen.values()):
                 break
@@ -309,9 +388,11 @@ def main() -> int:
     fleet = synthetic_fleet(args.hosts, args.guests_per_host)
     text = openmetrics(fleet, time.time() - 120)
     n_series = text.count("\n") - text.count("# ") - 0
-    print(f"fleet: {len(fleet.hosts)} hosts ({len({k.name for k in fleet.hosts.values()})} CPU kinds), "
-          f"{len(fleet.guests)} guests, {len(fleet.models)} models, {n_series} series "
-          f"(generated in {time.monotonic() - t0:.1f} s)")
+    print(
+        f"fleet: {len(fleet.hosts)} hosts ({len({k.name for k in fleet.hosts.values()})} CPU kinds), "
+        f"{len(fleet.guests)} guests, {len(fleet.models)} models, {n_series} series "
+        f"(generated in {time.monotonic() - t0:.1f} s)"
+    )
     prom = BackfilledPrometheus(work)
     try:
         print(f"backfill (promtool create-blocks-from openmetrics): {prom.backfill(text):.1f} s")
@@ -334,18 +415,32 @@ def main() -> int:
             report = fetch_report(client, f'job="{JOB}"')
             render_text(report)
             times.append(time.monotonic() - t)
-        print(f"fleet report in-process: {', '.join(f'{t:.2f}' for t in times)} s "
-              f"(median {sorted(times)[len(times) // 2]:.2f} s, {client.queries // args.reports} queries; target < 5 s)")
+        print(
+            f"fleet report in-process: {', '.join(f'{t:.2f}' for t in times)} s "
+            f"(median {sorted(times)[len(times) // 2]:.2f} s, {client.queries // args.reports} queries; target < 5 s)"
+        )
         t = time.monotonic()
-        cli = subprocess.run([sys.executable, "-m", "exporter", "fleet", "--prometheus", prom.url, "--no-qemu"],
-                             capture_output=True, text=True, cwd=ROOT)
-        print(f"fleet report CLI end to end: {time.monotonic() - t:.2f} s (exit {cli.returncode}, "
-              f"{len(cli.stdout.splitlines())} lines)")
+        cli = subprocess.run(
+            [sys.executable, "-m", "exporter", "fleet", "--prometheus", prom.url, "--no-qemu"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        print(
+            f"fleet report CLI end to end: {time.monotonic() - t:.2f} s (exit {cli.returncode}, "
+            f"{len(cli.stdout.splitlines())} lines)"
+        )
         exp = truth(fleet)
-        agree = (report.recommended and report.recommended.name == exp["recommended"] and report.level == exp["level"]
-                 and {(g.guest, g.instance) for g in report.guests_above} == set(exp["above"]))
-        print(f"report agrees with the generator's ground truth: {bool(agree)} "
-              f"(recommended {exp['recommended']}, level {exp['level']}, {len(exp['above'])} guests above)")
+        agree = (
+            report.recommended
+            and report.recommended.name == exp["recommended"]
+            and report.level == exp["level"]
+            and {(g.guest, g.instance) for g in report.guests_above} == set(exp["above"])
+        )
+        print(
+            f"report agrees with the generator's ground truth: {bool(agree)} "
+            f"(recommended {exp['recommended']}, level {exp['level']}, {len(exp['above'])} guests above)"
+        )
     finally:
         prom.stop()
         if not args.keep:
