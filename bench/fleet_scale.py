@@ -108,7 +108,7 @@ def catalogue() -> list[ModelFacts]:
     """Every named model of the installed QEMU, as the daemon's qemu collector sees it."""
     from exporter.qemu.knowledge import QemuKnowledge
 
-    k = QemuKnowledge(accelerators=("tcg",))
+    k = QemuKnowledge(accelerators=("tcg",), probe_timeout=120.0)  # patient on a loaded machine
     facts = k.probe()
     names = [n for n in sorted(facts.models) if n not in NOT_A_MODEL]
     out = []
@@ -324,7 +324,7 @@ class BackfilledPrometheus:
                 "--log.level=warn",
             ],
             stdout=subprocess.DEVNULL,
-            stderr=open(self.workdir / "prometheus.log", "wb"),
+            stderr=open(self.workdir / "prometheus.log", "wb"),  # noqa: SIM115 - lives as long as the server
             start_new_session=True,
         )
         deadline = time.monotonic() + 120

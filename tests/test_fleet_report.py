@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from conftest import ROOT
-from support.prometheus import wait_until
+from support.prometheus import committed_dashboards, panel_queries, substitute, wait_until
 
 from exporter.levels import missing_for
 
@@ -110,6 +110,9 @@ def test_report_and_rules_agree_with_the_generator(tmp_path: Path) -> None:
 
         # the recording rules give the same answers
         def evaluated() -> list[dict[str, Any]] | None:
+            # both groups (baseline, guests) have evaluated at least once
+            if not _query(prom.url, "guest:kvmcpu_guest_fleet_migratable:bool"):
+                return None
             return _query(prom.url, "job_cluster:kvmcpu_cpu_model_recommended:rank") or None
 
         (rec,) = wait_until(evaluated, 60, "the fleet rules' first evaluation")
@@ -118,5 +121,14 @@ def test_report_and_rules_agree_with_the_generator(tmp_path: Path) -> None:
         assert {(r["metric"]["guest"], r["metric"]["instance"]) for r in stuck} == set(truth["above"])
         (level,) = _query(prom.url, "job_cluster:kvmcpu_host_x86_64_level:min")
         assert float(level["value"][1]) == truth["level"]
+
+        # every panel of the dashboard's "Fleet CPU baseline" row has data on this fleet
+        dash = committed_dashboards()["kvmcpu-migration.json"]
+        titles = [p["title"] for p in dash["panels"]]
+        section = titles[titles.index("Fleet CPU baseline") + 1 : titles.index("Guests")]
+        assert len(section) == 8
+        for title, expr in panel_queries(dash):
+            if title in section:
+                assert _query(prom.url, substitute(expr, {"instance": ".*", "datasource": ""})), title
     finally:
         prom.stop()
