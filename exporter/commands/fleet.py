@@ -174,6 +174,10 @@ def _table(rows: list[list[str]]) -> list[str]:
     return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def _hosts(names: list[str], limit: int = 4) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
@@ -196,7 +200,8 @@ def render_text(r: FleetReport) -> str:
                 str(len(g.hosts)),
                 _lv(g.level),
                 best.name if best else "-",
-                ", ".join(sorted(g.missing)[:6]) + (" ..." if len(g.missing) > 6 else "") or "-",
+                ", ".join(sorted(g.missing)[:4]) + (f" +{len(g.missing) - 4}" if len(g.missing) > 4 else "")
+                or "-",
             ]
         )
     out += _table(rows)
@@ -206,26 +211,38 @@ def render_text(r: FleetReport) -> str:
         out.append("The fleet mixes CPU vendors; per vendor (that vendor's models on that vendor's hosts):")
         for v, m in r.per_vendor.items():
             n = sum(len(g.hosts) for g in r.groups if g.vendor == v)
-            out.append(f"  {v} ({n} hosts): {_m(m)}")
+            out.append(f"  {v} ({_n(n, 'host')}): {_m(m)}")
     out.append("")
     out.append("Hosts holding the baseline back:")
     if not r.holding_back:
         out.append("  none (removing any one CPU group would not raise the baseline)")
     for hb in r.holding_back:
         out.append(
-            f"  {hb.group.name} ({len(hb.group.hosts)} hosts: {_hosts([h.instance for h in hb.group.hosts])}): "
+            f"  {hb.group.name} ({_n(len(hb.group.hosts), 'host')}: {_hosts([h.instance for h in hb.group.hosts])}): "
             f"without them {_m(hb.recommended_without)}, level {level_name(hb.level_without)}"
         )
     out.append("")
     out.append(f"Guests: {r.guests_total}")
     out.append(f"Guests that could not move to every host ({len(r.guests_above)}):")
-    for row in r.guests_above[:TEXT_GUEST_LIMIT]:
+    above: dict[tuple[str, tuple[str, ...], tuple[str, ...]], list[GuestRow]] = {}
+    for row in r.guests_above:
+        above.setdefault((row.cpu_model, row.blocking, row.movable_to), []).append(row)
+    sizes = {g.name: len(g.hosts) for g in r.groups}
+    for shown, ((model, blocking, movable), rows_) in enumerate(
+        sorted(above.items(), key=lambda kv: (-len(kv[1]), kv[0][0]))
+    ):
+        if shown >= TEXT_GUEST_LIMIT:
+            out.append(f"  ... and {len(above) - shown} more kinds of guests (--json lists all)")
+            break
+        names = [f"{x.guest}@{x.instance}" for x in rows_]
+        not_to = [f"{n} ({_n(sizes[n], 'host')})" for n in sizes if n not in movable]
+        to = [f"{n} ({_n(sizes[n], 'host')})" for n in movable]
         out.append(
-            f"  {row.guest} on {row.instance} (CPU {row.cpu_model}): uses {', '.join(row.blocking)}; "
-            f"could move to: {', '.join(row.movable_to) or 'no other CPU group'}"
+            f"  CPU {model}, {_n(len(rows_), 'guest')} ({_hosts(names, 3)}): uses {', '.join(blocking)}"
         )
-    if len(r.guests_above) > TEXT_GUEST_LIMIT:
-        out.append(f"  ... and {len(r.guests_above) - TEXT_GUEST_LIMIT} more (--json lists all)")
+        out.append(f"      cannot move to: {'; '.join(not_to)}")
+        if movable:
+            out.append(f"      can move to: {'; '.join(to)}")
     if r.recommended is not None:
         out.append(f"Guests below the recommended model {r.recommended.name} ({len(r.guests_below)}):")
         groups: dict[tuple[str, tuple[str, ...], int | None], list[GuestRow]] = {}
@@ -234,7 +251,7 @@ def render_text(r: FleetReport) -> str:
         for (model, gain, lv), rows_ in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0][0])):
             names = [f"{x.guest}@{x.instance}" for x in rows_]
             out.append(
-                f"  CPU {model} (level {_lv(lv)}), {len(rows_)} guests ({_hosts(names, 3)}): "
+                f"  CPU {model} (level {_lv(lv)}), {_n(len(rows_), 'guest')} ({_hosts(names, 3)}): "
                 f"would gain {', '.join(gain) or 'a higher x86-64 level'}"
             )
         if r.recommended_features is None:
