@@ -54,7 +54,7 @@ class QemuCollector:
         # TYPE kvmcpu_cpu_model_features gauge
         kvmcpu_cpu_model_features{model="Broadwell-v1"} 56.0
         # TYPE kvmcpu_cpu_model_rank gauge
-        kvmcpu_cpu_model_rank{model="Broadwell-v1"} 3.056315e+06
+        kvmcpu_cpu_model_rank{model="Broadwell-v1",vendor="GenuineIntel"} 3.056315e+06
         # TYPE kvmcpu_host_x86_64_level gauge
         kvmcpu_host_x86_64_level 3.0
 
@@ -166,8 +166,8 @@ class QemuCollector:
         rank = GaugeMetricFamily(
             "kvmcpu_cpu_model_rank",
             "Ranking score of a named CPU model for recommendations: level * 1e6 + features * 1e3 + a stable "
-            "tie-break below 1e3 (aliases and host/max are not ranked).",
-            labels=["model"],
+            "tie-break below 1e3, with the model's vendor (aliases and host/max are not ranked).",
+            labels=["model", "vendor"],
         )
         for m in models:
             supported.add_metric([m.name], 0.0 if m.missing_on(flags) else 1.0)
@@ -175,7 +175,7 @@ class QemuCollector:
             level.add_metric([m.name], float(m.level))
             count.add_metric([m.name], float(len(m.required)))
             if m.rankable:
-                rank.add_metric([m.name], float(m.rank))
+                rank.add_metric([m.name, m.vendor], float(m.rank))
         yield from (supported, info, level, count, rank)
         yield GaugeMetricFamily(
             "kvmcpu_host_x86_64_level",
