@@ -6,17 +6,20 @@ knowledge's background thread, so a scrape never waits for QEMU.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from exporter.errors import SourceError
 from exporter.levels import level_of
 from exporter.procfs.cpuinfo import read_cpuinfo
 from exporter.qemu.knowledge import ACCELERATORS, Expansion, HostQemuFacts, QemuKnowledge
 from exporter.qemu.models import NOT_A_MODEL, ModelFacts, model_facts
 
+log = logging.getLogger(__name__)
 #: expansions for the per-model answers are asked under TCG: for a named model they describe the
 #: model, not this host, so every host with the same QEMU gets the same answer whether KVM works
 MODEL_ACCEL = "tcg"
@@ -140,7 +143,12 @@ class QemuCollector:
 
     def _models(self, facts: HostQemuFacts) -> Iterator[Metric]:
         assert self.procfs is not None
-        flags = read_cpuinfo(self.procfs).flags_everywhere()
+        try:
+            flags: frozenset[str] | None = read_cpuinfo(self.procfs).flags_everywhere()
+        except SourceError as err:
+            # The cpu collector reports the broken file; the model catalogue does not depend on it.
+            log.debug("no host flags for the per-model answers", extra={"fields": {"err": err}})
+            flags = None
         models = self._model_facts(facts)
         supported = GaugeMetricFamily(
             "kvmcpu_host_cpu_model_supported",
@@ -170,13 +178,16 @@ class QemuCollector:
             labels=["model", "vendor"],
         )
         for m in models:
-            supported.add_metric([m.name], 0.0 if m.missing_on(flags) else 1.0)
+            if flags is not None:
+                supported.add_metric([m.name], 0.0 if m.missing_on(flags) else 1.0)
             info.add_metric([m.name, m.vendor, m.alias_of or ""], 1.0)
             level.add_metric([m.name], float(m.level))
             count.add_metric([m.name], float(len(m.required)))
             if m.rankable:
                 rank.add_metric([m.name, m.vendor], float(m.rank))
         yield from (supported, info, level, count, rank)
+        if flags is None:
+            return
         yield GaugeMetricFamily(
             "kvmcpu_host_x86_64_level",
             "The x86-64 micro-architecture level (0-4) every logical CPU of the host reaches (/proc/cpuinfo).",
