@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from exporter.errors import ExporterError
+
+log = logging.getLogger(__name__)
 
 
 class PrometheusError(ExporterError):
@@ -52,12 +56,17 @@ class PrometheusClient:
         netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
         self.base = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
         self.timeout = timeout
-        #: queries sent so far (the benchmark reports it)
+        #: queries sent so far and (query, seconds) of each (the benchmark reports them)
         self.queries = 0
+        self.timings: list[tuple[str, float]] = []
 
     def query(self, promql: str) -> list[Sample]:
         """Instant query; a vector result as samples (a scalar as one sample without labels)."""
+        started = time.monotonic()
         data = self._post("/api/v1/query", {"query": promql})
+        elapsed = time.monotonic() - started
+        self.timings.append((promql, elapsed))
+        log.debug("query", extra={"fields": {"seconds": round(elapsed, 3), "query": promql}})
         kind = data.get("resultType")
         result = data.get("result")
         if kind == "vector" and isinstance(result, list):
