@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from exporter.features import DEFAULT_WATCHLIST  # noqa: E402
 from exporter.levels import level_of  # noqa: E402
 from exporter.procfs.cpuinfo import read_cpuinfo  # noqa: E402
-from exporter.qemu.models import NOT_A_MODEL, ModelFacts, model_facts  # noqa: E402
+from exporter.qemu.models import NOT_A_MODEL, ModelFacts, model_facts, support_hash  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "procfs"
 RULES = [ROOT / "deploy" / "prometheus" / "rules" / n for n in ("recording.yml", "alerts.yml", "fleet.yml")]
@@ -184,6 +184,11 @@ def openmetrics(fleet: Fleet, ts: float) -> str:
         )
         add("kvmcpu_host_cpus", base, 64)
         add("kvmcpu_host_x86_64_level", base, level_of(kind.flags))
+        add(
+            "kvmcpu_host_cpu_model_support_hash",
+            base,
+            support_hash(m.name for m in fleet.models if not m.missing_on(kind.flags)),
+        )
         for f in watched:
             add("kvmcpu_host_cpu_feature", {**base, "feature": f}, 1 if f in kind.flags else 0)
         for m in fleet.models:

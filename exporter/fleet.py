@@ -7,11 +7,11 @@ series) and answers the questions of docs/fleet.md. The same answers exist as re
 from raw series so that it also works where the rules are not loaded.
 
 Scale: a fleet of 1,000 hosts and 50,000 guests must report in seconds, so nothing here fetches
-host x model or host x feature matrices whole. Hosts are grouped by CPU (vendor, model name, and a
-fingerprint of their supported models and missing features, all computed by Prometheus), and the
-model support of each group is read from one representative host. Guests are read per CPU
-configuration (``cpu_config``), and only the features that stop a configuration from moving are
-fetched per host.
+host x model or host x feature matrices whole. Hosts are grouped by CPU (vendor, model name, the
+hash of their supported models that each exporter exports, and their missing watched features);
+each group's model support and the model catalogue are read from one representative host. Guests
+are read per CPU configuration (``cpu_config``), asking only for the features that some host lacks
+(those that can stop a guest from moving) and those the recommendation would add.
 """
 
 from __future__ import annotations
@@ -161,8 +161,9 @@ def fetch_report(
     gives a model's features (cpuinfo spelling) for the "what would guests gain" answer."""
     sel = selector_matchers(selector)
     hosts = _fetch_hosts(client, sel)
-    models = _fetch_models(client, sel)
-    groups = _group_hosts(client, sel, hosts)
+    groups, reps = _group_hosts(client, sel, hosts)
+    # the catalogue is the same on every host with the same QEMU: read it from the representatives
+    models = _fetch_models(client, _sel(sel, reps))
     report = analyse(sel, hosts, groups, models)
     rec_features = None
     if report.recommended is not None and expand is not None:
@@ -184,25 +185,15 @@ def _fetch_hosts(client: PrometheusClient, sel: str) -> list[Host]:
             "check the --selector)"
         )
     level = {_key(s): int(s.value) for s in client.query(f"kvmcpu_host_x86_64_level{_sel(sel)}")}
-    fingerprint = {
-        _key(s): s.value
-        for s in client.query(
-            f"sum by (instance, job) (kvmcpu_cpu_model_rank{_sel(sel)}"
-            f" * on (instance, job, model) (kvmcpu_host_cpu_model_supported{_sel(sel)} == 1))"
-        )
-    }
-    has_models = {
-        _key(s)
-        for s in client.query(f"count by (instance, job) (kvmcpu_host_cpu_model_supported{_sel(sel)})")
-    }
+    fingerprint = {_key(s): s.value for s in client.query(f"kvmcpu_host_cpu_model_support_hash{_sel(sel)}")}
     has_features = {
         _key(s) for s in client.query(f"count by (instance, job) (kvmcpu_host_cpu_feature{_sel(sel)})")
     }
-    old = sorted(k for k in info if k not in has_models or k not in level)
+    old = sorted(k for k in info if k not in fingerprint or k not in level)
     if old:
         names = ", ".join(i for i, _ in old[:10]) + (f" and {len(old) - 10} more" if len(old) > 10 else "")
         raise FleetError(
-            f"{len(old)} of {len(info)} hosts export no kvmcpu_host_cpu_model_supported/kvmcpu_host_x86_64_level "
+            f"{len(old)} of {len(info)} hosts export no kvmcpu_host_cpu_model_support_hash/kvmcpu_host_x86_64_level "
             f"({names}): their exporter is older than the fleet baseline support, its qemu collector is "
             "disabled, or it started less than a scrape ago. Upgrade them or leave them out with --selector."
         )
@@ -232,15 +223,15 @@ def _fetch_hosts(client: PrometheusClient, sel: str) -> list[Host]:
     return out
 
 
-def _fetch_models(client: PrometheusClient, sel: str) -> dict[str, Model]:
+def _fetch_models(client: PrometheusClient, braces: str) -> dict[str, Model]:
     def by_model(q: str) -> dict[str, float]:
         return {s.labels["model"]: s.value for s in client.query(q) if "model" in s.labels}
 
-    rank = by_model(f"max by (model) (kvmcpu_cpu_model_rank{_sel(sel)})")
-    level = by_model(f"max by (model) (kvmcpu_cpu_model_x86_64_level{_sel(sel)})")
-    count = by_model(f"max by (model) (kvmcpu_cpu_model_features{_sel(sel)})")
+    rank = by_model(f"max by (model) (kvmcpu_cpu_model_rank{braces})")
+    level = by_model(f"max by (model) (kvmcpu_cpu_model_x86_64_level{braces})")
+    count = by_model(f"max by (model) (kvmcpu_cpu_model_features{braces})")
     models: dict[str, Model] = {}
-    for s in client.query(f"max by (model, vendor, alias_of) (kvmcpu_cpu_model_info{_sel(sel)})"):
+    for s in client.query(f"max by (model, vendor, alias_of) (kvmcpu_cpu_model_info{braces})"):
         name = s.labels.get("model", "")
         models[name] = Model(
             name=name,
@@ -257,7 +248,8 @@ def _fetch_models(client: PrometheusClient, sel: str) -> dict[str, Model]:
     return models
 
 
-def _group_hosts(client: PrometheusClient, sel: str, hosts: list[Host]) -> list[CpuGroup]:
+def _group_hosts(client: PrometheusClient, sel: str, hosts: list[Host]) -> tuple[list[CpuGroup], str]:
+    """CPU groups with their supported models, and the matcher selecting the representatives."""
     by_key: dict[tuple[str, str, float, frozenset[str]], list[Host]] = defaultdict(list)
     for h in hosts:
         by_key[(h.vendor, h.model_name, h.fingerprint, h.missing)].append(h)
@@ -265,9 +257,8 @@ def _group_hosts(client: PrometheusClient, sel: str, hosts: list[Host]) -> list[
     supported: dict[tuple[str, str], set[str]] = defaultdict(set)
     rep_keys = {(r.instance, r.job) for r in reps.values()}
     instances = _regex_alternation(r.instance for r in reps.values())
-    for s in client.query(
-        f"kvmcpu_host_cpu_model_supported{_sel(sel, f'instance=~{_promql_str(instances)}')} == 1"
-    ):
+    rep_matcher = f"instance=~{_promql_str(instances)}"
+    for s in client.query(f"kvmcpu_host_cpu_model_supported{_sel(sel, rep_matcher)} == 1"):
         if _key(s) in rep_keys:
             supported[_key(s)].add(s.labels.get("model", ""))
     groups = []
@@ -290,7 +281,7 @@ def _group_hosts(client: PrometheusClient, sel: str, hosts: list[Host]) -> list[
                 supported=frozenset(supported.get((rep.instance, rep.job), ())),
             )
         )
-    return groups
+    return groups, rep_matcher
 
 
 def _promql_str(s: str) -> str:
@@ -357,32 +348,33 @@ def _add_guests(client: PrometheusClient, sel: str, report: FleetReport) -> None
     }
     lacking = frozenset().union(*(h.missing for h in report.hosts))
     report.baseline_features = frozenset(watched - lacking)
-    info = client.query(f"kvmcpu_guest_info{_sel(sel)}")
+    info = client.query(
+        f"group by (instance, job, guest, cpu_model, cpu_config) (kvmcpu_guest_info{_sel(sel)})"
+    )
     report.guests_total = len(info)
     if not info:
         return
-    if not any(client.query(f"count(kvmcpu_guest_config_cpu_feature{_sel(sel)})")):
-        report.warnings.append(
-            f"{len(info)} guests, but no kvmcpu_guest_config_cpu_feature series: the exporters predate the "
-            "per-configuration guest features, so guests are not compared with the baseline"
-        )
-        return
-    blocking: dict[tuple[str, str, str], set[str]] = defaultdict(set)
-    not_hv = 'feature!="hypervisor"'
-    for s in client.query(
-        f"(kvmcpu_guest_config_cpu_feature{_sel(sel, not_hv)} == 1)"
-        f" and on (instance, job, feature) (kvmcpu_host_cpu_feature{_sel(sel)} == 1)"
-        f" and on (feature) (min by (feature) (kvmcpu_host_cpu_feature{_sel(sel)}) == 0)"
-    ):
-        blocking[(*_key(s), s.labels.get("cpu_config", ""))].add(s.labels.get("feature", ""))
-    config_features: dict[str, set[str]] = defaultdict(set)
-    for s in client.query(f"min by (cpu_config, feature) (kvmcpu_guest_config_cpu_feature{_sel(sel)})"):
-        if s.value == 1:
-            config_features[s.labels.get("cpu_config", "")].add(s.labels.get("feature", ""))
     config_level = {
         s.labels.get("cpu_config", ""): int(s.value)
         for s in client.query(f"min by (cpu_config) (kvmcpu_guest_config_x86_64_level{_sel(sel)})")
     }
+    if not config_level:
+        report.warnings.append(
+            f"{len(info)} guests, but no kvmcpu_guest_config_* series: the exporters predate the "
+            "per-configuration guest features, so guests are not compared with the baseline"
+        )
+        return
+    # Only features some host lacks can stop a guest from moving: ask for those alone (an index
+    # lookup by feature instead of a scan of every configuration's whole feature matrix).
+    blocking: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+    movable_feats = sorted(lacking - {"hypervisor"})
+    if movable_feats:
+        feats = f"feature=~{_promql_str(_regex_alternation(movable_feats))}"
+        for s in client.query(
+            f"(kvmcpu_guest_config_cpu_feature{_sel(sel, feats)} == 1)"
+            f" and on (instance, job, feature) (kvmcpu_host_cpu_feature{_sel(sel, feats)} == 1)"
+        ):
+            blocking[(*_key(s), s.labels.get("cpu_config", ""))].add(s.labels.get("feature", ""))
     rec = report.recommended
     if report.recommended_features is not None:
         target = report.recommended_features & report.baseline_features
@@ -390,6 +382,15 @@ def _add_guests(client: PrometheusClient, sel: str, report: FleetReport) -> None
         target = frozenset(missing_for(rec.level, ())) & report.baseline_features
     else:
         target = frozenset()
+    # which of the features a guest could gain each configuration already has
+    config_features: dict[str, set[str]] = defaultdict(set)
+    if target:
+        feats = f"feature=~{_promql_str(_regex_alternation(target))}"
+        for s in client.query(
+            f"min by (cpu_config, feature) (kvmcpu_guest_config_cpu_feature{_sel(sel, feats)})"
+        ):
+            if s.value == 1:
+                config_features[s.labels.get("cpu_config", "")].add(s.labels.get("feature", ""))
     for s in sorted(info, key=lambda s: (s.labels.get("guest", ""), s.labels.get("instance", ""))):
         cfg = s.labels.get("cpu_config", "")
         inst, job = _key(s)

@@ -17,7 +17,7 @@ from exporter.errors import SourceError
 from exporter.levels import level_of
 from exporter.procfs.cpuinfo import read_cpuinfo
 from exporter.qemu.knowledge import ACCELERATORS, Expansion, HostQemuFacts, QemuKnowledge
-from exporter.qemu.models import NOT_A_MODEL, ModelFacts, model_facts
+from exporter.qemu.models import NOT_A_MODEL, ModelFacts, model_facts, support_hash
 
 log = logging.getLogger(__name__)
 #: expansions for the per-model answers are asked under TCG: for a named model they describe the
@@ -58,6 +58,8 @@ class QemuCollector:
         kvmcpu_cpu_model_features{model="Broadwell-v1"} 56.0
         # TYPE kvmcpu_cpu_model_rank gauge
         kvmcpu_cpu_model_rank{model="Broadwell-v1",vendor="GenuineIntel"} 3.056315e+06
+        # TYPE kvmcpu_host_cpu_model_support_hash gauge
+        kvmcpu_host_cpu_model_support_hash 2.826001537e+09
         # TYPE kvmcpu_host_x86_64_level gauge
         kvmcpu_host_x86_64_level 3.0
 
@@ -188,6 +190,11 @@ class QemuCollector:
         yield from (supported, info, level, count, rank)
         if flags is None:
             return
+        yield GaugeMetricFamily(
+            "kvmcpu_host_cpu_model_support_hash",
+            "A hash (CRC-32) of the set of named models this host supports: equal values, equal sets.",
+            value=float(support_hash(m.name for m in models if not m.missing_on(flags))),
+        )
         yield GaugeMetricFamily(
             "kvmcpu_host_x86_64_level",
             "The x86-64 micro-architecture level (0-4) every logical CPU of the host reaches (/proc/cpuinfo).",

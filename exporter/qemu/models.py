@@ -148,6 +148,12 @@ def model_facts(name: str, expanded: Iterable[str], alias_of: str | None = None)
     )
 
 
+def support_hash(supported: Iterable[str]) -> int:
+    """A 32-bit hash of a set of model names: hosts with equal values support the same models,
+    so fleet tooling can group hosts without reading every host x model series."""
+    return zlib.crc32("\n".join(sorted(supported)).encode())
+
+
 def version_of(name: str) -> int:
     """``Skylake-Server-v3`` -> 3; 0 for unversioned names."""
     m = _VERSION.search(name)
