@@ -26,6 +26,8 @@ from support.prometheus import committed_dashboards, panel_queries, substitute, 
 
 from exporter.levels import missing_for
 
+OLD_JOB = "kvm-cpu-exporter-old"
+
 
 def _bench() -> Any:
     spec = importlib.util.spec_from_file_location("fleet_scale", ROOT / "bench" / "fleet_scale.py")
@@ -54,10 +56,30 @@ def test_report_and_rules_agree_with_the_generator(tmp_path: Path) -> None:
     assert truth["above"], "the synthetic fleet has guests that cannot move (host-passthrough on newer CPUs)"
     prom = bench.BackfilledPrometheus(tmp_path, eval_interval="2s")
     prom.backfill(bench.openmetrics(fleet, time.time() - 120))
+    # and one host of another job whose exporter predates the per-model series
+    old = f"""# TYPE kvmcpu_host_cpu_info gauge
+kvmcpu_host_cpu_info{{job="{OLD_JOB}",instance="old0:10437",vendor="GenuineIntel",model_name="Old CPU"}} 1 {time.time() - 120:.3f}
+# TYPE kvmcpu_host_cpus gauge
+kvmcpu_host_cpus{{job="{OLD_JOB}",instance="old0:10437"}} 8 {time.time() - 120:.3f}
+# EOF
+"""
+    prom.backfill(old)
     prom.start()
     try:
+        sel = f'job="{bench.JOB}"'
         run = subprocess.run(
-            [sys.executable, "-m", "exporter", "fleet", "--prometheus", prom.url, "--json", "--no-qemu"],
+            [
+                sys.executable,
+                "-m",
+                "exporter",
+                "fleet",
+                "--prometheus",
+                prom.url,
+                "--selector",
+                sel,
+                "--json",
+                "--no-qemu",
+            ],
             capture_output=True,
             text=True,
             timeout=120,
@@ -108,6 +130,18 @@ def test_report_and_rules_agree_with_the_generator(tmp_path: Path) -> None:
         }
         assert {(g["guest"], g["instance"]) for g in doc["guests_below"]} == expected_below
 
+        # an old exporter in the selection: a clear error naming it
+        mixed = subprocess.run(
+            [sys.executable, "-m", "exporter", "fleet", "--prometheus", prom.url, "--no-qemu"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+        assert mixed.returncode == 1
+        assert "1 of 15 hosts export no kvmcpu_host_cpu_model_support_hash" in mixed.stderr, mixed.stderr
+        assert "old0:10437" in mixed.stderr and "Traceback" not in mixed.stderr
+
         # the recording rules give the same answers
         def evaluated() -> list[dict[str, Any]] | None:
             # both groups (baseline, guests) have evaluated at least once
@@ -115,7 +149,7 @@ def test_report_and_rules_agree_with_the_generator(tmp_path: Path) -> None:
                 return None
             return _query(prom.url, "job_cluster:kvmcpu_cpu_model_recommended:rank") or None
 
-        (rec,) = wait_until(evaluated, 60, "the fleet rules' first evaluation")
+        (rec,) = wait_until(evaluated, 60, "the fleet rules' first evaluation")  # the old job has no models
         assert rec["metric"]["model"] == truth["recommended"]
         stuck = _query(prom.url, "guest:kvmcpu_guest_fleet_migratable:bool == 0")
         assert {(r["metric"]["guest"], r["metric"]["instance"]) for r in stuck} == set(truth["above"])
