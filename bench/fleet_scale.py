@@ -384,7 +384,7 @@ def main() -> int:
     ap.add_argument("--guests-per-host", type=int, default=50)
     ap.add_argument("--reports", type=int, default=3, help="fleet reports to time")
     ap.add_argument("--rounds", type=int, default=3, help="rule evaluations to wait for per group")
-    ap.add_argument("--keep", type=Path, help="work directory to keep (default: a temporary one)")
+    ap.add_argument("--keep", type=Path, help="work directory to keep and reuse (default: a temporary one)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop Prometheus on the way out
 
@@ -405,7 +405,10 @@ def main() -> int:
     )
     prom = BackfilledPrometheus(work, rules=[])
     try:
-        print(f"backfill (promtool create-blocks-from openmetrics): {prom.backfill(text):.1f} s")
+        if (work / "tsdb").is_dir():  # --keep of an earlier run: same seed, same fleet (within 3 h)
+            print(f"reusing the backfilled TSDB in {work}")
+        else:
+            print(f"backfill (promtool create-blocks-from openmetrics): {prom.backfill(text):.1f} s")
         del text
         # phase 1: the report alone (no rule evaluations competing for the 2 cores)
         prom.start()
