@@ -187,20 +187,22 @@ def openmetrics(fleet: Fleet, ts: float) -> str:
         add(
             "kvmcpu_host_cpu_model_support_hash",
             base,
-            support_hash(m.name for m in fleet.models if not m.missing_on(kind.flags)),
+            support_hash(m.name for m in fleet.models if not m.alias_of and not m.missing_on(kind.flags)),
         )
         for f in watched:
             add("kvmcpu_host_cpu_feature", {**base, "feature": f}, 1 if f in kind.flags else 0)
         for m in fleet.models:
             add(
-                "kvmcpu_host_cpu_model_supported",
-                {**base, "model": m.name},
-                0 if m.missing_on(kind.flags) else 1,
-            )
-            add(
                 "kvmcpu_cpu_model_info",
                 {**base, "model": m.name, "vendor": m.vendor, "alias_of": m.alias_of or ""},
                 1,
+            )
+            if m.alias_of:  # as the daemon: aliases are in the info only
+                continue
+            add(
+                "kvmcpu_host_cpu_model_supported",
+                {**base, "model": m.name},
+                0 if m.missing_on(kind.flags) else 1,
             )
             add("kvmcpu_cpu_model_x86_64_level", {**base, "model": m.name}, m.level)
             add("kvmcpu_cpu_model_features", {**base, "model": m.name}, len(m.required))

@@ -596,7 +596,9 @@ def migration() -> Dashboard:
                   "The hosts that set the fleet's level; `kvm-cpu-exporter fleet` shows the baseline without them.",
                   w=12, h=8, columns=["instance", "job", "cluster", "Value"]),
             Panel("Guests that could not move to every host", "table",
-                  [Query(f"guest:kvmcpu_guest_fleet_migratable:bool{{{I}}} == 0", instant=True, fmt="table")],
+                  [Query(f"kvmcpu_guest_info{{{I}}} and on (instance, job, cpu_config) "
+                         "(instance_cpu_config:kvmcpu_guest_config_fleet_migratable:bool == 0)",
+                         instant=True, fmt="table")],
                   "Guests whose CPU configuration uses a feature some host of their fleet lacks: "
                   "KvmCpuGuestCannotMigrateInFleet.",
                   w=12, h=8, columns=["instance", "guest", "cpu_model", "cpu_config"]),

@@ -145,13 +145,19 @@ kvmcpu_host_cpus{{job="{OLD_JOB}",instance="old0:10437"}} 8 {time.time() - 120:.
         # the recording rules give the same answers
         def evaluated() -> list[dict[str, Any]] | None:
             # both groups (baseline, guests) have evaluated at least once
-            if not _query(prom.url, "guest:kvmcpu_guest_fleet_migratable:bool"):
+            if not _query(prom.url, "instance_cpu_config:kvmcpu_guest_config_fleet_migratable:bool"):
                 return None
             return _query(prom.url, "job_cluster:kvmcpu_cpu_model_recommended:rank") or None
 
         (rec,) = wait_until(evaluated, 60, "the fleet rules' first evaluation")  # the old job has no models
         assert rec["metric"]["model"] == truth["recommended"]
-        stuck = _query(prom.url, "guest:kvmcpu_guest_fleet_migratable:bool == 0")
+        stuck = _query(
+            prom.url,
+            "kvmcpu_guest_info and on (instance, job, cpu_config)"
+            " (instance_cpu_config:kvmcpu_guest_config_fleet_migratable:bool == 0)",
+        )
+        (unable,) = _query(prom.url, "job_cluster:kvmcpu_guest_fleet_migratable:unable")
+        assert float(unable["value"][1]) == len(truth["above"])
         assert {(r["metric"]["guest"], r["metric"]["instance"]) for r in stuck} == set(truth["above"])
         (level,) = _query(prom.url, "job_cluster:kvmcpu_host_x86_64_level:min")
         assert float(level["value"][1]) == truth["level"]
