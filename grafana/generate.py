@@ -582,7 +582,7 @@ def migration() -> Dashboard:
             Panel("Models usable on every host", "stat",
                   [Query("job_cluster:kvmcpu_host_cpu_model_supported:count", legend="{{job}} {{cluster}}",
                          instant=True)],
-                  "Named QEMU CPU models (aliases included) every host's CPU supports.",
+                  "Named QEMU CPU models (versioned names; aliases follow them) every host's CPU supports.",
                   w=4, h=5),
             Panel("Recommended model and fleet level over time", "timeseries",
                   [Query("job_cluster:kvmcpu_cpu_model_recommended:x86_64_level",
