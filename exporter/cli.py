@@ -20,7 +20,7 @@ from exporter.version import version_text
 
 __all__ = ["FLAG_KEYS", "build_parser", "config_from_args", "main", "report_config_problems"]
 
-SUBCOMMANDS = ("serve", "inspect", "canary")
+SUBCOMMANDS = ("serve", "inspect", "canary", "fleet")
 
 
 class _Version(argparse.Action):
@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     from exporter.commands import canary as canary_cmd
 
     canary_cmd.add_arguments(canary, add_common)
+    fleet = sub.add_parser("fleet", help="the fleet's CPU baseline, from Prometheus")
+    add_common(fleet)
+    from exporter.commands import fleet as fleet_cmd
+
+    fleet_cmd.add_arguments(fleet)
     return parser
 
 
@@ -128,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from exporter.commands import inspect as inspect_cmd
 
         return inspect_cmd.run(settings.config, args)
+    if args.command == "fleet":
+        from exporter.commands import fleet as fleet_cmd
+
+        return fleet_cmd.run(settings.config, args)
     from exporter.commands import canary as canary_cmd
 
     return canary_cmd.run(settings.config, args)

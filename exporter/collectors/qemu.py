@@ -6,12 +6,22 @@ knowledge's background thread, so a scrape never waits for QEMU.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from exporter.qemu.knowledge import ACCELERATORS, QemuKnowledge
+from exporter.errors import SourceError
+from exporter.procfs.cpuinfo import read_cpuinfo
+from exporter.qemu.knowledge import ACCELERATORS, Expansion, HostQemuFacts, QemuKnowledge
+from exporter.qemu.models import NOT_A_MODEL, ModelFacts, model_facts, support_hash
+
+log = logging.getLogger(__name__)
+#: expansions for the per-model answers are asked under TCG: for a named model they describe the
+#: model, not this host, so every host with the same QEMU gets the same answer whether KVM works
+MODEL_ACCEL = "tcg"
 
 
 class QemuCollector:
@@ -32,14 +42,36 @@ class QemuCollector:
         # TYPE kvmcpu_qemu_probe_timestamp_seconds gauge
         kvmcpu_qemu_probe_timestamp_seconds 1.7640576e+09
 
+    Per named CPU model (from cached expansions, see ``exporter.qemu.models``; a model whose
+    expansion is not cached yet is queued for the background thread and left out until then).
+    Aliases (``Broadwell`` is ``Broadwell-v1``) appear in ``kvmcpu_cpu_model_info`` only::
+
+        # TYPE kvmcpu_host_cpu_model_supported gauge
+        kvmcpu_host_cpu_model_supported{model="Broadwell-v1"} 1.0
+        kvmcpu_host_cpu_model_supported{model="Skylake-Server-v1"} 0.0
+        # TYPE kvmcpu_cpu_model_info gauge
+        kvmcpu_cpu_model_info{alias_of="",model="Broadwell-v1",vendor="GenuineIntel"} 1.0
+        kvmcpu_cpu_model_info{alias_of="Broadwell-v1",model="Broadwell",vendor="GenuineIntel"} 1.0
+        # TYPE kvmcpu_cpu_model_x86_64_level gauge
+        kvmcpu_cpu_model_x86_64_level{model="Broadwell-v1"} 3.0
+        # TYPE kvmcpu_cpu_model_features gauge
+        kvmcpu_cpu_model_features{model="Broadwell-v1"} 56.0
+        # TYPE kvmcpu_cpu_model_rank gauge
+        kvmcpu_cpu_model_rank{model="Broadwell-v1",vendor="GenuineIntel"} 3.056315e+06
+        # TYPE kvmcpu_host_cpu_model_support_hash gauge
+        kvmcpu_host_cpu_model_support_hash 2.826001537e+09
+
     While the first probe runs, nothing is emitted (not an error: the daemon is not ready yet).
     If no probe ever succeeded, the probe's error is raised so the scrape wrapper reports
     ``kvmcpu_scrape_collector_success{collector="qemu"} 0`` with its reason.
     """
 
-    def __init__(self, knowledge: QemuKnowledge, watch: tuple[str, ...]) -> None:
+    def __init__(self, knowledge: QemuKnowledge, watch: tuple[str, ...], procfs: Path | None = None) -> None:
         self.knowledge = knowledge
         self.watch = watch
+        #: where /proc/cpuinfo is read for the per-model answers (None: not emitted)
+        self.procfs = procfs
+        self._facts_cache: dict[str, tuple[Expansion, ModelFacts]] = {}
 
     def collect(self) -> Iterator[Metric]:
         facts = self.knowledge.facts()
@@ -78,7 +110,9 @@ class QemuCollector:
         yield exposable
 
         info = GaugeMetricFamily(
-            "kvmcpu_qemu_info", "The QEMU binary the exporter probes, and its version.", labels=["binary", "version"]
+            "kvmcpu_qemu_info",
+            "The QEMU binary the exporter probes, and its version.",
+            labels=["binary", "version"],
         )
         info.add_metric([facts.binary, facts.version], 1.0)
         yield info
@@ -87,4 +121,78 @@ class QemuCollector:
             "kvmcpu_qemu_probe_timestamp_seconds",
             "When QEMU's accelerators and CPU models were last probed successfully (Unix time).",
             value=facts.probed_at,
+        )
+        if self.procfs is not None:
+            yield from self._models(facts)
+
+    def _model_facts(self, facts: HostQemuFacts) -> list[ModelFacts]:
+        """Facts of every named model whose expansion is cached; the rest are queued (never blocks)."""
+        out = []
+        for name, info in sorted(facts.models.items()):
+            if name in NOT_A_MODEL:
+                continue
+            exp = self.knowledge.expansion(name, binary=facts.binary, accel=MODEL_ACCEL)
+            if exp is None:
+                continue
+            cached = self._facts_cache.get(name)
+            if cached is None or cached[0] is not exp:
+                cached = (exp, model_facts(name, exp.features, info.alias_of))
+                self._facts_cache[name] = cached
+            out.append(cached[1])
+        return out
+
+    def _models(self, facts: HostQemuFacts) -> Iterator[Metric]:
+        assert self.procfs is not None
+        try:
+            flags: frozenset[str] | None = read_cpuinfo(self.procfs).flags_everywhere()
+        except SourceError as err:
+            # The cpu collector reports the broken file; the model catalogue does not depend on it.
+            log.debug("no host flags for the per-model answers", extra={"fields": {"err": err}})
+            flags = None
+        models = self._model_facts(facts)
+        supported = GaugeMetricFamily(
+            "kvmcpu_host_cpu_model_supported",
+            "Whether every logical CPU of this host has every feature the named CPU model expands to "
+            "(what KVM could run, independent of whether KVM works here; see kvmcpu_host_cpu_model_usable).",
+            labels=["model"],
+        )
+        info = GaugeMetricFamily(
+            "kvmcpu_cpu_model_info",
+            "A named QEMU CPU model: the CPUID vendor it presents and the model it is an alias of.",
+            labels=["model", "vendor", "alias_of"],
+        )
+        level = GaugeMetricFamily(
+            "kvmcpu_cpu_model_x86_64_level",
+            "The x86-64 micro-architecture level (0-4) a guest with this named CPU model gets.",
+            labels=["model"],
+        )
+        count = GaugeMetricFamily(
+            "kvmcpu_cpu_model_features",
+            "Number of CPU features of the named model a host must have (those /proc/cpuinfo can confirm).",
+            labels=["model"],
+        )
+        rank = GaugeMetricFamily(
+            "kvmcpu_cpu_model_rank",
+            "Ranking score of a named CPU model for recommendations: level * 1e6 + features * 1e3 + a stable "
+            "tie-break below 1e3, with the model's vendor (aliases and host/max are not ranked).",
+            labels=["model", "vendor"],
+        )
+        for m in models:
+            info.add_metric([m.name, m.vendor, m.alias_of or ""], 1.0)
+            if m.alias_of:
+                # an alias answers like its target: listed in the info only (42% fewer series)
+                continue
+            if flags is not None:
+                supported.add_metric([m.name], 0.0 if m.missing_on(flags) else 1.0)
+            level.add_metric([m.name], float(m.level))
+            count.add_metric([m.name], float(len(m.required)))
+            if m.rankable:
+                rank.add_metric([m.name, m.vendor], float(m.rank))
+        yield from (supported, info, level, count, rank)
+        if flags is None:
+            return
+        yield GaugeMetricFamily(
+            "kvmcpu_host_cpu_model_support_hash",
+            "A hash (CRC-32) of the set of named models this host supports: equal values, equal sets.",
+            value=float(support_hash(m.name for m in models if not m.alias_of and not m.missing_on(flags))),
         )

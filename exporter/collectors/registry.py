@@ -79,7 +79,7 @@ def _qemu(ctx: Context) -> Collector:
     from exporter.collectors.qemu import QemuCollector
 
     assert ctx.knowledge is not None
-    return QemuCollector(knowledge=ctx.knowledge, watch=ctx.watch)
+    return QemuCollector(knowledge=ctx.knowledge, watch=ctx.watch, procfs=ctx.procfs)
 
 
 def _guests(ctx: Context) -> Collector:

@@ -26,7 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEPLOY = ROOT / "deploy" / "prometheus"
 RULES_DIR = DEPLOY / "rules"
-RULE_FILES = (RULES_DIR / "recording.yml", RULES_DIR / "alerts.yml")
+RULE_FILES = (RULES_DIR / "recording.yml", RULES_DIR / "alerts.yml", RULES_DIR / "fleet.yml")
 RULE_TESTS_DIR = DEPLOY / "tests"
 EXAMPLE_CONFIG = DEPLOY / "prometheus.yml"
 RUNBOOK = ROOT / "docs" / "runbook.md"
@@ -44,14 +44,14 @@ def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
 
 
 def alert_rules() -> list[dict[str, Any]]:
-    """Every alerting rule of alerts.yml, as parsed YAML."""
-    data = yaml.safe_load((RULES_DIR / "alerts.yml").read_text())
-    return [r for g in data["groups"] for r in g["rules"] if "alert" in r]
+    """Every alerting rule of the shipped rule files, as parsed YAML."""
+    return [r for path in RULE_FILES for g in yaml.safe_load(path.read_text())["groups"] for r in g["rules"]
+            if "alert" in r]
 
 
 def recording_rules() -> list[dict[str, Any]]:
-    data = yaml.safe_load((RULES_DIR / "recording.yml").read_text())
-    return [r for g in data["groups"] for r in g["rules"] if "record" in r]
+    return [r for path in RULE_FILES for g in yaml.safe_load(path.read_text())["groups"] for r in g["rules"]
+            if "record" in r]
 
 
 def github_anchor(heading: str) -> str:
