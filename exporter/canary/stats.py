@@ -13,8 +13,13 @@ number of MB/s), so the logarithm of a rate has roughly constant spread, and the
 is a *difference* of two means: exactly what Welch's unequal-variance t interval is for. Student's t
 with the Welch-Satterthwaite degrees of freedom widens the interval properly when rounds are few,
 and exponentiating the bounds gives an interval for the ratio of geometric means that is never
-negative and is symmetric in "x times faster" / "x times slower". The point estimate is that ratio
-of geometric means (within a fraction of a percent of the ratio of arithmetic means at these spreads).
+negative and is symmetric in "x times faster" / "x times slower".
+
+The exported point estimate stays the ratio of the arithmetic means (what the guide computes, and
+exactly ``last_throughput(with) / last_throughput(without)`` on /metrics). At the spreads seen
+(CV 5-15%) it differs from the ratio of geometric means by well under 1%; should it ever fall
+outside the interval (only possible when the interval is far narrower than that), the nearer bound
+is widened to include it, so ``lower <= ratio <= upper`` always holds.
 
 With a single round on either side there is no spread to estimate: the ratio is still reported,
 its bounds are not (``lower``/``upper`` are None), and nothing downstream pretends to certainty.
@@ -37,6 +42,7 @@ CONFIDENCE = 0.95
 class RatioInterval:
     """with/without speedup and its confidence interval (bounds None when rounds are too few)."""
 
+    #: ratio of the arithmetic means of the rounds
     ratio: float
     lower: float | None
     upper: float | None
@@ -127,15 +133,16 @@ def _mean_var(xs: Sequence[float]) -> tuple[float, float]:
 def speedup_interval(
     with_rates: Sequence[float], without_rates: Sequence[float], confidence: float = CONFIDENCE
 ) -> RatioInterval | None:
-    """Speedup (ratio of geometric means) of ``with_rates`` over ``without_rates`` with a Welch
+    """Speedup (ratio of arithmetic means) of ``with_rates`` over ``without_rates`` with a Welch
     t interval on the log-rates; None when either side has no positive, finite rate."""
-    a = [math.log(r) for r in with_rates if r > 0 and math.isfinite(r)]
-    b = [math.log(r) for r in without_rates if r > 0 and math.isfinite(r)]
-    if not a or not b:
+    fast = [r for r in with_rates if r > 0 and math.isfinite(r)]
+    slow = [r for r in without_rates if r > 0 and math.isfinite(r)]
+    if not fast or not slow:
         return None
+    ratio = (sum(fast) / len(fast)) / (sum(slow) / len(slow))
+    a, b = [math.log(r) for r in fast], [math.log(r) for r in slow]
     ma, va = _mean_var(a)
     mb, vb = _mean_var(b)
-    ratio = math.exp(ma - mb)
     if len(a) < 2 or len(b) < 2:
         return RatioInterval(ratio, None, None, len(a), len(b), confidence)
     sa, sb = va / len(a), vb / len(b)
@@ -144,6 +151,5 @@ def speedup_interval(
         return RatioInterval(ratio, ratio, ratio, len(a), len(b), confidence)
     df = (sa + sb) ** 2 / (sa**2 / (len(a) - 1) + sb**2 / (len(b) - 1))
     half = t_quantile(1.0 - (1.0 - confidence) / 2.0, df) * se
-    return RatioInterval(
-        ratio, math.exp(ma - mb - half), math.exp(ma - mb + half), len(a), len(b), confidence
-    )
+    lower, upper = math.exp(ma - mb - half), math.exp(ma - mb + half)
+    return RatioInterval(ratio, min(lower, ratio), max(upper, ratio), len(a), len(b), confidence)
