@@ -12,6 +12,7 @@ import pytest
 from support.scheduling import MB, FakeClock, result
 
 from exporter.canary.model import Measurement
+from exporter.canary.profiles import aesni_pair
 from exporter.canary.store import (
     DURATION_BUCKETS,
     STATE_FILE,
@@ -19,7 +20,6 @@ from exporter.canary.store import (
     CanaryStore,
     Histogram,
 )
-from exporter.canary.profiles import aesni_pair
 from exporter.config import ProfileConfig
 
 

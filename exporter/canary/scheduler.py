@@ -164,10 +164,18 @@ class CanaryScheduler:
         sched.start()
         self._scheduler = sched
         self.store.watch_scheduler(self.alive)
-        log.info("canary scheduler started", extra={"fields": {
-            "interval_seconds": c.interval_seconds, "jitter_seconds": c.jitter_seconds,
-            "profiles": len(self.profiles), "ciphers": len(self.ciphers),
-            "first_in_seconds": self.first_delay}})
+        log.info(
+            "canary scheduler started",
+            extra={
+                "fields": {
+                    "interval_seconds": c.interval_seconds,
+                    "jitter_seconds": c.jitter_seconds,
+                    "profiles": len(self.profiles),
+                    "ciphers": len(self.ciphers),
+                    "first_in_seconds": self.first_delay,
+                }
+            },
+        )
 
     def stop(self) -> None:
         """Cancel a running canary, stop ticking, and wait (bounded) until its QEMU is gone."""
@@ -278,8 +286,12 @@ class CanaryScheduler:
             if self._stopping:
                 return None
             self._current = runner
-        log.info("canary starting", extra={"fields": {
-            **fields, "cpu": profile.cpu, "accel": profile.accel, "ciphers": len(self.ciphers)}})
+        log.info(
+            "canary starting",
+            extra={
+                "fields": {**fields, "cpu": profile.cpu, "accel": profile.accel, "ciphers": len(self.ciphers)}
+            },
+        )
         try:
             result = runner.run(job)
         except ExporterError as err:
@@ -289,10 +301,19 @@ class CanaryScheduler:
             return None
         # a failed canary (panic, timeout, no QEMU) is something to look at; a success is routine
         level = logging.INFO if result.result == "success" else logging.WARNING
-        log.log(level, "canary finished", extra={"fields": {
-            **fields, "result": result.result, "seconds": round(result.duration, 1),
-            "cpu_seconds": round(result.cpu_seconds, 1),
-            **({"message": result.message} if result.message and result.result != "success" else {})}})
+        log.log(
+            level,
+            "canary finished",
+            extra={
+                "fields": {
+                    **fields,
+                    "result": result.result,
+                    "seconds": round(result.duration, 1),
+                    "cpu_seconds": round(result.cpu_seconds, 1),
+                    **({"message": result.message} if result.message and result.result != "success" else {}),
+                }
+            },
+        )
         return result
 
     def _record(self, result: CanaryResult, tick: int, budget_skip: bool = False) -> CanaryResult:
@@ -325,10 +346,12 @@ class CanaryScheduler:
 
     def _skipped(self, profile: str, reason: str) -> CanaryResult:
         now = self.clock()
-        return CanaryResult(profile=profile, result="skipped_busy", started_at=now, finished_at=now,
-                            message=reason)
+        return CanaryResult(
+            profile=profile, result="skipped_busy", started_at=now, finished_at=now, message=reason
+        )
 
     def _failed(self, profile: str, err: ExporterError, started: float) -> CanaryResult:
         result = err.reason if err.reason in RESULTS else "qemu_error"
-        return CanaryResult(profile=profile, result=result, started_at=started, finished_at=self.clock(),
-                            message=str(err))
+        return CanaryResult(
+            profile=profile, result=result, started_at=started, finished_at=self.clock(), message=str(err)
+        )

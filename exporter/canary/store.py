@@ -192,7 +192,13 @@ class CanaryStore:
             alive = self._scheduler_alive
         used = sum(cpu for at, cpu in state.duty if at > now - DUTY_WINDOW_SECONDS)
         return StoreSnapshot(
-            state, self.profiles, self.pair, sched, writes, used, self.duty_budget_seconds,
+            state,
+            self.profiles,
+            self.pair,
+            sched,
+            writes,
+            used,
+            self.duty_budget_seconds,
             self._scheduler_up(alive),
         )
 

@@ -107,7 +107,9 @@ class CanaryCollector:
         yield from (speedup, lower, upper, speedup_at)
 
         runs = CounterMetricFamily(
-            "kvmcpu_canary_runs", "Canary runs by result (kept across restarts).", labels=["profile", "result"]
+            "kvmcpu_canary_runs",
+            "Canary runs by result (kept across restarts).",
+            labels=["profile", "result"],
         )
         budget = CounterMetricFamily(
             "kvmcpu_canary_budget_skips",
