@@ -327,7 +327,7 @@ def _run(cfg: Config, args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _default_side(cfg: Config, expects: bool, flag: str) -> str:
-    from exporter.canary.store import first_expecting
+    from exporter.canary.profiles import first_expecting
 
     name = first_expecting(cfg.canary.profiles, expects)
     if name is not None:
