@@ -27,6 +27,7 @@ from exporter.errors import ExporterError, ImageMissing
 if TYPE_CHECKING:
     from exporter.canary.image import CanaryImage
     from exporter.canary.model import CanaryResult, Profile
+    from exporter.canary.plot import PlotContext
 
 log = logging.getLogger("exporter.canary.cli")
 
@@ -106,15 +107,34 @@ def _add_bench_options(p: argparse.ArgumentParser) -> None:
 
 
 class Progress:
-    """Timestamped progress lines on stderr: a long TCG run must visibly be alive."""
+    """Timestamped progress lines on stderr: a long TCG run must visibly be alive.
+
+    Log records go to the same stderr from other threads (the runner's console reader, QEMU
+    probes). ``print`` writes a line's text and its newline separately, so a log record could land
+    between them; each progress line is therefore one write, made while holding the lock of every
+    logging handler on the same stream, so that whole lines alternate and never interleave.
+    """
 
     def __init__(self, stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.stream = stream or sys.stderr
         self.clock = clock
         self.started = clock()
 
+    def _handlers(self) -> list[logging.Handler]:
+        return [h for h in logging.getLogger().handlers
+                if isinstance(h, logging.StreamHandler) and h.stream is self.stream]
+
     def __call__(self, message: str) -> None:
-        print(f"[{self.clock() - self.started:6.1f}s] {message}", file=self.stream, flush=True)
+        line = f"[{self.clock() - self.started:6.1f}s] {message}\n"
+        handlers = self._handlers()
+        for h in handlers:
+            h.acquire()
+        try:
+            self.stream.write(line)
+            self.stream.flush()
+        finally:
+            for h in reversed(handlers):
+                h.release()
 
     def scoped(self, prefix: str) -> Callable[[str], None]:
         return lambda message: self(f"{prefix}: {message}")
@@ -249,6 +269,29 @@ def _kvm_usable(cfg: Config, profiles: Sequence[ProfileConfig], progress: Callab
     return usable
 
 
+def _check_memory(cfg: Config, profiles: int) -> None:
+    """Refuse before booting anything when one canary guest would not fit in this host's memory.
+
+    Guests run one after another, so one guest's RAM (the RAM disk plus the kernel's share) must
+    fit in what the host has available now; the guide's full method (``--size-mib 20480``) needs
+    over 20 GiB. QEMU would otherwise fail minutes in, or push real guests into swap.
+    """
+    import psutil
+
+    from exporter.canary.runner import BASE_MEMORY_MIB
+
+    c = cfg.canary
+    need = c.memory_mib if c.memory_mib > 0 else BASE_MEMORY_MIB + c.size_mib
+    available = psutil.virtual_memory().available // (1 << 20)
+    if need > available:
+        raise ExporterError(
+            f"a canary guest with a {c.size_mib} MiB RAM disk needs {need} MiB of memory, but this host has "
+            f"only {available} MiB available; nothing was booted. Use a smaller --size-mib (at most about "
+            f"{max(0, available - BASE_MEMORY_MIB - 256)} MiB here), or run on a host with more free memory"
+            + (f" ({profiles} guests run one after another, each needs it)" if profiles > 1 else "")
+        )
+
+
 def _image(cfg: Config) -> CanaryImage:
     from exporter.canary.image import current_image
 
@@ -259,7 +302,8 @@ def _run_profiles(
     cfg: Config, profile_cfgs: Sequence[ProfileConfig], ciphers: tuple[str, ...], progress: Progress
 ) -> tuple[list[Profile], list[CanaryResult]]:
     """Resolve and run each profile once, in order; results in the same order (never raises for guests)."""
-    image = _image(cfg)  # first: a missing image is the most useful error, and costs nothing to find
+    _check_memory(cfg, len(profile_cfgs))  # before anything else: an impossible size is the first thing to say
+    image = _image(cfg)  # a missing image is the next most useful error, and costs nothing to find
     from exporter.canary.profiles import resolve_profile
     from exporter.canary.runner import CanaryRunner, job_for
 
@@ -335,6 +379,24 @@ def _default_side(cfg: Config, expects: bool, flag: str) -> str:
     raise UsageError(f"{flag} not given and no configured profile has expects_aesni: {str(expects).lower()}")
 
 
+def _host_cpu(cfg: Config) -> str:
+    from exporter.procfs.cpuinfo import read_cpuinfo
+
+    try:
+        info = read_cpuinfo(Path(cfg.paths.procfs))
+    except (ExporterError, OSError):
+        return "unknown"
+    names = sorted({cpu.identity.model_name for cpu in info.cpus})
+    return " + ".join(names) if names else "unknown"
+
+
+def _plot_context(cfg: Config, results: Sequence[CanaryResult]) -> PlotContext:
+    from exporter.canary.plot import PlotContext
+
+    accels = ",".join(sorted({r.accel for r in results if r.accel})) or "unknown"
+    return PlotContext(accels, _host_cpu(cfg), cfg.canary.size_mib, cfg.canary.rounds)
+
+
 def _compare(cfg: Config, args: argparse.Namespace, progress: Progress) -> int:
     with_name = args.with_profile or _default_side(cfg, True, "--with")
     without_name = args.without_profile or _default_side(cfg, False, "--without")
@@ -350,19 +412,24 @@ def _compare(cfg: Config, args: argparse.Namespace, progress: Progress) -> int:
     comp = compare(results, with_name, without_name, ciphers)
     ok = all(r.result == "success" for r in results)
     plot_path = None
+    context = _plot_context(cfg, results)
     if args.plot:
         from exporter.canary.plot import plot_comparison
 
-        plot_path = plot_comparison(comp, args.plot)
+        plot_path = plot_comparison(comp, args.plot, context=context)
         progress(f"bar chart written to {plot_path}")
     if args.json:
         _emit_json({"ok": ok, "results": [r.to_dict() for r in results],
                     "aggregates": [s.to_dict() for s in aggregate(results)],
-                    "comparison": comp.to_dict(), "plot": str(plot_path) if plot_path else None})
+                    "comparison": comp.to_dict(), "context": context.metadata(),
+                    "plot": str(plot_path) if plot_path else None})
     else:
         print(render_comparison(comp))
         print()
         print("\n".join(_outcome_lines(results, profiles)))
+        print(context.footer())
+        if context.warning():
+            print(context.warning())
         if plot_path:
             print(f"bar chart: {plot_path}")
     return 0 if ok else 1
