@@ -58,8 +58,13 @@ def write_config(path: Path, aesni_cpu: str, args: argparse.Namespace) -> None:
     cfg = {
         "qemu": {"accelerators": ["tcg"]},
         "canary": {
-            "ciphers": ["aes-xts-plain"], "size_mib": args.size_mib, "rounds": args.rounds, "nice": 0,
-            "busy_load_per_core": 1000.0, "busy_cpu_percent": 100.0, "duty_cycle_percent": 100.0,
+            "ciphers": ["aes-xts-plain"],
+            "size_mib": args.size_mib,
+            "rounds": args.rounds,
+            "nice": 0,
+            "busy_load_per_core": 1000.0,
+            "busy_cpu_percent": 100.0,
+            "duty_cycle_percent": 100.0,
             "timeout_seconds": 600.0,
             "profiles": [
                 {"name": "aesni", "cpu": aesni_cpu, "accel": "tcg", "expects_aesni": True},
@@ -73,10 +78,24 @@ def write_config(path: Path, aesni_cpu: str, args: argparse.Namespace) -> None:
 def start_daemon(workdir: Path, port: int, config: Path, interval: float, n: int) -> subprocess.Popen[bytes]:
     log = open(workdir / f"daemon-{n}.log", "wb")  # noqa: SIM115 - lives as long as the daemon
     return subprocess.Popen(
-        [sys.executable, "-m", "exporter", "serve", f"--web.listen-address=127.0.0.1:{port}",
-         f"--config.file={config}", f"--path.state-dir={workdir / 'state'}", f"--path.cache-dir={CACHE_DIR}",
-         "--canary.interval", str(interval), "--canary.jitter", "0"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "exporter",
+            "serve",
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--config.file={config}",
+            f"--path.state-dir={workdir / 'state'}",
+            f"--path.cache-dir={CACHE_DIR}",
+            "--canary.interval",
+            str(interval),
+            "--canary.jitter",
+            "0",
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 
@@ -102,8 +121,12 @@ def main() -> int:
         port = free_port()
         config = workdir / "config.yml"
         write_config(config, "max", args)
-        prom = PrometheusServer(workdir, free_port(), [f"127.0.0.1:{port}"],
-                                rule_files=[RULES_DIR / "recording.yml", scaled_alerts(workdir, args.interval)])
+        prom = PrometheusServer(
+            workdir,
+            free_port(),
+            [f"127.0.0.1:{port}"],
+            rule_files=[RULES_DIR / "recording.yml", scaled_alerts(workdir, args.interval)],
+        )
         prom.start()
         daemon = start_daemon(workdir, port, config, args.interval, 0)
         try:
@@ -113,8 +136,10 @@ def main() -> int:
                     print("no healthy speedup before the timeout", file=sys.stderr)
                     return 1
                 time.sleep(1)
-            print(f"healthy: ratio {scrape(port, 'kvmcpu_canary_aesni_speedup_ratio'):.2f}, "
-                  f"upper {scrape(port, 'kvmcpu_canary_aesni_speedup_ratio_upper'):.2f}")
+            print(
+                f"healthy: ratio {scrape(port, 'kvmcpu_canary_aesni_speedup_ratio'):.2f}, "
+                f"upper {scrape(port, 'kvmcpu_canary_aesni_speedup_ratio_upper'):.2f}"
+            )
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(60)
             t0 = time.monotonic()
@@ -126,21 +151,29 @@ def main() -> int:
                 now = time.monotonic() - t0
                 if pending is None and states:
                     pending = now
-                    print(f"pending after {now:.0f} s: ratio {scrape(port, 'kvmcpu_canary_aesni_speedup_ratio')}, "
-                          f"upper {scrape(port, 'kvmcpu_canary_aesni_speedup_ratio_upper')}")
+                    print(
+                        f"pending after {now:.0f} s: ratio {scrape(port, 'kvmcpu_canary_aesni_speedup_ratio')}, "
+                        f"upper {scrape(port, 'kvmcpu_canary_aesni_speedup_ratio_upper')}"
+                    )
                 if "firing" in states:
                     firing = now
                 time.sleep(1)
             i = args.interval
-            print(f"interval {i:.0f} s, alert for {2 * i:.0f} s (scaled from 30m), "
-                  f"{args.size_mib} MiB x {args.rounds} rounds, one cipher")
+            print(
+                f"interval {i:.0f} s, alert for {2 * i:.0f} s (scaled from 30m), "
+                f"{args.size_mib} MiB x {args.rounds} rounds, one cipher"
+            )
             if firing is None:
-                print(f"not firing after {args.timeout:.0f} s (pending: {pending}); last upper bound "
-                      f"{scrape(port, 'kvmcpu_canary_aesni_speedup_ratio_upper')}")
+                print(
+                    f"not firing after {args.timeout:.0f} s (pending: {pending}); last upper bound "
+                    f"{scrape(port, 'kvmcpu_canary_aesni_speedup_ratio_upper')}"
+                )
                 return 1
             print(f"config change -> pending: {pending:.0f} s = {pending / i:.2f} intervals")
-            print(f"config change -> firing:  {firing:.0f} s = {firing / i:.2f} intervals "
-                  f"(target <= 2 intervals + for = 4 intervals)")
+            print(
+                f"config change -> firing:  {firing:.0f} s = {firing / i:.2f} intervals "
+                f"(target <= 2 intervals + for = 4 intervals)"
+            )
         finally:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(60)

@@ -36,7 +36,9 @@ WITH = Profile("aesni", "max", "tcg", expects_aesni=True)
 WITHOUT = Profile("noaesni", "max,-aes", "tcg", expects_aesni=False)
 
 
-def _run(runner: CanaryRunner, profile: Profile, ciphers: Sequence[str], size: int, rounds: int) -> CanaryResult:
+def _run(
+    runner: CanaryRunner, profile: Profile, ciphers: Sequence[str], size: int, rounds: int
+) -> CanaryResult:
     job = CanaryJob(profile, tuple(ciphers), size_mib=size, rounds=rounds, timeout_seconds=900)
     res = runner.run(job)
     if res.result != "success":
@@ -44,7 +46,9 @@ def _run(runner: CanaryRunner, profile: Profile, ciphers: Sequence[str], size: i
     return res
 
 
-def refresh_before(runner: CanaryRunner, ciphers: Sequence[str], size: int, rounds: int) -> tuple[float, float, int]:
+def refresh_before(
+    runner: CanaryRunner, ciphers: Sequence[str], size: int, rounds: int
+) -> tuple[float, float, int]:
     """The old rotation: one boot per (profile, cipher), pair adjacent per cipher."""
     t0, cpu, boots = time.monotonic(), 0.0, 0
     for cipher in ciphers:
@@ -72,12 +76,16 @@ def widths(results: Sequence[CanaryResult], ciphers: Sequence[str]) -> None:
     print(f"{'cipher':<16} {'op':<6} {'ratio':>6} {'95% interval':>15} {'width %':>8} {'rounds':>7}")
     for cipher in ciphers:
         for op in OPS:
-            iv = speedup_interval(rates.get(("aesni", cipher, op), []), rates.get(("noaesni", cipher, op), []))
+            iv = speedup_interval(
+                rates.get(("aesni", cipher, op), []), rates.get(("noaesni", cipher, op), [])
+            )
             if iv is None or iv.lower is None or iv.upper is None:
                 print(f"{cipher:<16} {op:<6} {'-':>6}")
                 continue
-            print(f"{cipher:<16} {op:<6} {iv.ratio:>6.2f} {f'{iv.lower:.2f}..{iv.upper:.2f}':>15} "
-                  f"{100 * (iv.relative_width or 0):>7.0f}% {f'{iv.n_with}/{iv.n_without}':>7}")
+            print(
+                f"{cipher:<16} {op:<6} {iv.ratio:>6.2f} {f'{iv.lower:.2f}..{iv.upper:.2f}':>15} "
+                f"{100 * (iv.relative_width or 0):>7.0f}% {f'{iv.n_with}/{iv.n_without}':>7}"
+            )
 
 
 def main() -> int:
@@ -92,8 +100,10 @@ def main() -> int:
     ciphers = list(SEED_CIPHERS)
     image = find_image(CACHE_DIR)
     runner = CanaryRunner(image, nice=args.nice, run_as_user=None)
-    print(f"image {image.key}; {len(ciphers)} ciphers x read/write; -accel tcg; "
-          f"{args.size_mib} MiB x {args.rounds} rounds per cipher/op")
+    print(
+        f"image {image.key}; {len(ciphers)} ciphers x read/write; -accel tcg; "
+        f"{args.size_mib} MiB x {args.rounds} rounds per cipher/op"
+    )
     a1 = refresh_after(runner, ciphers, args.size_mib, args.rounds)
     b = refresh_before(runner, ciphers, args.size_mib, args.rounds)
     a2 = refresh_after(runner, ciphers, args.size_mib, args.rounds)
@@ -102,8 +112,10 @@ def main() -> int:
     print(f"{'before (rotation)':<24} {b[2]:>5} {b[0]:>10.1f} {b[1]:>8.1f}")
     print(f"{'after (one tick), 1st':<24} {a1[2]:>5} {a1[0]:>10.1f} {a1[1]:>8.1f}")
     print(f"{'after (one tick), 2nd':<24} {a2[2]:>5} {a2[0]:>10.1f} {a2[1]:>8.1f}")
-    print(f"before / after: {b[0] / after_cpu:.1f}x less CPU, {b[1] / after_wall:.1f}x less wall time "
-          f"(target >= 5x CPU)")
+    print(
+        f"before / after: {b[0] / after_cpu:.1f}x less CPU, {b[1] / after_wall:.1f}x less wall time "
+        f"(target >= 5x CPU)"
+    )
     print("speedup intervals of this run's ticks (small sizes):")
     widths(a1[3] + a2[3], ciphers)
     if not args.no_width:
@@ -111,7 +123,9 @@ def main() -> int:
         cpu, wall, _, results = refresh_after(runner, ciphers, args.width_size_mib, args.width_rounds)
         print(f"cost: {cpu:.1f} QEMU cpu s, {wall:.1f} s wall for 2 boots")
         widths(results, ciphers)
-    print(f"load average now: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (shared machine: compare within a run)")
+    print(
+        f"load average now: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (shared machine: compare within a run)"
+    )
     return 0
 
 

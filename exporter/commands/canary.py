@@ -43,7 +43,9 @@ class UsageError(ExporterError):
 # --------------------------------------------------------------------------- arguments
 
 
-def add_arguments(parser: argparse.ArgumentParser, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser, add_common: Callable[[argparse.ArgumentParser], None]
+) -> None:
     sub = parser.add_subparsers(dest="canary_command", metavar="ACTION", required=True)
 
     build = sub.add_parser(
@@ -53,16 +55,28 @@ def add_arguments(parser: argparse.ArgumentParser, add_common: Callable[[argpars
         "already up to date is reused at once.",
     )
     add_common(build)
-    build.add_argument("--source", choices=SOURCES, default="auto",
-                       help="where the guest kernel and modules come from: paths (--kernel/--modules), "
-                       "host (the running kernel, if it has every module the canary needs), apt (Debian's "
-                       "linux-image-amd64, downloaded); auto (default): paths if --kernel is given, else "
-                       "host if usable, else apt")
+    build.add_argument(
+        "--source",
+        choices=SOURCES,
+        default="auto",
+        help="where the guest kernel and modules come from: paths (--kernel/--modules), "
+        "host (the running kernel, if it has every module the canary needs), apt (Debian's "
+        "linux-image-amd64, downloaded); auto (default): paths if --kernel is given, else "
+        "host if usable, else apt",
+    )
     build.add_argument("--kernel", metavar="PATH", help="guest kernel (vmlinuz) to use")
-    build.add_argument("--modules", metavar="DIR", dest="modules_dir",
-                       help="module tree of that kernel (the directory holding kernel/ and modules.order)")
-    build.add_argument("--no-verify", dest="verify", action="store_false",
-                       help="skip booting the new image once under QEMU to prove it works")
+    build.add_argument(
+        "--modules",
+        metavar="DIR",
+        dest="modules_dir",
+        help="module tree of that kernel (the directory holding kernel/ and modules.order)",
+    )
+    build.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip booting the new image once under QEMU to prove it works",
+    )
 
     run = sub.add_parser(
         "run",
@@ -71,8 +85,13 @@ def add_arguments(parser: argparse.ArgumentParser, add_common: Callable[[argpars
         "cipher. Defaults come from the canary section of the config file.",
     )
     add_common(run)
-    run.add_argument("--profile", action="append", dest="profile_names", metavar="P",
-                     help="profile to run (repeatable; default: every configured profile)")
+    run.add_argument(
+        "--profile",
+        action="append",
+        dest="profile_names",
+        metavar="P",
+        help="profile to run (repeatable; default: every configured profile)",
+    )
     _add_bench_options(run)
 
     cmp_ = sub.add_parser(
@@ -82,24 +101,52 @@ def add_arguments(parser: argparse.ArgumentParser, add_common: Callable[[argpars
         "throughput of each and the speedup, optionally as a bar chart.",
     )
     add_common(cmp_)
-    cmp_.add_argument("--with", dest="with_profile", metavar="P",
-                      help="profile exposing AES-NI (default: the profile with expects_aesni: true)")
-    cmp_.add_argument("--without", dest="without_profile", metavar="P",
-                      help="profile hiding AES-NI (default: the profile with expects_aesni: false)")
+    cmp_.add_argument(
+        "--with",
+        dest="with_profile",
+        metavar="P",
+        help="profile exposing AES-NI (default: the profile with expects_aesni: true)",
+    )
+    cmp_.add_argument(
+        "--without",
+        dest="without_profile",
+        metavar="P",
+        help="profile hiding AES-NI (default: the profile with expects_aesni: false)",
+    )
     cmp_.add_argument("--plot", metavar="FILE.png", help="also draw a grouped bar chart (needs matplotlib)")
     _add_bench_options(cmp_)
 
 
 def _add_bench_options(p: argparse.ArgumentParser) -> None:
     # dest names match the serve flags so cli.config_from_args merges and validates them into cfg.canary
-    p.add_argument("--cipher", action="append", dest="cipher_names", metavar="C",
-                   help="cryptsetup cipher spec, e.g. aes-xts-plain (repeatable; default: canary.ciphers)")
-    p.add_argument("--size-mib", dest="canary_size_mib", type=int, metavar="N",
-                   help="RAM disk size the guest encrypts, in MiB (default: canary.size_mib)")
-    p.add_argument("--rounds", dest="canary_rounds", type=int, metavar="N",
-                   help="dd rounds per cipher and op (default: canary.rounds)")
-    p.add_argument("--timeout", dest="canary_timeout", type=float, metavar="SECONDS",
-                   help="give up on a guest after this long (default: canary.timeout_seconds)")
+    p.add_argument(
+        "--cipher",
+        action="append",
+        dest="cipher_names",
+        metavar="C",
+        help="cryptsetup cipher spec, e.g. aes-xts-plain (repeatable; default: canary.ciphers)",
+    )
+    p.add_argument(
+        "--size-mib",
+        dest="canary_size_mib",
+        type=int,
+        metavar="N",
+        help="RAM disk size the guest encrypts, in MiB (default: canary.size_mib)",
+    )
+    p.add_argument(
+        "--rounds",
+        dest="canary_rounds",
+        type=int,
+        metavar="N",
+        help="dd rounds per cipher and op (default: canary.rounds)",
+    )
+    p.add_argument(
+        "--timeout",
+        dest="canary_timeout",
+        type=float,
+        metavar="SECONDS",
+        help="give up on a guest after this long (default: canary.timeout_seconds)",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
 
 
@@ -121,8 +168,11 @@ class Progress:
         self.started = clock()
 
     def _handlers(self) -> list[logging.Handler]:
-        return [h for h in logging.getLogger().handlers
-                if isinstance(h, logging.StreamHandler) and h.stream is self.stream]
+        return [
+            h
+            for h in logging.getLogger().handlers
+            if isinstance(h, logging.StreamHandler) and h.stream is self.stream
+        ]
 
     def __call__(self, message: str) -> None:
         line = f"[{self.clock() - self.started:6.1f}s] {message}\n"
@@ -265,7 +315,9 @@ def _kvm_usable(cfg: Config, profiles: Sequence[ProfileConfig], progress: Callab
         progress(f"QEMU probe failed ({err}); assuming KVM is not usable, guests run under TCG")
         return False
     usable = facts.kvm_usable
-    progress("KVM is usable" if usable else "KVM is not usable here: guests run under TCG (software emulation)")
+    progress(
+        "KVM is usable" if usable else "KVM is not usable here: guests run under TCG (software emulation)"
+    )
     return usable
 
 
@@ -302,7 +354,9 @@ def _run_profiles(
     cfg: Config, profile_cfgs: Sequence[ProfileConfig], ciphers: tuple[str, ...], progress: Progress
 ) -> tuple[list[Profile], list[CanaryResult]]:
     """Resolve and run each profile once, in order; results in the same order (never raises for guests)."""
-    _check_memory(cfg, len(profile_cfgs))  # before anything else: an impossible size is the first thing to say
+    _check_memory(
+        cfg, len(profile_cfgs)
+    )  # before anything else: an impossible size is the first thing to say
     image = _image(cfg)  # a missing image is the next most useful error, and costs nothing to find
     from exporter.canary.profiles import resolve_profile
     from exporter.canary.runner import CanaryRunner, job_for
@@ -361,8 +415,9 @@ def _run(cfg: Config, args: argparse.Namespace, progress: Progress) -> int:
     stats = aggregate(results)
     ok = all(r.result == "success" for r in results)
     if args.json:
-        _emit_json({"ok": ok, "results": [r.to_dict() for r in results],
-                    "aggregates": [s.to_dict() for s in stats]})
+        _emit_json(
+            {"ok": ok, "results": [r.to_dict() for r in results], "aggregates": [s.to_dict() for s in stats]}
+        )
     else:
         print(render_rates(stats) if stats else "no measurements")
         print()
@@ -419,10 +474,16 @@ def _compare(cfg: Config, args: argparse.Namespace, progress: Progress) -> int:
         plot_path = plot_comparison(comp, args.plot, context=context)
         progress(f"bar chart written to {plot_path}")
     if args.json:
-        _emit_json({"ok": ok, "results": [r.to_dict() for r in results],
-                    "aggregates": [s.to_dict() for s in aggregate(results)],
-                    "comparison": comp.to_dict(), "context": context.metadata(),
-                    "plot": str(plot_path) if plot_path else None})
+        _emit_json(
+            {
+                "ok": ok,
+                "results": [r.to_dict() for r in results],
+                "aggregates": [s.to_dict() for s in aggregate(results)],
+                "comparison": comp.to_dict(),
+                "context": context.metadata(),
+                "plot": str(plot_path) if plot_path else None,
+            }
+        )
     else:
         print(render_comparison(comp))
         print()
