@@ -99,13 +99,13 @@ def start_daemon(workdir: Path, port: int, config: Path, interval: float, n: int
     )
 
 
-def scrape(port: int, name: str) -> float | None:
+def scrape(port: int, name: str, op: str = "read") -> float | None:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
             body = resp.read().decode()
     except OSError:
         return None
-    m = re.search(rf'^{name}{{cipher="aes-xts-plain",op="read"}} (\S+)$', body, re.M)
+    m = re.search(rf'^{name}{{cipher="aes-xts-plain",op="{op}"}} (\S+)$', body, re.M)
     return float(m.group(1)) if m else None
 
 
@@ -147,15 +147,17 @@ def main() -> int:
             daemon = start_daemon(workdir, port, config, args.interval, 1)
             pending = firing = None
             while firing is None and time.monotonic() < t0 + args.timeout:
-                states = {s for _, s in prom.alert_states(ALERT)}
+                alerts = prom.alert_states(ALERT)
                 now = time.monotonic() - t0
-                if pending is None and states:
+                if pending is None and alerts:
                     pending = now
+                    op = alerts[0][0].get("op", "read")
                     print(
-                        f"pending after {now:.0f} s: ratio {scrape(port, 'kvmcpu_canary_aesni_speedup_ratio')}, "
-                        f"upper {scrape(port, 'kvmcpu_canary_aesni_speedup_ratio_upper')}"
+                        f"pending after {now:.0f} s ({op}): ratio "
+                        f"{scrape(port, 'kvmcpu_canary_aesni_speedup_ratio', op)}, "
+                        f"upper {scrape(port, 'kvmcpu_canary_aesni_speedup_ratio_upper', op)}"
                     )
-                if "firing" in states:
+                if any(state == "firing" for _, state in alerts):
                     firing = now
                 time.sleep(1)
             i = args.interval
@@ -164,9 +166,12 @@ def main() -> int:
                 f"{args.size_mib} MiB x {args.rounds} rounds, one cipher"
             )
             if firing is None:
+                uppers = {
+                    op: scrape(port, "kvmcpu_canary_aesni_speedup_ratio_upper", op)
+                    for op in ("read", "write")
+                }
                 print(
-                    f"not firing after {args.timeout:.0f} s (pending: {pending}); last upper bound "
-                    f"{scrape(port, 'kvmcpu_canary_aesni_speedup_ratio_upper')}"
+                    f"not firing after {args.timeout:.0f} s (first pending: {pending}); last upper bounds {uppers}"
                 )
                 return 1
             print(f"config change -> pending: {pending:.0f} s = {pending / i:.2f} intervals")
