@@ -48,7 +48,11 @@ def scaled_alerts(workdir: Path, interval: float) -> Path:
     text = (RULES_DIR / "alerts.yml").read_text()
     start = text.index(f"- alert: {ALERT}")
     end = text.index("- alert:", start + 1)
-    block = re.sub(r"for: 30m", f"for: {int(2 * interval)}s", text[start:end], count=1)
+    block, n = re.subn(
+        r"^(\s+)for: 30m$", rf"\g<1>for: {int(2 * interval)}s", text[start:end], count=1, flags=re.M
+    )
+    if n != 1:
+        raise SystemExit(f"{ALERT} has no `for: 30m` line any more: update this script")
     out = workdir / "alerts.yml"
     out.write_text(text[:start] + block + text[end:])
     return out

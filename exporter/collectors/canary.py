@@ -78,7 +78,7 @@ class CanaryCollector:
         speedup = GaugeMetricFamily(
             "kvmcpu_canary_aesni_speedup_ratio",
             f"Canary throughput of the profile with AES-NI over the profile without it{pair}, both "
-            "booted in the same tick (ratio of the geometric means of their rounds).",
+            "booted in the same tick (ratio of the mean rates of their rounds).",
             labels=["cipher", "op"],
         )
         lower = GaugeMetricFamily(
