@@ -97,7 +97,7 @@ def test_alerts_and_dashboards_against_real_prometheus(  # type: ignore[no-untyp
 ) -> None:
     daemon = start_daemon(
         f"--config.file={_canary_config(tmp_path)}",
-        "--canary.interval", "2", "--canary.size-mib", "8", "--canary.rounds", "1",
+        "--canary.interval", "2", "--canary.size-mib", "8", "--canary.rounds", "2",
     )
     guest = qemu_guest("-cpu", "qemu64", name=GUEST)
     instance = f"127.0.0.1:{daemon.port}"
