@@ -500,10 +500,10 @@ def canary() -> Dashboard:
                          legend="{{profile}} {{cipher}} {{op}}")],
                   "Mean dm-crypt throughput of each canary run, per profile, cipher and operation.",
                   w=12, h=9, unit="Bps"),
-            Panel("Throughput, 6-hour mean", "timeseries",
-                  [Query("instance_profile_cipher_op:kvmcpu_canary_throughput_bytes_per_second:mean6h"
+            Panel("Throughput, 1-hour mean", "timeseries",
+                  [Query("instance_profile_cipher_op:kvmcpu_canary_throughput_bytes_per_second:mean1h"
                          f"{{{CC}}}", legend="{{profile}} {{cipher}} {{op}}")],
-                  "Mean throughput over 6 hours (two rotations) from the histogram (recording rule).",
+                  "Mean throughput over 1 hour (four ticks) from the histogram (recording rule).",
                   w=12, h=9, unit="Bps"),
             Panel("Throughput distribution", "heatmap",
                   [Query("sum by (le) (increase(kvmcpu_canary_throughput_bytes_per_second_bucket"
@@ -512,17 +512,22 @@ def canary() -> Dashboard:
                   "software clusters.",
                   w=24, h=8, unit="Bps"),
             Row("AES-NI effect"),
-            Panel("AES-NI speedup", "timeseries",
+            Panel("AES-NI speedup with its 95% interval", "timeseries",
                   [Query(f'kvmcpu_canary_aesni_speedup_ratio{{{I}, cipher=~"$cipher"}}',
-                         legend="{{instance}} {{cipher}} {{op}}")],
-                  "Throughput with AES-NI over without, same cipher and op, consecutive runs. Below "
-                  "1.1 (red line) AES-NI is exposed but ineffective: KvmCpuCanaryAesNiSpeedupLow.",
+                         legend="{{instance}} {{cipher}} {{op}}"),
+                   Query(f'kvmcpu_canary_aesni_speedup_ratio_lower{{{I}, cipher=~"$cipher"}}',
+                         legend="{{instance}} {{cipher}} {{op}} lower"),
+                   Query(f'kvmcpu_canary_aesni_speedup_ratio_upper{{{I}, cipher=~"$cipher"}}',
+                         legend="{{instance}} {{cipher}} {{op}} upper")],
+                  "Throughput with AES-NI over without, same cipher and op, both booted in the same "
+                  "tick, with the bounds of its 95% confidence interval. Upper bound below 1.1 (red "
+                  "line): AES-NI is exposed but ineffective beyond noise: KvmCpuCanaryAesNiSpeedupLow.",
                   w=12, h=8, thresholds=[(None, "red"), (1.1, "green")], min=0),
-            Panel("AES-NI speedup, 6-hour mean", "timeseries",
-                  [Query("instance_cipher_op:kvmcpu_canary_aesni_speedup_ratio:mean6h"
+            Panel("AES-NI speedup, 1-hour mean", "timeseries",
+                  [Query("instance_cipher_op:kvmcpu_canary_aesni_speedup_ratio:mean1h"
                          f'{{{I}, cipher=~"$cipher"}}',
                          legend="{{instance}} {{cipher}} {{op}}")],
-                  "Ratio of the 6-hour mean throughputs of the default aesni and noaesni profiles.",
+                  "Ratio of the 1-hour mean throughputs of the default aesni and noaesni profiles.",
                   w=12, h=8, thresholds=[(None, "red"), (1.1, "green")], min=0),
             Panel("dm-crypt driver in the canary guest", "table",
                   [Query(f"kvmcpu_canary_crypto_driver_info{{{CC}}}", instant=True, fmt="table")],
@@ -552,11 +557,11 @@ def canary() -> Dashboard:
                   "See KvmCpuCanaryFailing.",
                   w=12, h=8, thresholds=[(None, "transparent"), (1, "orange")],
                   columns=["instance", "profile", "result", "Value"]),
-            Panel("Run duration, 6-hour mean", "timeseries",
+            Panel("Run duration, 1-hour mean", "timeseries",
                   [Query("sum by (instance, profile) "
-                         f"(rate(kvmcpu_canary_duration_seconds_sum{{{C}}}[6h])) / "
+                         f"(rate(kvmcpu_canary_duration_seconds_sum{{{C}}}[1h])) / "
                          "sum by (instance, profile) "
-                         f"(rate(kvmcpu_canary_duration_seconds_count{{{C}}}[6h]))",
+                         f"(rate(kvmcpu_canary_duration_seconds_count{{{C}}}[1h]))",
                          legend="{{instance}} {{profile}}")],
                   "Launch-to-result time of canary runs.",
                   w=24, h=7, unit="s"),

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,65 @@ def test_build_failure_is_one_error_line(tmp_path: Path) -> None:
     no_traceback(proc)
     assert proc.stderr.strip().splitlines()[-1] == f"error: kernel image {tmp_path / 'nope'}: no such file"
     assert not (tmp_path / "canary" / "current.json").exists()
+
+
+def test_too_large_ram_disk_is_refused_before_booting(tmp_path: Path) -> None:
+    """`compare --size-mib 20480 --rounds 10` (the guide's full method) on a host without ~21 GiB free:
+    computed from this machine, so the size asked for is always more than it has."""
+    import psutil
+
+    size = psutil.virtual_memory().available // (1 << 20) + 4096
+    started = time.monotonic()
+    proc = cli("compare", f"--path.cache-dir={tmp_path}", "--size-mib", str(size), "--rounds", "10")
+    assert proc.returncode == 1
+    no_traceback(proc)
+    first = proc.stderr.strip().splitlines()[0]
+    assert first.startswith(f"error: a canary guest with a {size} MiB RAM disk needs ") and "nothing was booted" in first
+    assert "canary image" not in proc.stderr  # refused before even looking for the image
+    assert time.monotonic() - started < 60 and proc.stdout == ""
+
+
+def test_progress_and_log_lines_never_interleave() -> None:
+    """Progress lines and log records from other threads share stderr: every line stays whole."""
+    import io
+    import logging
+    import threading
+
+    from exporter.commands.canary import Progress
+    from exporter.logsetup import setup_logging
+
+    class Chunky(io.StringIO):
+        """A stream that yields the GIL inside each write, like a slow terminal."""
+
+        def write(self, s: str) -> int:
+            for ch in s:
+                super().write(ch)
+                time.sleep(0)
+            return len(s)
+
+    stream = Chunky()
+    setup_logging("info", "logfmt", stream=stream)
+    log = logging.getLogger("exporter.test.interleave")
+    progress = Progress(stream)
+
+    def logs() -> None:
+        for i in range(150):
+            log.info("console line", extra={"fields": {"i": i}})
+
+    threads = [threading.Thread(target=logs) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for i in range(150):
+        progress(f"aesni: aes-xts-plain read round {i}: 99.0 MB/s")
+    for t in threads:
+        t.join()
+    setup_logging("info", "logfmt")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 450
+    for line in lines:
+        is_progress = line.startswith("[") and line.endswith("MB/s") and line.count("[") == 1
+        is_log = line.startswith("ts=") and line.count(" ts=") == 0 and line.endswith(" msg=\"console line\" i=" + line.rsplit("=", 1)[1])
+        assert is_progress or is_log, repr(line)
 
 
 def test_plot_without_matplotlib_fails_before_benchmarking(tmp_path: Path) -> None:
@@ -171,6 +231,38 @@ def test_compare_prints_speedups_and_draws_chart(
     assert f"bar chart: {png}" in proc.stdout
     with Image.open(png) as img:
         assert img.format == "PNG" and img.size[0] >= 800 and img.size[1] >= 400
+
+
+@pytest.mark.slow
+def test_compare_json_and_chart_carry_the_intervals_and_the_tcg_warning(
+    built: subprocess.CompletedProcess[str], tmp_path: Path
+) -> None:
+    png = tmp_path / "honest.png"
+    config = tmp_path / "tcg.yml"
+    config.write_text("qemu:\n  accelerators: [tcg]\ncanary:\n  nice: 0\n")
+    proc = cli("compare", f"--path.cache-dir={CACHE_DIR}", f"--config.file={config}", "--with", "aesni",
+               "--without", "noaesni", "--cipher", "aes-xts-plain", "--size-mib", "8", "--rounds", "3", "--json",
+               "--plot", str(png))
+    no_traceback(proc)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    for row in doc["comparison"]["rows"]:
+        assert row["ratio_lower"] <= row["ratio"] <= row["ratio_upper"], row
+        for side in ("with", "without"):
+            s = row[side]
+            assert len(s["rates_bytes_per_second"]) == 3
+            assert s["mean_ci_lower_bytes_per_second"] <= s["mean_bytes_per_second"] <= s["mean_ci_upper_bytes_per_second"]
+    assert doc["context"]["Accelerator"] == "tcg" and doc["context"]["Rounds"] == "3"
+    assert "real hardware" in doc["context"]["Warning"]
+    with Image.open(png) as img:
+        meta = dict(img.text)  # type: ignore[attr-defined]
+    assert meta["Accelerator"] == "tcg" and meta["RAM disk"] == "8 MiB" and "Warning" in meta
+    cpu_names = {line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")}
+    assert meta["Host CPU"] == " + ".join(sorted(cpu_names))
+    # stderr: whole lines only, progress ("[  12.3s] ...") or log records ("time=...")
+    for line in proc.stderr.splitlines():
+        assert line.startswith("[") or line.startswith("ts="), repr(line)
 
 
 @pytest.mark.slow

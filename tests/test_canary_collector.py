@@ -117,3 +117,20 @@ def test_openmetrics_exposition_is_valid(tmp_path: Path) -> None:
     names = {f.name for f in text_string_to_metric_families(text)}
     assert {"kvmcpu_canary_throughput_bytes_per_second", "kvmcpu_canary_runs",
             "kvmcpu_canary_duration_seconds", "kvmcpu_canary_aesni_speedup_ratio"} <= names
+
+
+def test_speedup_bounds_beside_the_ratio(tmp_path: Path) -> None:
+    store = CanaryStore(tmp_path, FakeClock(T0), ("aesni", "noaesni"))
+    store.record(result("aesni", at=T0, rates={"read": [100 * MB, 103 * MB, 98 * MB]}), tick=1)
+    store.record(result("noaesni", at=T0 + 5, rates={"read": [40 * MB, 41 * MB, 39 * MB]}), tick=1)
+    v = _registry(store).get_sample_value
+    labels = {"cipher": "aes-xts-plain", "op": "read"}
+    ratio = v("kvmcpu_canary_aesni_speedup_ratio", labels)
+    lower = v("kvmcpu_canary_aesni_speedup_ratio_lower", labels)
+    upper = v("kvmcpu_canary_aesni_speedup_ratio_upper", labels)
+    assert ratio == pytest.approx((301 / 3) / 40)
+    assert lower is not None and upper is not None and 2.0 < lower < ratio < upper < 3.2
+    assert v("kvmcpu_canary_aesni_speedup_timestamp_seconds", labels) == T0 + 5
+    assert v("kvmcpu_canary_scheduler_up") is None  # no scheduler attached: not exported
+    store.watch_scheduler(lambda: True)
+    assert v("kvmcpu_canary_scheduler_up") == 1

@@ -156,3 +156,69 @@ def test_plot_unwritable_path_is_a_plot_error(tmp_path: Path) -> None:
 
     with pytest.raises(PlotError, match="does not exist"):
         check_available(tmp_path / "missing-dir" / "chart.png")
+
+
+def _three_rounds() -> list[CanaryResult]:
+    ciphers = ["aes-ecb-plain", "aes-xts-plain"]
+    w = result("aesni", {(c, op): [100.0, 106.0, 97.0] for c in ciphers for op in ("read", "write")})
+    wo = result("noaesni", {(c, op): [40.0, 45.0, 38.0] for c in ciphers for op in ("read", "write")})
+    return [w, wo]
+
+
+def test_rows_carry_the_speedup_interval_in_json_and_text() -> None:
+    comp = compare(_three_rounds(), "aesni", "noaesni")
+    row = comp.to_dict()["rows"][0]
+    assert row["ratio_lower"] < row["ratio"] < row["ratio_upper"] and row["confidence"] == 0.95
+    lo, hi = row["with"]["mean_ci_lower_bytes_per_second"], row["with"]["mean_ci_upper_bytes_per_second"]
+    assert lo < row["with"]["mean_bytes_per_second"] < hi
+    assert row["with"]["rates_bytes_per_second"] == [100 * MB, 106 * MB, 97 * MB]
+    text = render_comparison(comp)
+    assert "95% confidence intervals" in text
+    span = comp.rows[0].speedup_percent_interval
+    assert span is not None and f"{span[0]:+.0f}%..{span[1]:+.0f}%" in text
+    # one round per side: no interval to show, and the table says nothing it cannot support
+    single = compare([result("aesni", {("c", "read"): [100.0]}), result("noaesni", {("c", "read"): [50.0]})],
+                     "aesni", "noaesni")
+    assert "confidence" not in render_comparison(single)
+    assert single.to_dict()["rows"][0]["ratio_lower"] is None
+
+
+def test_figure_has_error_bars_one_y_scale_and_says_what_it_measured(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from exporter.canary.plot import PlotContext, build_figure, plot_comparison
+
+    comp = compare(_three_rounds(), "aesni", "noaesni")
+    tcg = PlotContext("tcg", "AMD EPYC 7763", 64, 3)
+    fig = build_figure(comp, tcg)
+    try:
+        read_ax, write_ax = fig.axes[:2]
+        assert read_ax.get_ylim() == write_ax.get_ylim()  # one shared scale
+        from matplotlib.container import BarContainer
+
+        for ax in (read_ax, write_ax):
+            bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+            assert len(bars) == 2 and all(b.errorbar is not None for b in bars)  # error bars on every bar
+        texts = {t.get_gid(): t.get_text() for t in fig.texts}
+        assert "accelerator: tcg" in texts["context"] and "host CPU: AMD EPYC 7763" in texts["context"]
+        assert "RAM disk: 64 MiB" in texts["context"] and "rounds: 3" in texts["context"]
+        assert "TCG" in texts["tcg-warning"] and "real hardware" in texts["tcg-warning"]
+        labels = [a.get_text() for a in read_ax.texts]
+        assert all("%" in lab and "[" in lab for lab in labels)  # speedup with its interval per group
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    out = plot_comparison(comp, tmp_path / "chart.png", context=tcg)
+    with Image.open(out) as img:
+        meta = dict(img.text)  # type: ignore[attr-defined]
+    assert meta["Accelerator"] == "tcg" and meta["Host CPU"] == "AMD EPYC 7763"
+    assert meta["RAM disk"] == "64 MiB" and meta["Rounds"] == "3" and "real hardware" in meta["Warning"]
+
+    kvm = build_figure(comp, PlotContext("kvm", "AMD EPYC 7763", 20480, 10))
+    try:
+        assert "tcg-warning" not in {t.get_gid() for t in kvm.texts}
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(kvm)

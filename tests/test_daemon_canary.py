@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 
 import pytest
 from conftest import sample
 from support.canary import gone, qemu_descendants, wait_for_qemu
 
+from exporter.canary.model import OPS
 from exporter.canary.store import STATE_FILE
 
 CIPHER = "aes-xts-plain"
@@ -85,6 +87,46 @@ def test_scheduled_canaries_export_results_that_survive_sigkill(start_daemon, tm
     assert "canary state loaded" in again.log()
     code, page = again.get("/")
     assert code == 200 and "success at" in page and "MB/s" in page  # landing page summary per profile
+
+
+@pytest.mark.slow
+def test_one_tick_boots_one_guest_per_profile_and_refreshes_every_cipher(start_daemon, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 12: a tick is one boot per profile with every cipher inside, not one (profile, cipher)."""
+    ciphers = ["aes-xts-plain", "aes-cbc-plain", "aes-ecb-plain"]
+    # one tick only: the first comes 3 s after start, the next an hour later
+    d = start_daemon(_config(tmp_path, ciphers=ciphers, rounds=2, size_mib=8),
+                     "--canary.interval", "3600", "--canary.jitter", "0")
+    launched: dict[int, list[str]] = {}
+
+    def every_ratio(m):  # type: ignore[no-untyped-def]
+        return all(sample(m, "kvmcpu_canary_aesni_speedup_ratio", cipher=c, op=op) for c in ciphers for op in OPS)
+
+    deadline = time.monotonic() + 300
+    m = d.metrics()
+    while not every_ratio(m):
+        assert time.monotonic() < deadline, f"no complete set of ratios; QEMU launches so far: {len(launched)}"
+        for p in qemu_descendants(d.proc.pid):  # a TCG guest lives for seconds: 0.1 s polling sees each
+            launched.setdefault(p.pid, p.cmdline())
+        time.sleep(0.1)
+        m = d.metrics()
+    time.sleep(2)
+    for p in qemu_descendants(d.proc.pid):
+        launched.setdefault(p.pid, p.cmdline())
+    assert len(launched) == 2, launched  # exactly one guest per profile
+    for cmdline in launched.values():
+        append = cmdline[cmdline.index("-append") + 1]
+        assert f"kvmcpu.ciphers={','.join(ciphers)}" in append.split()
+    m = d.metrics()
+    for profile in ("aesni", "noaesni"):
+        assert sample(m, "kvmcpu_canary_runs_total", profile=profile, result="success") == 1
+        assert sample(m, "kvmcpu_canary_duration_seconds_count", profile=profile) == 1
+    for c in ciphers:
+        for op in OPS:
+            ratio = sample(m, "kvmcpu_canary_aesni_speedup_ratio", cipher=c, op=op)
+            lower = sample(m, "kvmcpu_canary_aesni_speedup_ratio_lower", cipher=c, op=op)
+            upper = sample(m, "kvmcpu_canary_aesni_speedup_ratio_upper", cipher=c, op=op)
+            assert lower is not None and upper is not None and lower <= ratio <= upper, (c, op)
+    assert sample(m, "kvmcpu_canary_scheduler_up") == 1
 
 
 @pytest.mark.slow

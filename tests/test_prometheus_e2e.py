@@ -107,7 +107,7 @@ def test_alerts_and_dashboards_against_real_prometheus(  # type: ignore[no-untyp
 ) -> None:
     daemon = start_daemon(
         f"--config.file={_canary_config(tmp_path)}",
-        "--canary.interval", "2", "--canary.size-mib", "8", "--canary.rounds", "1",
+        "--canary.interval", "2", "--canary.size-mib", "8", "--canary.rounds", "2",
     )
     guest = qemu_guest("-cpu", "qemu64", name=GUEST)
     hazard_guest = qemu_guest("-cpu", "qemu64,+aes", name=HAZARD_GUEST)
@@ -157,7 +157,7 @@ def test_alerts_and_dashboards_against_real_prometheus(  # type: ignore[no-untyp
 
     wait_until(both_succeeded, 240, "a successful canary run of both profiles", interval=2)
     wait_until(lambda: prom.query("kvmcpu_canary_aesni_speedup_ratio"), 30, "the speedup ratio")
-    wait_until(lambda: prom.query("instance_cipher_op:kvmcpu_canary_aesni_speedup_ratio:mean6h"), 30,
+    wait_until(lambda: prom.query("instance_cipher_op:kvmcpu_canary_aesni_speedup_ratio:mean1h"), 30,
                "the speedup recording rule")
     # the exposure alert must stay pending through all this (and the guest must still be seen)
     assert _alert_state(prom, "KvmCpuGuestAesNiHidden", guest=GUEST) == "pending"

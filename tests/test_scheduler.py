@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
-from support.scheduling import FakeClock, FakeFacts, FakeKnowledge, FakeRunner, FakeSampler, result
+from support.scheduling import MB, FakeClock, FakeFacts, FakeKnowledge, FakeRunner, FakeSampler, result
 
 from exporter.canary.guard import BusyGuard, DutyCycleBudget, PsutilSampler
 from exporter.canary.image import CanaryImage
 from exporter.canary.model import OPS, CanaryJob, CanaryResult, Profile
-from exporter.canary.scheduler import CanaryScheduler, rotation
+from exporter.canary.scheduler import CanaryScheduler, tick_order
 from exporter.canary.store import CanaryStore
 from exporter.config import Config, ProfileConfig, default_profiles
 from exporter.errors import UnknownCpuModel
@@ -34,8 +34,18 @@ def _config(tmp_path: Path, ciphers: tuple[str, ...] = ("aes-xts-plain", "aes-cb
     return cfg
 
 
+def _measure(job: CanaryJob, cpu_seconds: float = 2.0, speed: float = 1.0) -> CanaryResult:
+    """Every cipher of the job, read and write, ``job.rounds`` rounds each (AES-NI guests 2.5x faster)."""
+    base = (100 if job.profile.expects_aesni else 40) * speed
+    rates = {op: [base * MB * (1 + 0.02 * i) for i in range(job.rounds)] for op in job.ops}
+    res = result(job.profile.name, cipher=job.ciphers[0], rates=rates, cpu_seconds=cpu_seconds)
+    for cipher in job.ciphers[1:]:
+        res.measurements += result(job.profile.name, cipher=cipher, rates=rates).measurements
+    return res
+
+
 def _success(job: CanaryJob) -> CanaryResult:
-    return result(job.profile.name, cipher=job.ciphers[0], cpu_seconds=2.0)
+    return _measure(job)
 
 
 class Harness:
@@ -64,38 +74,65 @@ class Harness:
                                      clock=self.clock, sampler=sampler or FakeSampler(), resolver=resolver,
                                      first_delay=0.05)
 
-    def jobs(self) -> list[tuple[str, str]]:
-        return [(j.profile.name, j.ciphers[0]) for r in self.runners for j in r.jobs]
+    def jobs(self) -> list[tuple[str, tuple[str, ...]]]:
+        return [(j.profile.name, j.ciphers) for r in self.runners for j in r.jobs]
 
 
-def test_rotation_pairs_with_and_without_aesni_on_consecutive_ticks() -> None:
-    steps = rotation(default_profiles(), ["aes-ecb-plain", "aes-xts-plain"])
-    assert [(p.name, c) for p, c in steps] == [
-        ("aesni", "aes-ecb-plain"), ("noaesni", "aes-ecb-plain"),
-        ("aesni", "aes-xts-plain"), ("noaesni", "aes-xts-plain"),
-    ]
+# The (profile, cipher) rotation of the first design (one boot per tick, each cipher's ratio fresh
+# every 12 ticks) was replaced by design in issue 12: every tick boots every profile once with all
+# ciphers. The rotation tests became the tick-order tests below.
+
+
+def test_tick_order_puts_the_pair_first_alternating_then_the_others() -> None:
+    assert [p.name for p in tick_order(default_profiles(), 1)] == ["aesni", "noaesni"]
+    assert [p.name for p in tick_order(default_profiles(), 2)] == ["noaesni", "aesni"]
     profiles = [ProfileConfig("Westmere", cpu="Westmere"), ProfileConfig("plain", expects_aesni=False),
                 ProfileConfig("fast", expects_aesni=True)]
-    steps = rotation(profiles, ["aes-xts-plain"])
-    assert [p.name for p, _ in steps] == ["fast", "plain", "Westmere"]
+    assert [p.name for p in tick_order(profiles, 1)] == ["fast", "plain", "Westmere"]
+    assert [p.name for p in tick_order(profiles, 4)] == ["plain", "fast", "Westmere"]
+    assert [p.name for p in tick_order(profiles[:1], 3)] == ["Westmere"]  # no pair: as configured
 
 
-def test_ticks_cycle_through_every_profile_and_cipher(tmp_path: Path) -> None:
+def test_each_tick_boots_every_profile_once_with_every_cipher(tmp_path: Path) -> None:
     h = Harness(tmp_path)
-    for _ in range(5):
-        assert h.sched.tick() is not None
+    ciphers = ("aes-xts-plain", "aes-cbc-plain")
+    for _ in range(3):
+        results = h.sched.tick()
+        assert results is not None and [r.result for r in results] == ["success", "success"]
     assert h.jobs() == [
-        ("aesni", "aes-xts-plain"), ("noaesni", "aes-xts-plain"),
-        ("aesni", "aes-cbc-plain"), ("noaesni", "aes-cbc-plain"),
-        ("aesni", "aes-xts-plain"),
+        ("aesni", ciphers), ("noaesni", ciphers),
+        ("noaesni", ciphers), ("aesni", ciphers),
+        ("aesni", ciphers), ("noaesni", ciphers),
     ]
     job = h.runners[0].jobs[0]
     assert job.ops == OPS and job.size_mib == 8 and job.rounds == 2
-    assert job.profile.accel == "tcg" and h.kvm_seen == [False] * 5  # KVM not proven
-    assert h.images == [None] * 5  # no image built: the runner reports image_missing itself
+    assert job.profile.accel == "tcg" and h.kvm_seen == [False] * 6  # KVM not proven
+    assert h.images == [None] * 6  # no image built: the runner reports image_missing itself
     snap = h.store.snapshot()
     assert snap.state.profiles["aesni"].runs["success"] == 3
-    assert snap.speedups()  # both halves of the pair ran
+    stats = snap.speedup_stats()
+    assert set(stats) == {(c, op) for c in ciphers for op in OPS}  # every ratio, from every tick
+    for sp in stats.values():
+        assert sp.ratio == pytest.approx(2.5)
+        assert sp.lower is not None and sp.upper is not None and sp.lower < 2.5 < sp.upper
+        assert (sp.n_with, sp.n_without) == (2, 2)
+    assert h.store.last_tick() == 3
+
+
+def test_a_tick_with_one_side_failed_keeps_the_last_paired_speedup(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.sched.tick()
+    first = h.store.snapshot().speedup_stats()
+    h.clock.now += 900
+
+    def noaesni_panics(job: CanaryJob) -> CanaryResult:
+        if job.profile.name == "noaesni":
+            return result("noaesni", "guest_panic", at=h.clock.now, message="Oops")
+        return _measure(job, speed=3.0)  # a faster aesni run must not be divided by the old noaesni one
+
+    h.behaviour = noaesni_panics
+    h.sched.tick()
+    assert h.store.snapshot().speedup_stats() == first
 
 
 def test_no_profiles_means_no_schedule(tmp_path: Path) -> None:
@@ -107,13 +144,12 @@ def test_no_profiles_means_no_schedule(tmp_path: Path) -> None:
     h.sched.stop()
 
 
-def test_restart_resumes_the_rotation_after_the_last_step(tmp_path: Path) -> None:
+def test_restart_continues_the_alternation(tmp_path: Path) -> None:
     h = Harness(tmp_path)
-    h.sched.tick()
     h.sched.tick()
     again = Harness(tmp_path, cfg=h.cfg)
     again.sched.tick()
-    assert again.jobs() == [("aesni", "aes-cbc-plain")]
+    assert [name for name, _ in again.jobs()] == ["noaesni", "aesni"]
 
 
 def test_kvm_is_used_only_once_the_knowledge_source_proved_it(tmp_path: Path) -> None:
@@ -123,15 +159,16 @@ def test_kvm_is_used_only_once_the_knowledge_source_proved_it(tmp_path: Path) ->
     start = time.monotonic()
     h.sched.tick()
     assert time.monotonic() - start >= 0.25  # the first tick waited for the proof
-    assert h.kvm_seen == [True] and h.runners[0].jobs[0].profile.accel == "kvm"
+    assert h.kvm_seen == [True, True] and h.runners[0].jobs[0].profile.accel == "kvm"
 
 
-def test_busy_host_skips_the_tick(tmp_path: Path) -> None:
+def test_busy_host_skips_the_whole_tick(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     cfg.canary.busy_load_per_core = 0.0
     h = Harness(tmp_path, cfg=cfg, sampler=FakeSampler(load=0.01, cpu=1.0))
     res = h.sched.tick()
-    assert res is not None and res.result == "skipped_busy" and "load per core" in res.message
+    assert res is not None and [r.result for r in res] == ["skipped_busy", "skipped_busy"]
+    assert "load per core" in res[0].message
     assert h.runners == []  # no guest launched
     stats = h.store.snapshot().state.profiles["aesni"]
     assert stats.runs["skipped_busy"] == 1 and stats.budget_skips == 0
@@ -140,28 +177,26 @@ def test_busy_host_skips_the_tick(tmp_path: Path) -> None:
 def test_busy_cpu_percent_skips_the_tick(tmp_path: Path) -> None:
     h = Harness(tmp_path, sampler=FakeSampler(load=0.1, cpu=95.0))
     res = h.sched.tick()
-    assert res is not None and res.result == "skipped_busy" and "CPU use 95%" in res.message
+    assert res is not None and res[0].result == "skipped_busy" and "CPU use 95%" in res[0].message
 
 
-def test_duty_cycle_budget_skips_and_counts_separately(tmp_path: Path) -> None:
+def test_duty_cycle_budget_covers_the_whole_tick_and_counts_separately(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     cfg.canary.duty_cycle_percent = 1.0  # 36 s per hour
-    h = Harness(tmp_path, cfg=cfg, behaviour=lambda job: result(job.profile.name, cpu_seconds=30.0))
-    first = h.sched.tick()  # an empty window always allows one run, even an expensive one
-    assert first is not None and first.result == "success"
+    h = Harness(tmp_path, cfg=cfg, behaviour=lambda job: _measure(job, cpu_seconds=15.0))
+    first = h.sched.tick()  # an empty window always allows one tick, even an expensive one
+    assert first is not None and [r.result for r in first] == ["success", "success"]
     h.clock.now += 60
-    second = h.sched.tick()  # noaesni has no estimate yet: 30 + 0 <= 36
-    assert second is not None and second.result == "success"
-    h.clock.now += 60
-    third = h.sched.tick()  # 60 s used already
-    assert third is not None and third.result == "skipped_busy" and "duty-cycle budget" in third.message
-    assert len(h.runners) == 2
+    second = h.sched.tick()  # 30 s used + ~30 s for the next tick > 36 s
+    assert second is not None and [r.result for r in second] == ["skipped_busy", "skipped_busy"]
+    assert "duty-cycle budget" in second[0].message
+    assert len(h.runners) == 2  # the pair is never split by the budget
     snap = h.store.snapshot()
-    assert snap.state.profiles["aesni"].budget_skips == 1
-    assert snap.duty_ratio == pytest.approx(60.0 / 36.0)
+    assert snap.state.profiles["aesni"].budget_skips == 1 and snap.state.profiles["noaesni"].budget_skips == 1
+    assert snap.duty_ratio == pytest.approx(30.0 / 36.0)
     h.clock.now += 3600  # the window has moved on
     fourth = h.sched.tick()
-    assert fourth is not None and fourth.result == "success"
+    assert fourth is not None and fourth[0].result == "success"
 
 
 def test_budget_arithmetic() -> None:
@@ -187,7 +222,8 @@ def test_resolver_errors_are_recorded_as_results(tmp_path: Path) -> None:
 
     h.sched.resolver = broken
     res = h.sched.tick()
-    assert res is not None and res.result == "qemu_error" and "Nehalem-XYZ" in res.message
+    assert res is not None and [r.result for r in res] == ["qemu_error", "qemu_error"]
+    assert "Nehalem-XYZ" in res[0].message
     assert h.runners == []
 
 
@@ -213,7 +249,7 @@ def test_stop_cancels_the_running_canary_and_records_nothing(tmp_path: Path) -> 
         return result(job.profile.name, "timeout", message="cancelled")
 
     h = Harness(tmp_path, behaviour=blocking)
-    out: list[CanaryResult | None] = []
+    out: list[list[CanaryResult] | None] = []
     worker = threading.Thread(target=lambda: out.append(h.sched.tick()))
     worker.start()
     assert started.wait(5)
@@ -255,6 +291,32 @@ def test_a_scrape_never_waits_for_a_running_canary(tmp_path: Path) -> None:
         release.set()
         worker.join(5)
     assert h.store.snapshot().state.profiles["aesni"].runs["success"] == 2
+
+
+def test_a_dead_scheduler_is_a_metric_and_a_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from exporter.collectors.canary import CanaryCollector
+
+    cfg = _config(tmp_path)
+    cfg.canary.interval_seconds = 3600.0
+    h = Harness(tmp_path, cfg=cfg)
+    h.sched.first_delay = 3600.0
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CanaryCollector(h.store, ("aes",)))
+    assert registry.get_sample_value("kvmcpu_canary_scheduler_up") is None  # no schedule yet
+    h.sched.start()
+    try:
+        assert registry.get_sample_value("kvmcpu_canary_scheduler_up") == 1
+        h.sched._scheduler.shutdown(wait=False)  # the scheduler dies under the daemon's feet
+        with caplog.at_level(logging.ERROR, logger="exporter.canary.store"):
+            assert registry.get_sample_value("kvmcpu_canary_scheduler_up") == 0
+            assert registry.get_sample_value("kvmcpu_canary_scheduler_up") == 0
+        dead = [r for r in caplog.records if "scheduler is not running" in r.getMessage()]
+        assert len(dead) == 1  # one line when it dies, not one per scrape
+    finally:
+        h.sched.stop()
+    assert registry.get_sample_value("kvmcpu_canary_scheduler_up") is None  # stopped on purpose
 
 
 @pytest.mark.slow

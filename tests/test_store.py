@@ -12,13 +12,13 @@ import pytest
 from support.scheduling import MB, FakeClock, result
 
 from exporter.canary.model import Measurement
+from exporter.canary.profiles import aesni_pair
 from exporter.canary.store import (
     DURATION_BUCKETS,
     STATE_FILE,
     THROUGHPUT_BUCKETS,
     CanaryStore,
     Histogram,
-    aesni_pair,
 )
 from exporter.config import ProfileConfig
 
@@ -27,8 +27,8 @@ def test_round_trip_keeps_results_counters_and_original_timestamps(tmp_path: Pat
     clock = FakeClock()
     store = CanaryStore(tmp_path / "state", clock)
     store.record(result("aesni", at=1000.0, driver="xts-aes-aesni", rates={"read": [90 * MB, 110 * MB]}),
-                 pair=("aesni", "aes-xts-plain"))
-    store.record(result("noaesni", at=1010.0, rates={"read": [40 * MB]}), pair=("noaesni", "aes-xts-plain"))
+                 tick=7)
+    store.record(result("noaesni", at=1010.0, rates={"read": [40 * MB]}), tick=7)
     store.record(result("noaesni", "timeout", at=1020.0, message="no answer in 300 s"))
     assert (tmp_path / "state" / STATE_FILE).is_file()
 
@@ -46,7 +46,7 @@ def test_round_trip_keeps_results_counters_and_original_timestamps(tmp_path: Pat
     assert noaes.last_success_at == 1010.0
     assert noaes.runs["success"] == 1 and noaes.runs["timeout"] == 1
     assert noaes.duration.count == 2
-    assert again.last_pair() == ("noaesni", "aes-xts-plain")
+    assert again.last_tick() == 7  # the next tick's boot order continues the alternation
     # no temp files left behind by the atomic writes
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == [STATE_FILE]
 
@@ -209,3 +209,46 @@ def test_a_near_zero_guest_time_is_skipped_not_fatal(tmp_path: Path) -> None:
     store.record(glitch)
     reopened = CanaryStore(tmp_path, FakeClock(), ("aesni", "noaesni"))
     assert reopened.summary()["aesni"].startswith("success")
+
+
+def test_speedup_pairs_only_results_of_the_same_tick_and_keeps_its_interval(tmp_path: Path) -> None:
+    store = CanaryStore(tmp_path, FakeClock(), ("aesni", "noaesni"))
+    store.record(result("aesni", at=100.0, rates={"read": [100 * MB, 104 * MB, 98 * MB]}), tick=1)
+    store.record(result("noaesni", at=110.0, rates={"read": [40 * MB, 42 * MB, 39 * MB]}), tick=1)
+    sp = store.snapshot().speedup_stats()[("aes-xts-plain", "read")]
+    assert sp.ratio == pytest.approx((302 / 3) / (121 / 3))
+    assert sp.lower is not None and sp.upper is not None and sp.lower < sp.ratio < sp.upper
+    assert (sp.n_with, sp.n_without, sp.at) == (3, 3, 110.0)
+    # next tick: aesni measured, noaesni not yet (or failed): the tick-1 speedup stays as it was
+    store.record(result("aesni", at=200.0, rates={"read": [300 * MB, 310 * MB, 290 * MB]}), tick=2)
+    assert store.snapshot().speedup_stats()[("aes-xts-plain", "read")] == sp
+    store.record(result("noaesni", at=210.0, rates={"read": [100 * MB, 100 * MB, 100 * MB]}), tick=2)
+    assert store.snapshot().speedups()[("aes-xts-plain", "read")] == pytest.approx(3.0)
+    # the interval, the rounds and the tick survive a restart
+    again = CanaryStore(tmp_path, FakeClock(), ("aesni", "noaesni"))
+    assert again.snapshot().speedup_stats() == store.snapshot().speedup_stats()
+    assert again.snapshot().state.profiles["noaesni"].throughput[("aes-xts-plain", "read")].rounds == [100 * MB] * 3
+    assert again.last_tick() == 2
+
+
+def test_a_version_1_file_of_the_rotation_design_loads(tmp_path: Path) -> None:
+    """Written before the per-tick design: no rounds, tick or speedups, and a last_pair key."""
+    hist = {"bounds": list(THROUGHPUT_BUCKETS), "counts": [0] * len(THROUGHPUT_BUCKETS) + [1], "sum": 3e10}
+    old = {
+        "version": 1,
+        "profiles": {"aesni": {
+            "last": None, "last_success_at": 5.0, "cpu_flags": ["aes"], "runs": {"success": 2},
+            "budget_skips": 0, "duration": {"bounds": list(DURATION_BUCKETS),
+                                            "counts": [0] * len(DURATION_BUCKETS) + [0], "sum": 0.0},
+            "drivers": {}, "throughput": {"aes-xts-plain": {"read": {"last": 3e10, "at": 5.0, "hist": hist}}},
+            "last_cpu_seconds": 9.0}},
+        "duty": [],
+        "last_pair": ["aesni", "aes-xts-plain"],
+    }
+    (tmp_path / STATE_FILE).write_text(json.dumps(old))
+    snap = CanaryStore(tmp_path).snapshot()
+    stats = snap.state.profiles["aesni"]
+    assert stats.runs["success"] == 2 and stats.runs["timeout"] == 0
+    assert stats.throughput[("aes-xts-plain", "read")].hist.count == 1
+    assert snap.state.tick == 0 and snap.speedup_stats() == {}
+    assert (tmp_path / STATE_FILE).exists()  # not moved aside as corrupt

@@ -7,6 +7,10 @@ on ``CanaryResult`` objects so that the CLI, the benchmarks and the tests share 
 into tickets and chat as often as it is read on a terminal).
 
 Rates are in MB/s (10**6 bytes per second), the unit GNU ``dd`` prints and the guide uses.
+
+Every figure carries its uncertainty: a mean throughput its 95% t interval over the rounds, a speedup
+the Welch interval on log-rates of ``exporter.canary.stats`` (the same one the daemon exports), so a
+table, a JSON document and a chart never show a difference the rounds cannot support.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from exporter.canary.model import MB, OPS, CanaryResult
+from exporter.canary.stats import CONFIDENCE, RatioInterval, speedup_interval, t_quantile
 
 
 @dataclass(frozen=True)
@@ -30,8 +35,22 @@ class RateStats:
     maximum: float
     rounds: int
     driver: str = ""
+    #: the per-round rates behind the mean
+    rates: tuple[float, ...] = ()
+
+    @property
+    def mean_interval(self) -> tuple[float, float] | None:
+        """95% t interval of the mean rate over the rounds; None with fewer than two rounds."""
+        n = len(self.rates)
+        if n < 2:
+            return None
+        mean = sum(self.rates) / n
+        sd = (sum((r - mean) ** 2 for r in self.rates) / (n - 1)) ** 0.5
+        half = t_quantile(1.0 - (1.0 - CONFIDENCE) / 2.0, n - 1) * sd / n**0.5
+        return mean - half, mean + half
 
     def to_dict(self) -> dict[str, Any]:
+        ci = self.mean_interval
         return {
             "profile": self.profile,
             "cipher": self.cipher,
@@ -41,6 +60,9 @@ class RateStats:
             "max_bytes_per_second": self.maximum,
             "rounds": self.rounds,
             "driver": self.driver,
+            "rates_bytes_per_second": list(self.rates),
+            "mean_ci_lower_bytes_per_second": ci[0] if ci else None,
+            "mean_ci_upper_bytes_per_second": ci[1] if ci else None,
         }
 
 
@@ -66,13 +88,32 @@ class ComparisonRow:
         r = self.ratio
         return None if r is None else (r - 1.0) * 100.0
 
+    @property
+    def interval(self) -> RatioInterval | None:
+        """The speedup with its confidence interval (bounds None when a side has one round)."""
+        if self.with_stats is None or self.without_stats is None:
+            return None
+        return speedup_interval(self.with_stats.rates, self.without_stats.rates)
+
+    @property
+    def speedup_percent_interval(self) -> tuple[float, float] | None:
+        """(lower, upper) of the speedup in percent; None when the rounds give no interval."""
+        iv = self.interval
+        if iv is None or iv.lower is None or iv.upper is None:
+            return None
+        return (iv.lower - 1.0) * 100.0, (iv.upper - 1.0) * 100.0
+
     def to_dict(self) -> dict[str, Any]:
+        iv = self.interval
         return {
             "cipher": self.cipher,
             "op": self.op,
             "with": self.with_stats.to_dict() if self.with_stats else None,
             "without": self.without_stats.to_dict() if self.without_stats else None,
             "ratio": self.ratio,
+            "ratio_lower": iv.lower if iv else None,
+            "ratio_upper": iv.upper if iv else None,
+            "confidence": CONFIDENCE,
             "speedup_percent": self.speedup_percent,
         }
 
@@ -158,6 +199,7 @@ def aggregate(results: Iterable[CanaryResult]) -> list[RateStats]:
                 maximum=max(values),
                 rounds=len(values),
                 driver=drivers.get((profile, cipher), ""),
+                rates=tuple(values),
             )
         )
     return out
@@ -218,8 +260,16 @@ def render_rates(stats: Sequence[RateStats]) -> str:
     """Per profile/cipher/op table for ``canary run``: mean (min-max) MB/s and the guest's driver."""
     header = ["PROFILE", "CIPHER", "OP", "MEAN MB/s", "MIN", "MAX", "ROUNDS", "DRIVER"]
     rows = [
-        [s.profile, s.cipher, s.op, mbps(s.mean), mbps(s.minimum), mbps(s.maximum), str(s.rounds),
-         s.driver or "?"]
+        [
+            s.profile,
+            s.cipher,
+            s.op,
+            mbps(s.mean),
+            mbps(s.minimum),
+            mbps(s.maximum),
+            str(s.rounds),
+            s.driver or "?",
+        ]
         for s in stats
     ]
     return _table(header, rows, right={3, 4, 5, 6})
@@ -246,4 +296,36 @@ def render_comparison(comp: Comparison) -> str:
                 (r.without_stats.driver or "?") if r.without_stats else "-",
             ]
         )
-    return _table(header, rows, right={2, 3, 4}) + "\n\n" + comp.summary()
+    table = _table(header, rows, right={2, 3, 4})
+    intervals = render_intervals(comp)
+    return table + "\n\n" + (intervals + "\n\n" if intervals else "") + comp.summary()
+
+
+def _mean_span(stats: RateStats | None) -> str:
+    ci = stats.mean_interval if stats else None
+    return "-" if ci is None else f"{ci[0] / MB:.1f}..{ci[1] / MB:.1f}"
+
+
+def render_intervals(comp: Comparison) -> str:
+    """The 95% intervals of every figure of the comparison table; empty when no row has two rounds
+    per side (then there is nothing to say beyond the table)."""
+    if not any(r.speedup_percent_interval for r in comp.rows):
+        return ""
+    w, wo = comp.with_profile, comp.without_profile
+    header = ["OP", "CIPHER", f"{w} MB/s", f"{wo} MB/s", "SPEEDUP"]
+    rows = []
+    for r in comp.rows:
+        span = r.speedup_percent_interval
+        rows.append(
+            [
+                r.op,
+                r.cipher,
+                _mean_span(r.with_stats),
+                _mean_span(r.without_stats),
+                "-" if span is None else f"{span[0]:+.0f}%..{span[1]:+.0f}%",
+            ]
+        )
+    title = (
+        f"{CONFIDENCE:.0%} confidence intervals (means: t over the rounds; speedup: Welch t on log-rates):"
+    )
+    return title + "\n" + _table(header, rows, right={2, 3, 4})

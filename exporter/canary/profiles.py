@@ -8,6 +8,8 @@ that booted, never as "/dev/kvm exists".
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from exporter.canary.model import Profile
 from exporter.config import ProfileConfig
 from exporter.features import full_cpu_model
@@ -50,3 +52,18 @@ def resolve_profile(cfg: ProfileConfig, kvm_usable: bool) -> Profile:
         cpu = "max" + cpu[len("host") :]
     expects = cfg.expects_aesni if cfg.expects_aesni is not None else infer_expects_aesni(cpu)
     return Profile(name=cfg.name, cpu=cpu, accel=accel, network=cfg.network, expects_aesni=expects)
+
+
+def first_expecting(profiles: Sequence[ProfileConfig], expects: bool) -> str | None:
+    """The first profile whose ``expects_aesni`` is ``expects``."""
+    return next((p.name for p in profiles if p.expects_aesni is expects), None)
+
+
+def aesni_pair(profiles: Sequence[ProfileConfig]) -> tuple[str, str] | None:
+    """The profile pair behind the speedup ratio: the first profile expecting AES-NI and the first
+    expecting none (the one rule; the scheduler boots them back to back, the store divides them)."""
+    with_p = first_expecting(profiles, True)
+    without_p = first_expecting(profiles, False)
+    if with_p is None or without_p is None:
+        return None
+    return with_p, without_p

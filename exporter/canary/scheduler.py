@@ -1,12 +1,19 @@
-"""The daemon's canary rotation: one (profile, cipher) pair per tick, guarded, never overlapping.
+"""The daemon's canary schedule: every tick boots each profile once, with every configured cipher.
 
-Each tick runs a single profile with a single cipher (read and write), so one tick stays short and
-cheap; the rotation visits every configured profile x cipher. For each cipher the with-AES-NI and
-without-AES-NI profiles run on consecutive ticks, so the speedup ratio compares runs made under
-nearly the same host conditions. Ticks come from APScheduler (interval + jitter, ``max_instances=1``
-so two canaries never run at once, ``coalesce`` so a stalled daemon does not fire a burst of late
-ticks). Before launching a guest a tick checks the host (``guard.BusyGuard``) and the duty-cycle
-budget (``guard.DutyCycleBudget``); a skipped tick is recorded as ``skipped_busy``.
+A tick boots one guest per profile, and each guest measures all configured ciphers (read and write,
+``rounds`` times each), so every tick refreshes every cipher's speedup ratio; with the defaults that
+is 2 boots per tick instead of the 12 ticks (12 boots) a (profile, cipher) rotation needed. The
+with-AES-NI and without-AES-NI profiles of the pair (``profiles.aesni_pair``) boot back to back, in
+alternating order from tick to tick (so neither side always gets the warmer or the quieter host),
+before any other profile; the store divides the two only when both come from the same tick.
+
+Ticks come from APScheduler (interval + jitter, ``max_instances=1`` so two canaries never run at
+once, ``coalesce`` so a stalled daemon does not fire a burst of late ticks). Before launching
+anything a tick checks the host (``guard.BusyGuard``) and the duty-cycle budget
+(``guard.DutyCycleBudget``, against the whole tick's expected cost: the sum of each profile's last
+run), once for the whole tick, so that a pair is never split by a guard; a skipped tick records
+``skipped_busy`` for every profile. A job that raises is counted (``kvmcpu_canary_scheduler_errors_total``)
+and logged; a scheduler whose thread is gone shows as ``kvmcpu_canary_scheduler_up 0`` and a log line.
 
 The runner runs outside the store's lock: a scrape never waits for a canary.
 """
@@ -24,9 +31,9 @@ from typing import Any, Protocol
 from exporter.canary.guard import BusyGuard, DutyCycleBudget, HostSampler, PsutilSampler
 from exporter.canary.image import CanaryImage, current_image
 from exporter.canary.model import RESULTS, CanaryJob, CanaryResult, Profile
-from exporter.canary.profiles import resolve_profile
+from exporter.canary.profiles import aesni_pair, resolve_profile
 from exporter.canary.runner import CanaryRunner, job_for
-from exporter.canary.store import DUTY_WINDOW_SECONDS, CanaryStore, aesni_pair
+from exporter.canary.store import DUTY_WINDOW_SECONDS, CanaryStore
 from exporter.config import Config, ProfileConfig
 from exporter.errors import ExporterError, ImageMissing
 from exporter.logsetup import log_failure
@@ -37,6 +44,7 @@ log = logging.getLogger(__name__)
 FIRST_TICK_DELAY_SECONDS = 3.0
 #: how long stop() waits for a cancelled canary to wind down
 STOP_TIMEOUT_SECONDS = 20.0
+JOB_ID = "canary-tick"
 
 
 class Runner(Protocol):
@@ -48,8 +56,6 @@ class Runner(Protocol):
 RunnerFactory = Callable[[CanaryImage | None], Runner]
 #: (profile config, KVM proven usable) -> the exact -cpu spec and accelerator to boot with
 Resolver = Callable[[ProfileConfig, bool], Profile]
-
-
 
 
 class _Facts(Protocol):
@@ -66,14 +72,15 @@ class KnowledgeSource(Protocol):
     def facts(self) -> _Facts | None: ...
 
 
-def rotation(profiles: Sequence[ProfileConfig], ciphers: Sequence[str]) -> list[tuple[ProfileConfig, str]]:
-    """Every profile x cipher; per cipher the AES-NI pair first and adjacent, then the other profiles."""
+def tick_order(profiles: Sequence[ProfileConfig], tick: int) -> list[ProfileConfig]:
+    """The boots of tick number ``tick``: the AES-NI pair first and adjacent, with-AES-NI first on
+    odd ticks and without first on even ones, then the other profiles in configured order."""
     pair = aesni_pair(profiles)
-    ordered = list(profiles)
-    if pair is not None:
-        by_name = {p.name: p for p in profiles}
-        ordered = [by_name[pair[0]], by_name[pair[1]], *(p for p in profiles if p.name not in pair)]
-    return [(p, c) for c in ciphers for p in ordered]
+    if pair is None:
+        return list(profiles)
+    by_name = {p.name: p for p in profiles}
+    first, second = (pair[0], pair[1]) if tick % 2 else (pair[1], pair[0])
+    return [by_name[first], by_name[second], *(p for p in profiles if p.name not in pair)]
 
 
 class _ExpectedSkipFilter(logging.Filter):
@@ -91,7 +98,7 @@ def _quiet_expected_skips() -> None:
 
 
 class CanaryScheduler:
-    """Owns the APScheduler job; ``tick`` is the whole rotation step and can be called directly."""
+    """Owns the APScheduler job; ``tick`` is one whole tick and can be called directly."""
 
     def __init__(
         self,
@@ -115,8 +122,8 @@ class CanaryScheduler:
         c = cfg.canary
         self.busy = BusyGuard(c.busy_load_per_core, c.busy_cpu_percent, sampler or PsutilSampler())
         self.budget = DutyCycleBudget(c.duty_cycle_percent, DUTY_WINDOW_SECONDS)
-        self.steps = rotation(c.profiles, c.ciphers)
-        self._next = self._resume_position()
+        self.profiles = list(c.profiles)
+        self.ciphers = tuple(dict.fromkeys(c.ciphers))
         self._lock = threading.Lock()  # guards _current and _stopping against stop() racing a launch
         self._current: Runner | None = None
         self._stopping = False
@@ -134,7 +141,7 @@ class CanaryScheduler:
         from apscheduler.triggers.interval import IntervalTrigger
 
         c = self.cfg.canary
-        if not self.steps:
+        if not self.profiles or not self.ciphers:
             log.warning("no canary profiles configured: the canary schedule stays off")
             return
         _quiet_expected_skips()
@@ -147,8 +154,8 @@ class CanaryScheduler:
         sched.add_job(
             self._run_job,
             IntervalTrigger(seconds=c.interval_seconds, jitter=c.jitter_seconds or None, timezone="UTC"),
-            id="canary-rotation",
-            name="canary rotation",
+            id=JOB_ID,
+            name="canary tick",
             next_run_time=datetime.now(UTC) + timedelta(seconds=self.first_delay),
             max_instances=1,
             coalesce=True,
@@ -156,12 +163,23 @@ class CanaryScheduler:
         )
         sched.start()
         self._scheduler = sched
-        log.info("canary scheduler started", extra={"fields": {
-            "interval_seconds": c.interval_seconds, "jitter_seconds": c.jitter_seconds,
-            "steps": len(self.steps), "first_in_seconds": self.first_delay}})
+        self.store.watch_scheduler(self.alive)
+        log.info(
+            "canary scheduler started",
+            extra={
+                "fields": {
+                    "interval_seconds": c.interval_seconds,
+                    "jitter_seconds": c.jitter_seconds,
+                    "profiles": len(self.profiles),
+                    "ciphers": len(self.ciphers),
+                    "first_in_seconds": self.first_delay,
+                }
+            },
+        )
 
     def stop(self) -> None:
         """Cancel a running canary, stop ticking, and wait (bounded) until its QEMU is gone."""
+        self.store.watch_scheduler(None)  # a deliberate stop is not a dead scheduler
         with self._lock:
             self._stopping = True
             runner = self._current
@@ -179,6 +197,17 @@ class CanaryScheduler:
     @property
     def running(self) -> bool:
         return not self._idle.is_set()
+
+    def alive(self) -> bool:
+        """Whether ticks will still come: the APScheduler thread runs and the job is scheduled.
+        Cheap (no I/O): asked by every scrape for ``kvmcpu_canary_scheduler_up``."""
+        sched = self._scheduler
+        if sched is None or not sched.running:
+            return False
+        thread = getattr(sched, "_thread", None)
+        if thread is not None and not thread.is_alive():
+            return False
+        return sched.get_job(JOB_ID) is not None
 
     # ------------------------------------------------------------------ ticking
 
@@ -200,13 +229,10 @@ class CanaryScheduler:
         else:
             log.debug("canary tick missed (daemon was stalled); coalesced into the next")
 
-    def next_step(self) -> tuple[ProfileConfig, str]:
-        return self.steps[self._next % len(self.steps)]
-
-    def tick(self) -> CanaryResult | None:
-        """Run the next rotation step. Returns the recorded result, None when stopping."""
+    def tick(self) -> list[CanaryResult] | None:
+        """Run one tick: every profile once. Returns the recorded results, None when stopping."""
         with self._lock:
-            if self._stopping or not self.steps:
+            if self._stopping or not self.profiles or not self.ciphers:
                 return None
             self._idle.clear()
         try:
@@ -216,39 +242,56 @@ class CanaryScheduler:
                 self._current = None
             self._idle.set()
 
-    def _tick(self) -> CanaryResult | None:
-        profile_cfg, cipher = self.next_step()
-        self._next = (self._next + 1) % len(self.steps)
-        pair = (profile_cfg.name, cipher)
-        fields = {"profile": profile_cfg.name, "cipher": cipher}
+    def _tick(self) -> list[CanaryResult] | None:
+        number = self.store.last_tick() + 1
+        order = tick_order(self.profiles, number)
         kvm_usable = self._kvm_usable()
         if self._stopping:
             return None
+        fields = {"tick": number, "profiles": ",".join(p.name for p in order)}
 
         used = self.store.duty_used_seconds()
-        reason = self.budget.over_budget_reason(used, self.store.estimated_cpu_seconds(profile_cfg.name))
+        estimate = sum(self.store.estimated_cpu_seconds(p.name) for p in order)
+        reason = self.budget.over_budget_reason(used, estimate)
+        budget_skip = reason is not None
+        if reason is None:
+            reason = self.busy.busy_reason()
         if reason is not None:
             log.info("canary skipped", extra={"fields": {**fields, "reason": reason}})
-            return self._record(self._skipped(profile_cfg.name, reason), pair, budget_skip=True)
-        reason = self.busy.busy_reason()
-        if reason is not None:
-            log.info("canary skipped", extra={"fields": {**fields, "reason": reason}})
-            return self._record(self._skipped(profile_cfg.name, reason), pair)
+            return [self._record(self._skipped(p.name, reason), number, budget_skip) for p in order]
 
+        image = self._image()
+        results: list[CanaryResult] = []
+        for profile_cfg in order:
+            result = self._boot(profile_cfg, kvm_usable, image, number)
+            if result is None:
+                return None
+            results.append(self._record(result, number))
+        return results
+
+    def _boot(
+        self, profile_cfg: ProfileConfig, kvm_usable: bool, image: CanaryImage | None, number: int
+    ) -> CanaryResult | None:
+        """One guest: this profile, every cipher. None when the daemon is stopping."""
+        fields = {"tick": number, "profile": profile_cfg.name}
         started = self.clock()
         try:
             profile = self.resolver(profile_cfg, kvm_usable)
         except ExporterError as err:
             log_failure(log, "cannot resolve canary profile", err, **fields)
-            return self._record(self._failed(profile_cfg.name, err, started), pair)
-        image = self._image()
-        job = job_for(self.cfg.canary, profile, (cipher,))
+            return self._failed(profile_cfg.name, err, started)
+        job = job_for(self.cfg.canary, profile, self.ciphers)
         runner = self.runner_factory(image)
         with self._lock:
             if self._stopping:
                 return None
             self._current = runner
-        log.info("canary starting", extra={"fields": {**fields, "cpu": profile.cpu, "accel": profile.accel}})
+        log.info(
+            "canary starting",
+            extra={
+                "fields": {**fields, "cpu": profile.cpu, "accel": profile.accel, "ciphers": len(self.ciphers)}
+            },
+        )
         try:
             result = runner.run(job)
         except ExporterError as err:
@@ -258,14 +301,23 @@ class CanaryScheduler:
             return None
         # a failed canary (panic, timeout, no QEMU) is something to look at; a success is routine
         level = logging.INFO if result.result == "success" else logging.WARNING
-        log.log(level, "canary finished", extra={"fields": {
-            **fields, "result": result.result, "seconds": round(result.duration, 1),
-            "cpu_seconds": round(result.cpu_seconds, 1),
-            **({"message": result.message} if result.message and result.result != "success" else {})}})
-        return self._record(result, pair)
+        log.log(
+            level,
+            "canary finished",
+            extra={
+                "fields": {
+                    **fields,
+                    "result": result.result,
+                    "seconds": round(result.duration, 1),
+                    "cpu_seconds": round(result.cpu_seconds, 1),
+                    **({"message": result.message} if result.message and result.result != "success" else {}),
+                }
+            },
+        )
+        return result
 
-    def _record(self, result: CanaryResult, pair: tuple[str, str], budget_skip: bool = False) -> CanaryResult:
-        self.store.record(result, pair=pair, budget_skip=budget_skip)
+    def _record(self, result: CanaryResult, tick: int, budget_skip: bool = False) -> CanaryResult:
+        self.store.record(result, tick=tick, budget_skip=budget_skip)
         return result
 
     def _kvm_usable(self) -> bool:
@@ -294,18 +346,12 @@ class CanaryScheduler:
 
     def _skipped(self, profile: str, reason: str) -> CanaryResult:
         now = self.clock()
-        return CanaryResult(profile=profile, result="skipped_busy", started_at=now, finished_at=now,
-                            message=reason)
+        return CanaryResult(
+            profile=profile, result="skipped_busy", started_at=now, finished_at=now, message=reason
+        )
 
     def _failed(self, profile: str, err: ExporterError, started: float) -> CanaryResult:
         result = err.reason if err.reason in RESULTS else "qemu_error"
-        return CanaryResult(profile=profile, result=result, started_at=started, finished_at=self.clock(),
-                            message=str(err))
-
-    def _resume_position(self) -> int:
-        """Continue after the step that ran last before a restart, so restarts do not starve a pair."""
-        last = self.store.last_pair()
-        for i, (p, c) in enumerate(self.steps):
-            if (p.name, c) == last:
-                return (i + 1) % len(self.steps)
-        return 0
+        return CanaryResult(
+            profile=profile, result=result, started_at=started, finished_at=self.clock(), message=str(err)
+        )

@@ -1,10 +1,15 @@
 """Canary results that survive restarts: the last result per profile plus accumulated counters.
 
 A canary run costs tens of CPU seconds, so losing results on a restart would leave dashboards empty
-for a whole rotation. Every finished result is therefore written to ``<state_dir>/canary-state.json``
-(atomically: temp file, fsync, rename, fsync dir) *before* it becomes visible on /metrics, and the
-histograms and run counters are kept as accumulated bucket counts so that they are monotonic across
-restarts too.
+until the next tick. Every finished result is therefore written to ``<state_dir>/canary-state.json``
+(``exporter.fsutil.atomic_write``) *before* it becomes visible on /metrics, and the histograms and
+run counters are kept as accumulated bucket counts so that they are monotonic across restarts too.
+What the file holds, and how it is validated, is ``exporter.canary.state``.
+
+The AES-NI speedup is computed here, when a result of the profile pair (``profiles.aesni_pair``) is
+recorded: from the per-round rates of both profiles *of the same scheduler tick* (the scheduler
+boots the pair back to back), with the confidence interval of ``exporter.canary.stats``. A tick in
+which one side failed leaves the previous tick's speedup in place rather than mixing ticks.
 
 Reads are copy-on-write: ``record`` builds a new state object, persists it outside the read lock and
 then swaps it in, so a scrape only ever takes a short lock to grab a reference and never waits for a
@@ -13,145 +18,56 @@ canary or for the disk.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
 import logging
-import math
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
-
-from prometheus_client.utils import floatToGoString as _untyped_float_to_go
+from typing import TYPE_CHECKING
 
 from exporter.canary.guard import DutyCycleBudget
-from exporter.canary.model import MB, OPS, RESULTS, CanaryResult, Measurement
+from exporter.canary.histogram import DURATION_BUCKETS, THROUGHPUT_BUCKETS, Histogram
+from exporter.canary.landing import landing_lines
+from exporter.canary.model import CanaryResult
+from exporter.canary.profiles import aesni_pair
+from exporter.canary.state import (
+    STATE_VERSION,
+    OpStats,
+    ProfileStats,
+    SpeedupStats,
+    StoreState,
+    state_from_json,
+    state_to_json,
+)
+from exporter.canary.stats import speedup_interval
 from exporter.errors import StateError
+from exporter.fsutil import atomic_write
 from exporter.logsetup import log_failure
 
 if TYPE_CHECKING:
-    from exporter.config import Config, ProfileConfig
+    from exporter.config import Config
 
 log = logging.getLogger(__name__)
-#: the ``le`` label formatting prometheus_client's own histograms use
-floatToGoString = cast(Callable[[float], str], _untyped_float_to_go)
+
+__all__ = [
+    "DURATION_BUCKETS",
+    "STATE_FILE",
+    "STATE_VERSION",
+    "THROUGHPUT_BUCKETS",
+    "CanaryStore",
+    "Histogram",
+    "StoreSnapshot",
+]
 
 STATE_FILE = "canary-state.json"
-STATE_VERSION = 1
 #: the duty-cycle budget is averaged over this window
 DUTY_WINDOW_SECONDS = 3600.0
 DEFAULT_PAIR: tuple[str, str] = ("aesni", "noaesni")
-
-
-def _renard(lo_exp: int, hi: float) -> tuple[float, ...]:
-    """Log-spaced bucket bounds (Renard R5: 1, 1.6, 2.5, 4, 6.3 per decade) from 10**lo_exp to >= hi."""
-    out: list[float] = []
-    exp = lo_exp
-    while not out or out[-1] < hi:
-        for m in (1.0, 1.6, 2.5, 4.0, 6.3):
-            out.append(m * 10.0**exp)
-            if out[-1] >= hi:
-                break
-        exp += 1
-    return tuple(float(f"{b:.3g}") for b in out)
-
-
-#: 1 MB/s .. 25 GB/s: TCG without AES-NI runs at tens of MB/s, KVM with AES-NI at several GB/s
-THROUGHPUT_BUCKETS: tuple[float, ...] = _renard(6, 2e10)
-#: a canary boots in ~4 s under TCG and may run up to the timeout (default 300 s)
-DURATION_BUCKETS: tuple[float, ...] = (1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0)
 #: results for which no guest was launched: they have no duration worth observing
 NOT_LAUNCHED = ("skipped_busy", "image_missing")
-
-
-@dataclass
-class Histogram:
-    """Accumulated (non-cumulative) bucket counts; the last slot is the +Inf overflow."""
-
-    bounds: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)
-    sum: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.counts:
-            self.counts = [0] * (len(self.bounds) + 1)
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
-                break
-        else:
-            self.counts[-1] += 1
-        self.sum += value
-
-    def cumulative(self) -> list[tuple[str, float]]:
-        """Buckets as HistogramMetricFamily wants them: (le, cumulative count), ending with +Inf."""
-        out: list[tuple[str, float]] = []
-        running = 0
-        for bound, n in zip((*self.bounds, math.inf), self.counts, strict=True):
-            running += n
-            out.append((floatToGoString(bound), float(running)))
-        return out
-
-    def to_json(self) -> dict[str, Any]:
-        return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.sum}
-
-    @classmethod
-    def from_json(cls, data: Any, bounds: tuple[float, ...], where: str) -> Histogram:
-        d = _dict(data, where)
-        stored = tuple(_num(b, f"{where}.bounds") for b in _list(d.get("bounds"), f"{where}.bounds"))
-        counts = [_int(c, f"{where}.counts") for c in _list(d.get("counts"), f"{where}.counts")]
-        total = _num(d.get("sum"), f"{where}.sum")
-        if stored != bounds:
-            # The bucket layout changed in an upgrade: old counts cannot be re-binned honestly.
-            log.warning("canary histogram layout changed, restarting it", extra={"fields": {"where": where}})
-            return cls(bounds)
-        if len(counts) != len(bounds) + 1 or any(c < 0 for c in counts):
-            raise StateError(f"{where}.counts: expected {len(bounds) + 1} non-negative counts")
-        return cls(bounds, counts, total)
-
-
-@dataclass
-class OpStats:
-    """One (cipher, op) of a profile: the last run's mean and every round ever observed."""
-
-    last: float
-    at: float
-    hist: Histogram
-
-
-@dataclass
-class ProfileStats:
-    last: CanaryResult | None = None
-    last_success_at: float | None = None
-    #: CPU flags the canary guest reported in its last run that got that far
-    cpu_flags: list[str] | None = None
-    runs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESULTS, 0))
-    budget_skips: int = 0
-    duration: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
-    #: cipher -> crypto driver dm-crypt used in the guest
-    drivers: dict[str, str] = field(default_factory=dict)
-    throughput: dict[tuple[str, str], OpStats] = field(default_factory=dict)
-    #: CPU seconds of the last run that launched a guest: the estimate for the next one
-    last_cpu_seconds: float = 0.0
-
-
-@dataclass
-class StoreState:
-    profiles: dict[str, ProfileStats] = field(default_factory=dict)
-    #: (finished_at, cpu_seconds) of runs within the duty-cycle window
-    duty: list[tuple[float, float]] = field(default_factory=list)
-    #: the (profile, cipher) the rotation ran last, so a restart continues instead of starting over
-    last_pair: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +81,8 @@ class StoreSnapshot:
     write_errors: int
     duty_used_seconds: float
     duty_budget_seconds: float
+    #: None when no scheduler is attached (canary schedule disabled), else whether it is alive
+    scheduler_up: bool | None = None
 
     @property
     def duty_ratio(self) -> float:
@@ -175,33 +93,12 @@ class StoreSnapshot:
         return [*self.profiles, *(p for p in sorted(self.state.profiles) if p not in self.profiles)]
 
     def speedups(self) -> dict[tuple[str, str], float]:
-        """(cipher, op) -> with-AES-NI profile's last throughput over the without profile's."""
-        if self.pair is None:
-            return {}
-        with_p = self.state.profiles.get(self.pair[0])
-        without_p = self.state.profiles.get(self.pair[1])
-        if with_p is None or without_p is None:
-            return {}
-        out: dict[tuple[str, str], float] = {}
-        for key, fast in with_p.throughput.items():
-            slow = without_p.throughput.get(key)
-            if slow is not None and slow.last > 0 and fast.last > 0:
-                out[key] = fast.last / slow.last
-        return out
+        """(cipher, op) -> the with-AES-NI profile's throughput over the without profile's."""
+        return {k: s.ratio for k, s in self.speedup_stats().items()}
 
-
-def first_expecting(profiles: Sequence[ProfileConfig], expects: bool) -> str | None:
-    """The first profile whose ``expects_aesni`` is ``expects``."""
-    return next((p.name for p in profiles if p.expects_aesni is expects), None)
-
-
-def aesni_pair(profiles: Sequence[ProfileConfig]) -> tuple[str, str] | None:
-    """The first profile expecting AES-NI and the first expecting none: what the speedup compares."""
-    with_p = first_expecting(profiles, True)
-    without_p = first_expecting(profiles, False)
-    if with_p is None or without_p is None:
-        return None
-    return with_p, without_p
+    def speedup_stats(self) -> dict[tuple[str, str], SpeedupStats]:
+        """(cipher, op) -> speedup with its interval; only while a profile pair is configured."""
+        return dict(self.state.speedups) if self.pair is not None else {}
 
 
 class CanaryStore:
@@ -228,6 +125,8 @@ class CanaryStore:
         self._record_lock = threading.Lock()  # serialises writers (record) around the disk write
         self._scheduler_errors = 0
         self._write_errors = 0
+        self._scheduler_alive: Callable[[], bool] | None = None
+        self._scheduler_was_up = True
         self._state = self._load()
 
     @classmethod
@@ -244,17 +143,18 @@ class CanaryStore:
 
     # ------------------------------------------------------------------ writing
 
-    def record(
-        self, result: CanaryResult, *, pair: tuple[str, str] | None = None, budget_skip: bool = False
-    ) -> None:
+    def record(self, result: CanaryResult, *, tick: int | None = None, budget_skip: bool = False) -> None:
         """Persist ``result``, then make it visible. Never raises for disk problems (they are counted).
 
-        ``pair`` is the rotation step that produced it; ``budget_skip`` marks a skipped_busy result
+        ``tick`` is the scheduler tick that produced it (speedups pair only results of one tick;
+        None pairs with the other profile's latest); ``budget_skip`` marks a skipped_busy result
         caused by the duty-cycle budget rather than by host load.
         """
         with self._record_lock:
             new = copy.deepcopy(self._state)
-            _apply(new, result, pair, budget_skip, self._clock() - DUTY_WINDOW_SECONDS)
+            _apply(new, result, tick, budget_skip, self._clock() - DUTY_WINDOW_SECONDS)
+            if self.pair is not None and result.profile in self.pair:
+                _update_speedups(new, self.pair, result.profile, result.finished_at)
             self._persist(new)
             with self._lock:
                 self._state = new
@@ -263,30 +163,19 @@ class CanaryStore:
         with self._lock:
             self._scheduler_errors += 1
 
+    def watch_scheduler(self, alive: Callable[[], bool] | None) -> None:
+        """Let scrapes ask whether the scheduler still runs (``kvmcpu_canary_scheduler_up``)."""
+        with self._lock:
+            self._scheduler_alive = alive
+            self._scheduler_was_up = True
+
     def _persist(self, state: StoreState) -> None:
-        data = json.dumps(_state_to_json(state), separators=(",", ":"), allow_nan=False).encode()
-        tmp = self.state_dir / f".{STATE_FILE}.{os.getpid()}.tmp"
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-            dir_fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            atomic_write(self.path, state_to_json(state))
         except OSError as err:
             with self._lock:
                 self._write_errors += 1
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
             log_failure(
                 log,
                 "cannot write canary state, keeping results in memory",
@@ -300,8 +189,34 @@ class CanaryStore:
         now = self._clock()
         with self._lock:
             state, sched, writes = self._state, self._scheduler_errors, self._write_errors
+            alive = self._scheduler_alive
         used = sum(cpu for at, cpu in state.duty if at > now - DUTY_WINDOW_SECONDS)
-        return StoreSnapshot(state, self.profiles, self.pair, sched, writes, used, self.duty_budget_seconds)
+        return StoreSnapshot(
+            state,
+            self.profiles,
+            self.pair,
+            sched,
+            writes,
+            used,
+            self.duty_budget_seconds,
+            self._scheduler_up(alive),
+        )
+
+    def _scheduler_up(self, alive: Callable[[], bool] | None) -> bool | None:
+        """Ask the scheduler (cheap: thread and job checks); the first ``down`` is also a log line."""
+        if alive is None:
+            return None
+        try:
+            up = bool(alive())
+        except Exception as err:  # a broken probe is a dead scheduler, not a failed scrape
+            log_failure(log, "canary scheduler liveness check failed", err)
+            up = False
+        with self._lock:
+            went_down = self._scheduler_was_up and not up
+            self._scheduler_was_up = up
+        if went_down:
+            log.error("canary scheduler is not running: no canary will run until the exporter restarts")
+        return up
 
     def duty_used_seconds(self) -> float:
         """Canary CPU seconds within the last hour (the duty-cycle window)."""
@@ -313,29 +228,14 @@ class CanaryStore:
             stats = self._state.profiles.get(profile)
         return stats.last_cpu_seconds if stats else 0.0
 
-    def last_pair(self) -> tuple[str, str] | None:
+    def last_tick(self) -> int:
+        """The last scheduler tick recorded (0 before the first), kept across restarts."""
         with self._lock:
-            return self._state.last_pair
+            return self._state.tick
 
     def summary(self) -> dict[str, str]:
         """One readable line per profile for the landing page."""
-        snap = self.snapshot()
-        out: dict[str, str] = {}
-        for name in snap.profile_names():
-            stats = snap.state.profiles.get(name)
-            if stats is None or stats.last is None:
-                out[name] = "no run yet"
-                continue
-            last = stats.last
-            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last.finished_at))
-            line = f"{last.result} at {when}"
-            if last.message and last.result != "success":
-                line += f" ({last.message})"
-            rates = [s.last for s in stats.throughput.values() if s.last > 0]
-            if rates:
-                line += f"; mean {sum(rates) / len(rates) / MB:.1f} MB/s over {len(rates)} cipher/op"
-            out[name] = line
-        return out
+        return landing_lines(self.snapshot())
 
     # ------------------------------------------------------------------ loading
 
@@ -353,8 +253,8 @@ class CanaryStore:
             )
             return StoreState()
         try:
-            state = _state_from_json(json.loads(raw.decode("utf-8")))
-        except (ValueError, UnicodeDecodeError, StateError) as err:
+            state = state_from_json(raw)
+        except ValueError as err:  # pydantic.ValidationError is a ValueError; lists every problem
             aside = self.path.with_name(f"{STATE_FILE}.corrupt-{int(self._clock())}")
             try:
                 os.replace(self.path, aside)
@@ -382,7 +282,7 @@ class CanaryStore:
 def _apply(
     state: StoreState,
     result: CanaryResult,
-    pair: tuple[str, str] | None,
+    tick: int | None,
     budget_skip: bool,
     window_start: float,
 ) -> None:
@@ -414,163 +314,28 @@ def _apply(
             ops.hist.observe(rate)
         ops.last = sum(rates) / len(rates)
         ops.at = result.finished_at
+        ops.rounds = list(rates)
+        ops.tick = tick
     if result.cpu_seconds > 0:
         state.duty.append((result.finished_at, result.cpu_seconds))
     state.duty = [(at, cpu) for at, cpu in state.duty if at > window_start]
-    if pair is not None:
-        state.last_pair = pair
+    if tick is not None:
+        state.tick = max(state.tick, tick)
 
 
-# ---------------------------------------------------------------------- (de)serialisation
-# Hand-written rather than generic so that every field is type-checked on load: a state file with
-# a string where a number belongs must count as corrupt, not crash a scrape hours later.
-
-
-def _state_to_json(state: StoreState) -> dict[str, Any]:
-    profiles: dict[str, Any] = {}
-    for name, s in state.profiles.items():
-        throughput: dict[str, dict[str, Any]] = {}
-        for (cipher, op), ops in s.throughput.items():
-            throughput.setdefault(cipher, {})[op] = {
-                "last": ops.last,
-                "at": ops.at,
-                "hist": ops.hist.to_json(),
-            }
-        profiles[name] = {
-            "last": s.last.to_dict() if s.last else None,
-            "last_success_at": s.last_success_at,
-            "cpu_flags": s.cpu_flags,
-            "runs": s.runs,
-            "budget_skips": s.budget_skips,
-            "duration": s.duration.to_json(),
-            "drivers": s.drivers,
-            "throughput": throughput,
-            "last_cpu_seconds": s.last_cpu_seconds,
-        }
-    return {
-        "version": STATE_VERSION,
-        "profiles": profiles,
-        "duty": [list(d) for d in state.duty],
-        "last_pair": list(state.last_pair) if state.last_pair else None,
-    }
-
-
-def _state_from_json(data: Any) -> StoreState:
-    d = _dict(data, "state")
-    version = d.get("version")
-    if version != STATE_VERSION:
-        raise StateError(f"state.version: expected {STATE_VERSION}, got {version!r}")
-    state = StoreState()
-    for name, raw in _dict(d.get("profiles"), "profiles").items():
-        state.profiles[name] = _profile_from_json(raw, f"profiles.{name}")
-    for i, item in enumerate(_list(d.get("duty"), "duty")):
-        pair = _list(item, f"duty[{i}]")
-        if len(pair) != 2:
-            raise StateError(f"duty[{i}]: expected [finished_at, cpu_seconds]")
-        state.duty.append((_num(pair[0], f"duty[{i}]"), _num(pair[1], f"duty[{i}]")))
-    last_pair = d.get("last_pair")
-    if last_pair is not None:
-        lp = _list(last_pair, "last_pair")
-        if len(lp) != 2:
-            raise StateError("last_pair: expected [profile, cipher]")
-        state.last_pair = (_str(lp[0], "last_pair"), _str(lp[1], "last_pair"))
-    return state
-
-
-def _profile_from_json(raw: Any, where: str) -> ProfileStats:
-    d = _dict(raw, where)
-    s = ProfileStats()
-    if d.get("last") is not None:
-        s.last = _result_from_json(d["last"], f"{where}.last")
-    if d.get("last_success_at") is not None:
-        s.last_success_at = _num(d["last_success_at"], f"{where}.last_success_at")
-    if d.get("cpu_flags") is not None:
-        s.cpu_flags = [_str(f, f"{where}.cpu_flags") for f in _list(d["cpu_flags"], f"{where}.cpu_flags")]
-    for result, n in _dict(d.get("runs"), f"{where}.runs").items():
-        if result not in RESULTS:
-            raise StateError(f"{where}.runs: unknown result {result!r}")
-        s.runs[result] = _int(n, f"{where}.runs.{result}")
-    s.budget_skips = _int(d.get("budget_skips", 0), f"{where}.budget_skips")
-    s.duration = Histogram.from_json(d.get("duration"), DURATION_BUCKETS, f"{where}.duration")
-    s.drivers = {
-        k: _str(v, f"{where}.drivers") for k, v in _dict(d.get("drivers", {}), f"{where}.drivers").items()
-    }
-    for cipher, ops in _dict(d.get("throughput", {}), f"{where}.throughput").items():
-        for op, raw_ops in _dict(ops, f"{where}.throughput.{cipher}").items():
-            w = f"{where}.throughput.{cipher}.{op}"
-            if op not in OPS:
-                raise StateError(f"{w}: unknown op")
-            o = _dict(raw_ops, w)
-            s.throughput[(cipher, op)] = OpStats(
-                _num(o.get("last"), f"{w}.last"),
-                _num(o.get("at"), f"{w}.at"),
-                Histogram.from_json(o.get("hist"), THROUGHPUT_BUCKETS, f"{w}.hist"),
-            )
-    s.last_cpu_seconds = _num(d.get("last_cpu_seconds", 0.0), f"{where}.last_cpu_seconds")
-    return s
-
-
-def _result_from_json(raw: Any, where: str) -> CanaryResult:
-    d = _dict(raw, where)
-    for key in ("profile", "result"):
-        _str(d.get(key), f"{where}.{key}")
-    for key in ("started_at", "finished_at"):
-        _num(d.get(key), f"{where}.{key}")
-    for key in ("message", "cpu_spec", "accel", "kernel"):
-        if key in d:
-            _str(d[key], f"{where}.{key}")
-    if "cpu_seconds" in d:
-        _num(d["cpu_seconds"], f"{where}.cpu_seconds")
-    for f in _list(d.get("cpu_flags", []), f"{where}.cpu_flags"):
-        _str(f, f"{where}.cpu_flags")
-    for k, v in _dict(d.get("drivers", {}), f"{where}.drivers").items():
-        _str(v, f"{where}.drivers.{k}")
-    measurements = []
-    for i, m in enumerate(_list(d.get("measurements", []), f"{where}.measurements")):
-        md = _dict(m, f"{where}.measurements[{i}]")
-        w = f"{where}.measurements[{i}]"
-        measurements.append(
-            Measurement(
-                cipher=_str(md.get("cipher"), f"{w}.cipher"),
-                op=_str(md.get("op"), f"{w}.op"),
-                round=_int(md.get("round"), f"{w}.round"),
-                bytes=_int(md.get("bytes"), f"{w}.bytes"),
-                seconds=_num(md.get("seconds"), f"{w}.seconds"),
-            )
-        )
-    try:
-        result = CanaryResult.from_dict({**d, "measurements": []})
-    except TypeError as err:
-        raise StateError(f"{where}: {err}") from err
-    result.measurements = measurements
-    return result
-
-
-def _dict(v: Any, where: str) -> dict[str, Any]:
-    if not isinstance(v, dict):
-        raise StateError(f"{where}: expected an object, got {type(v).__name__}")
-    return v
-
-
-def _list(v: Any, where: str) -> list[Any]:
-    if not isinstance(v, list):
-        raise StateError(f"{where}: expected a list, got {type(v).__name__}")
-    return v
-
-
-def _str(v: Any, where: str) -> str:
-    if not isinstance(v, str):
-        raise StateError(f"{where}: expected a string, got {type(v).__name__}")
-    return v
-
-
-def _num(v: Any, where: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        raise StateError(f"{where}: expected a finite number, got {v!r}")
-    return float(v)
-
-
-def _int(v: Any, where: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise StateError(f"{where}: expected a non-negative integer, got {v!r}")
-    return v
+def _update_speedups(state: StoreState, pair: tuple[str, str], profile: str, at: float) -> None:
+    """Recompute the speedup of every (cipher, op) this result measured whose other side was
+    measured in the same tick."""
+    with_p, without_p = state.profiles.get(pair[0]), state.profiles.get(pair[1])
+    if with_p is None or without_p is None:
+        return
+    mine = with_p if profile == pair[0] else without_p
+    for key, ops in mine.throughput.items():
+        if ops.at != at:
+            continue  # not measured by this result
+        fast, slow = with_p.throughput.get(key), without_p.throughput.get(key)
+        if fast is None or slow is None or fast.tick != slow.tick:
+            continue
+        iv = speedup_interval(fast.rounds or [fast.last], slow.rounds or [slow.last])
+        if iv is not None:
+            state.speedups[key] = SpeedupStats(iv.ratio, iv.lower, iv.upper, at, iv.n_with, iv.n_without)

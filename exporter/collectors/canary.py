@@ -24,6 +24,9 @@ class CanaryCollector:
         kvmcpu_canary_throughput_bytes_per_second_count{cipher="aes-xts-plain",op="read",profile="aesni"} 3.0
         kvmcpu_canary_last_throughput_bytes_per_second{cipher="aes-xts-plain",op="read",profile="aesni"} 9.8e+07
         kvmcpu_canary_aesni_speedup_ratio{cipher="aes-xts-plain",op="read"} 2.6
+        kvmcpu_canary_aesni_speedup_ratio_lower{cipher="aes-xts-plain",op="read"} 2.2
+        kvmcpu_canary_aesni_speedup_ratio_upper{cipher="aes-xts-plain",op="read"} 3.1
+        kvmcpu_canary_aesni_speedup_timestamp_seconds{cipher="aes-xts-plain",op="read"} 1.7644e+09
         kvmcpu_canary_runs_total{profile="aesni",result="success"} 4.0
         kvmcpu_canary_runs_total{profile="aesni",result="skipped_busy"} 0.0
         kvmcpu_canary_duration_seconds_bucket{le="10.0",profile="aesni"} 4.0
@@ -35,6 +38,7 @@ class CanaryCollector:
         kvmcpu_canary_aesni_driver_used{cipher="aes-xts-plain",profile="aesni"} 1.0
         kvmcpu_canary_budget_skips_total{profile="aesni"} 0.0
         kvmcpu_canary_duty_cycle_ratio 0.42
+        kvmcpu_canary_scheduler_up 1.0
         kvmcpu_canary_scheduler_errors_total 0.0
         kvmcpu_canary_state_write_errors_total 0.0
     """
@@ -70,18 +74,42 @@ class CanaryCollector:
         yield throughput
         yield last_tp
 
+        pair = f" ({snap.pair[0]} / {snap.pair[1]})" if snap.pair else ""
         speedup = GaugeMetricFamily(
             "kvmcpu_canary_aesni_speedup_ratio",
-            "Last canary throughput of the profile with AES-NI over the profile without it"
-            + (f" ({snap.pair[0]} / {snap.pair[1]})." if snap.pair else "."),
+            f"Canary throughput of the profile with AES-NI over the profile without it{pair}, both "
+            "booted in the same tick (ratio of the mean rates of their rounds).",
             labels=["cipher", "op"],
         )
-        for (cipher, op), ratio in sorted(snap.speedups().items()):
-            speedup.add_metric([cipher, op], ratio)
-        yield speedup
+        lower = GaugeMetricFamily(
+            "kvmcpu_canary_aesni_speedup_ratio_lower",
+            "Lower bound of the 95% confidence interval of kvmcpu_canary_aesni_speedup_ratio (Welch t "
+            "interval on log-rates; absent when a profile measured fewer than 2 rounds).",
+            labels=["cipher", "op"],
+        )
+        upper = GaugeMetricFamily(
+            "kvmcpu_canary_aesni_speedup_ratio_upper",
+            "Upper bound of the 95% confidence interval of kvmcpu_canary_aesni_speedup_ratio (Welch t "
+            "interval on log-rates; absent when a profile measured fewer than 2 rounds).",
+            labels=["cipher", "op"],
+        )
+        speedup_at = GaugeMetricFamily(
+            "kvmcpu_canary_aesni_speedup_timestamp_seconds",
+            "When the tick that measured kvmcpu_canary_aesni_speedup_ratio finished (Unix time).",
+            labels=["cipher", "op"],
+        )
+        for (cipher, op), sp in sorted(snap.speedup_stats().items()):
+            speedup.add_metric([cipher, op], sp.ratio)
+            if sp.lower is not None and sp.upper is not None:
+                lower.add_metric([cipher, op], sp.lower)
+                upper.add_metric([cipher, op], sp.upper)
+            speedup_at.add_metric([cipher, op], sp.at)
+        yield from (speedup, lower, upper, speedup_at)
 
         runs = CounterMetricFamily(
-            "kvmcpu_canary_runs", "Canary runs by result (kept across restarts).", labels=["profile", "result"]
+            "kvmcpu_canary_runs",
+            "Canary runs by result (kept across restarts).",
+            labels=["profile", "result"],
         )
         budget = CounterMetricFamily(
             "kvmcpu_canary_budget_skips",
@@ -161,6 +189,13 @@ class CanaryCollector:
         )
         duty.add_metric([], snap.duty_ratio)
         yield duty
+        if snap.scheduler_up is not None:
+            yield GaugeMetricFamily(
+                "kvmcpu_canary_scheduler_up",
+                "Whether the canary scheduler's thread runs and its tick is scheduled (1) or it died (0); "
+                "absent when the canary schedule is disabled.",
+                value=1.0 if snap.scheduler_up else 0.0,
+            )
         yield CounterMetricFamily(
             "kvmcpu_canary_scheduler_errors",
             "Canary scheduler ticks that failed unexpectedly since the exporter started.",
