@@ -48,7 +48,7 @@ from exporter.fsutil import atomic_write
 from exporter.logsetup import log_failure
 
 if TYPE_CHECKING:
-    from exporter.config import Config
+    from exporter.config import CanaryConfig, Config
 
 log = logging.getLogger(__name__)
 
@@ -131,15 +131,18 @@ class CanaryStore:
 
     @classmethod
     def for_config(cls, cfg: Config, clock: Callable[[], float] = time.time) -> CanaryStore:
-        return cls(
-            Path(cfg.paths.state_dir),
-            clock,
-            aesni_pair(cfg.canary.profiles),
-            profiles=[p.name for p in cfg.canary.profiles],
-            duty_budget_seconds=DutyCycleBudget(
-                cfg.canary.duty_cycle_percent, DUTY_WINDOW_SECONDS
-            ).budget_seconds,
-        )
+        store = cls(Path(cfg.paths.state_dir), clock)
+        store.reconfigure(cfg.canary)
+        return store
+
+    def reconfigure(self, canary: CanaryConfig) -> None:
+        """Apply the canary section's profiles and budget: at start and on a SIGHUP reload (the
+        one place that turns configuration into the store's pair, profile list and budget)."""
+        self.pair = aesni_pair(canary.profiles)
+        self.profiles = tuple(p.name for p in canary.profiles)
+        self.duty_budget_seconds = DutyCycleBudget(
+            canary.duty_cycle_percent, DUTY_WINDOW_SECONDS
+        ).budget_seconds
 
     # ------------------------------------------------------------------ writing
 

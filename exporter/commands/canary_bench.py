@@ -92,7 +92,7 @@ def _check_memory(cfg: Config, profiles: int) -> None:
     """
     import psutil
 
-    from exporter.canary.runner import BASE_MEMORY_MIB
+    from exporter.canary.guestcmd import BASE_MEMORY_MIB
 
     c = cfg.canary
     need = c.memory_mib if c.memory_mib > 0 else BASE_MEMORY_MIB + c.size_mib

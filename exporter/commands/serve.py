@@ -162,15 +162,7 @@ class Daemon:
             self.scheduler = None
         self.cfg.canary = canary
         if self.store is not None:
-            from exporter.canary.guard import DutyCycleBudget
-            from exporter.canary.store import DUTY_WINDOW_SECONDS, aesni_pair
-
-            # the same rules CanaryStore.for_config applies at start
-            self.store.pair = aesni_pair(canary.profiles)
-            self.store.profiles = tuple(p.name for p in canary.profiles)
-            self.store.duty_budget_seconds = DutyCycleBudget(
-                canary.duty_cycle_percent, DUTY_WINDOW_SECONDS
-            ).budget_seconds
+            self.store.reconfigure(canary)
         if canary.enabled:
             self._start_scheduler()
 
