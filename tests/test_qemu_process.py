@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import psutil
 import pytest
 from support.canary import gone
 
+from exporter.errors import QemuError
 from exporter.qemu import process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,3 +120,25 @@ def test_first_error_line() -> None:
     assert process.first_error_line("x: terminating on signal 15 from pid 1\n") == ""
     unknown = "qemu-system-x86_64: unable to find CPU model 'Nope'\nsome console noise\n"
     assert process.first_error_line(unknown) == "qemu-system-x86_64: unable to find CPU model 'Nope'"
+
+
+def test_work_dir_refuses_a_temp_dir_the_qemu_user_cannot_enter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A root-only TMPDIR is a clear QemuError naming the directory, not QEMU's "Could not open"
+    (which made the accelerator proof report TCG unusable)."""
+    locked = tmp_path / "locked"
+    (locked / "tmp").mkdir(parents=True)
+    locked.chmod(0o700)
+    nobody = process.lookup_user("nobody")
+    assert process.unreachable_ancestor(locked / "tmp" / "x", nobody) is not None
+    monkeypatch.setattr(tempfile, "tempdir", str(locked / "tmp"))
+    with pytest.raises(QemuError, match="cannot enter"), process.work_dir("canary", nobody):
+        pass
+    assert list((locked / "tmp").iterdir()) == []
+    open_dir = Path(tempfile.mkdtemp(prefix="kvmcpu-test-", dir="/tmp"))
+    try:
+        open_dir.chmod(0o711)
+        assert process.unreachable_ancestor(open_dir / "x", nobody) is None
+    finally:
+        shutil.rmtree(open_dir)

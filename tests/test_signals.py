@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,8 @@ from typing import Any
 import bcrypt
 import pytest
 from conftest import RunningDaemon, sample
+
+from exporter.qemu.process import TEMP_PREFIX
 
 pytestmark = pytest.mark.slow
 
@@ -167,12 +171,14 @@ def test_world_readable_key_is_logged_at_start(tmp_path: Path, start_daemon: Any
 
 
 def test_sighup_restarts_the_canary_schedule_and_leaves_no_work_dir(
-    tmp_path: Path, start_daemon: Any
+    tmp_path: Path, start_daemon: Any, request: pytest.FixtureRequest
 ) -> None:
     """A reload that changes the canary cancels the one in flight (its work dir removed) and
     schedules with the new settings; SIGTERM afterwards leaves nothing behind either."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+    # QEMU runs as nobody: its TMPDIR must be reachable by that user (pytest's own tmp is 0700)
+    tmp = Path(tempfile.mkdtemp(prefix="kvmcpu-test-signals-", dir="/tmp"))
+    tmp.chmod(0o711)
+    request.addfinalizer(lambda: shutil.rmtree(tmp, ignore_errors=True))
     canary = (
         "canary:\n"
         "  interval_seconds: {interval}\n"
@@ -189,7 +195,7 @@ def test_sighup_restarts_the_canary_schedule_and_leaves_no_work_dir(
     cfg = tmp_path / "config.yml"
     cfg.write_text(canary.format(interval=3600))
     d = start_daemon(f"--config.file={cfg}", env={"TMPDIR": str(tmp)})
-    wait(lambda: list(tmp.glob("kvmcpu-canary-*")), "a canary work dir", d, timeout=120)
+    wait(lambda: list(tmp.glob(f"{TEMP_PREFIX}canary-*")), "a canary work dir", d, timeout=120)
     cfg.write_text(canary.format(interval=1800))
     d.proc.send_signal(signal.SIGHUP)
     wait(lambda: "configuration reloaded" in d.log(), "reload", d)
@@ -198,6 +204,6 @@ def test_sighup_restarts_the_canary_schedule_and_leaves_no_work_dir(
     started = [ln for ln in log.splitlines() if "canary scheduler started" in ln]
     assert len(started) == 2 and "interval_seconds=1800" in started[1], started
     assert reloads(d) == (1.0, 0.0, 1.0)
-    wait(lambda: not list(tmp.glob("kvmcpu-canary-*")), "work dir removed after the reload", d, timeout=30)
+    wait(lambda: not list(tmp.glob(f"{TEMP_PREFIX}canary-*")), "work dir removed after the reload", d, timeout=30)
     assert d.stop() == 0
-    assert list(tmp.glob("kvmcpu-canary-*")) == []
+    assert list(tmp.glob(f"{TEMP_PREFIX}canary-*")) == []

@@ -37,7 +37,7 @@ from exporter.canary.imagecache import CanaryImage
 from exporter.canary.model import RESULTS, CanaryJob, CanaryResult, Profile
 from exporter.canary.watch import GuestWatch
 from exporter.config import CanaryConfig, Config
-from exporter.errors import ExporterError
+from exporter.errors import ExporterError, QemuError
 from exporter.qemu import process
 
 __all__ = ["WORKDIR_PREFIX", "CanaryRunner", "guest_memory_mib", "job_for"]
@@ -173,7 +173,12 @@ class CanaryRunner:
             result.result = "qemu_error"
             result.message = f"canary.run_as_user {self.run_as_user!r}: no such user"
             return
-        with process.work_dir("canary", credentials) as tmp:
+        with contextlib.ExitStack() as stack:
+            try:
+                tmp = stack.enter_context(process.work_dir("canary", credentials))
+            except QemuError as err:
+                result.result, result.message = "qemu_error", str(err)
+                return
             console, channel, stderr = tmp / "console.log", tmp / "results.jsonl", tmp / "qemu.err"
             for path in (console, channel):
                 path.touch(mode=0o600)

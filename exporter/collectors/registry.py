@@ -61,6 +61,9 @@ class CollectorSpec:
     default_enabled: bool = True
     #: needs the QEMU knowledge source (the daemon starts it only when such a collector is on)
     needs_qemu: bool = False
+    #: collectors whose data this one reads: with any of them off, this one has nothing to say and
+    #: stays off too (and does not start QEMU for nothing)
+    requires: tuple[str, ...] = ()
 
 
 def _cpu(ctx: Context) -> Collector:
@@ -132,6 +135,7 @@ COLLECTORS: dict[str, CollectorSpec] = {
             "canary guests compared with the exporter's CPU model (features, level, hazards)",
             _canary_selfcheck,
             needs_qemu=True,
+            requires=("canary",),
         ),
     )
 }
@@ -139,7 +143,8 @@ COLLECTORS: dict[str, CollectorSpec] = {
 
 def enabled_collectors(config: Config) -> list[str]:
     """Names of the collectors this config runs (``collectors.disable_defaults`` turns the defaults off)."""
-    return [name for name, spec in COLLECTORS.items() if config.collector_enabled(name, spec.default_enabled)]
+    on = {name for name, spec in COLLECTORS.items() if config.collector_enabled(name, spec.default_enabled)}
+    return [name for name, spec in COLLECTORS.items() if name in on and on.issuperset(spec.requires)]
 
 
 def build_collectors(ctx: Context, names: Iterable[str]) -> dict[str, Collector]:

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from exporter.errors import QemuError
+
 PR_SET_PDEATHSIG = 1
 #: every per-run directory of the exporter starts with this, in ``tempfile.gettempdir()``
 TEMP_PREFIX = "kvm-cpu-exporter-"
@@ -221,10 +223,38 @@ def temp_dir_prefix(kind: str, pid: int | None = None) -> str:
     return f"{TEMP_PREFIX}{kind}-{os.getpid() if pid is None else pid}-"
 
 
+def unreachable_ancestor(path: Path, owner: Credentials) -> Path | None:
+    """The first directory above ``path`` that ``owner`` may not traverse (search permission), or
+    None. A root-only ``TMPDIR`` (e.g. ``/root/tmp``, a 0700 pytest or systemd ``PrivateTmp``
+    parent) would otherwise show up as QEMU's "Could not open ..." and make TCG look unusable."""
+    for parent in reversed(Path(os.path.abspath(path)).parents):
+        try:
+            st = parent.stat()
+        except OSError:
+            return parent
+        if st.st_uid == owner.uid:
+            ok = bool(st.st_mode & 0o100)
+        elif st.st_gid in owner.groups or st.st_gid == owner.gid:
+            ok = bool(st.st_mode & 0o010)
+        else:
+            ok = bool(st.st_mode & 0o001)
+        if not ok:
+            return parent
+    return None
+
+
 @contextlib.contextmanager
 def work_dir(kind: str, owner: Credentials | None = None) -> Iterator[Path]:
     """A fresh per-run directory (owned by ``owner``, so an unprivileged QEMU can write there),
-    removed on the way out."""
+    removed on the way out. Raises ``QemuError`` when ``owner`` could not reach it."""
+    if owner is not None:
+        blocked = unreachable_ancestor(Path(tempfile.gettempdir()) / "x", owner)
+        if blocked is not None:
+            raise QemuError(
+                f"QEMU runs as {owner.name!r}, which cannot enter {blocked} (the temp dir "
+                f"{tempfile.gettempdir()} is below it): point TMPDIR at a directory that user can "
+                "traverse, e.g. /tmp, or change canary.run_as_user"
+            )
     path = Path(tempfile.mkdtemp(prefix=temp_dir_prefix(kind)))
     try:
         if owner is not None:
