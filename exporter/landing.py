@@ -205,15 +205,17 @@ def _canary(status: Status) -> str:
             rows.append(f"<tr><td>{e(p.name)}</td><td>no run yet</td><td></td><td></td></tr>")
             continue
         ok = p.result == "success"
+        # "success at <time>" as one phrase (what an operator reads and greps for)
+        text = f"{p.result} at {_when(p.finished_at)}"
         result = (
-            _yes_no(ok, p.result, p.result)
+            _yes_no(ok, text, text)
             if p.result != "skipped_busy"
-            else f'<span class="unknown">{e(p.result)}</span>'
+            else f'<span class="unknown">{e(text)}</span>'
         )
         msg = f' <span class="muted">{e(p.message)}</span>' if p.message and not ok else ""
         rate = "" if p.mean_rate is None else f"{p.mean_rate / MB:.1f} MB/s"
         rows.append(
-            f"<tr><td>{e(p.name)}</td><td>{result} at {e(_when(p.finished_at))}{msg}</td>"
+            f"<tr><td>{e(p.name)}</td><td>{result}{msg}</td>"
             f"<td>{e(_when(p.last_success_at))}</td><td>{e(rate)}</td></tr>"
         )
     chart = (
