@@ -61,7 +61,13 @@ _DD = re.compile(r"HAND (read|write) (\d+) bytes .* copied, ([0-9.e+-]+) s,")
 def hand_run(image: CanaryImage, profile: Profile, cipher: str, size_mib: int, tmp: Path) -> dict[str, float]:
     """Boot the image with the override init; returns {op: bytes per second} parsed from dd's output."""
     override = pack_override_cpio(
-        [("init", HAND_INIT.format(size_kib=size_mib * 1024, size_mib=size_mib, cipher=cipher).encode(), 0o755)]
+        [
+            (
+                "init",
+                HAND_INIT.format(size_kib=size_mib * 1024, size_mib=size_mib, cipher=cipher).encode(),
+                0o755,
+            )
+        ]
     )
     initrd = tmp / f"hand-{cipher}-{size_mib}.img"
     if not initrd.exists():
@@ -69,14 +75,40 @@ def hand_run(image: CanaryImage, profile: Profile, cipher: str, size_mib: int, t
     job = CanaryJob(profile=profile, ciphers=(cipher,), size_mib=size_mib, rounds=1)
     cmd = [
         shutil.which("qemu-system-x86_64") or "qemu-system-x86_64",
-        "-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none",
-        "-m", str(guest_memory_mib(job)), "-smp", "1", "-cpu", profile.cpu, "-accel", profile.accel,
-        "-kernel", str(image.kernel), "-initrd", str(initrd),
-        "-append", "console=ttyS0 panic=-1 oops=panic rdinit=/init",
-        "-serial", "stdio", "-nic", "none",
+        "-nodefaults",
+        "-no-reboot",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-m",
+        str(guest_memory_mib(job)),
+        "-smp",
+        "1",
+        "-cpu",
+        profile.cpu,
+        "-accel",
+        profile.accel,
+        "-kernel",
+        str(image.kernel),
+        "-initrd",
+        str(initrd),
+        "-append",
+        "console=ttyS0 panic=-1 oops=panic rdinit=/init",
+        "-serial",
+        "stdio",
+        "-nic",
+        "none",
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=600,
-                         preexec_fn=lambda: os.nice(NICE), check=False).stdout
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=600,
+        preexec_fn=lambda: os.nice(NICE),
+        check=False,
+    ).stdout
     rates = {m.group(1): int(m.group(2)) / float(m.group(3)) for m in _DD.finditer(out)}
     if set(rates) != {"read", "write"}:
         tail = "\n".join(out.splitlines()[-15:])
@@ -84,8 +116,14 @@ def hand_run(image: CanaryImage, profile: Profile, cipher: str, size_mib: int, t
     return rates
 
 
-def canary_run(image: CanaryImage, profile: Profile, ciphers: tuple[str, ...], size_mib: int, rounds: int,
-               on_first: Callable[[float], None] | None = None) -> CanaryResult:
+def canary_run(
+    image: CanaryImage,
+    profile: Profile,
+    ciphers: tuple[str, ...],
+    size_mib: int,
+    rounds: int,
+    on_first: Callable[[float], None] | None = None,
+) -> CanaryResult:
     t0 = time.monotonic()
     seen: list[float] = []
 
@@ -94,8 +132,9 @@ def canary_run(image: CanaryImage, profile: Profile, ciphers: tuple[str, ...], s
             seen.append(time.monotonic() - t0)
 
     runner = CanaryRunner(image, nice=NICE, progress=progress)
-    res = runner.run(CanaryJob(profile=profile, ciphers=ciphers, size_mib=size_mib, rounds=rounds,
-                               timeout_seconds=900))
+    res = runner.run(
+        CanaryJob(profile=profile, ciphers=ciphers, size_mib=size_mib, rounds=rounds, timeout_seconds=900)
+    )
     if res.result != "success":
         raise SystemExit(f"canary run ({profile.name}) failed: {res.result}: {res.message}")
     if on_first and seen:
@@ -131,16 +170,25 @@ def main() -> int:
     ns = ap.parse_args()
 
     image = find_image(Path(ns.cache_dir))
-    profiles = [Profile("aesni", ns.with_cpu, ns.accel, expects_aesni=True),
-                Profile("noaesni", ns.without_cpu, ns.accel, expects_aesni=False)]
+    profiles = [
+        Profile("aesni", ns.with_cpu, ns.accel, expects_aesni=True),
+        Profile("noaesni", ns.without_cpu, ns.accel, expects_aesni=False),
+    ]
     started = time.monotonic()
-    print(f"image: Linux {image.kernel_version} ({image.key}); accel {ns.accel}; cipher {ns.cipher}, "
-          f"{ns.size_mib} MiB; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"image: Linux {image.kernel_version} ({image.key}); accel {ns.accel}; cipher {ns.cipher}, "
+        f"{ns.size_mib} MiB; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
 
     # 1 + 2 + 3: per profile, canary runs interleaved with hand-run guests (order alternating per pair)
-    print(f"\n1+2. fidelity and repeatability: per profile {ns.repeat} canary runs and {ns.repeat} hand-run dd "
-          f"guests, interleaved (pair order alternates), {ns.cipher}, {ns.size_mib} MiB")
-    print(f"  {'profile':<8} {'op':<6} {'canary MB/s':>11} {'CV':>6} {'hand MB/s':>9} {'CV':>6} {'canary/hand':>11}")
+    print(
+        f"\n1+2. fidelity and repeatability: per profile {ns.repeat} canary runs and {ns.repeat} hand-run dd "
+        f"guests, interleaved (pair order alternates), {ns.cipher}, {ns.size_mib} MiB"
+    )
+    print(
+        f"  {'profile':<8} {'op':<6} {'canary MB/s':>11} {'CV':>6} {'hand MB/s':>9} {'CV':>6} {'canary/hand':>11}"
+    )
     firsts: list[float] = []
     durations: list[float] = []
     worst_diff = worst_cv = 0.0
@@ -148,7 +196,7 @@ def main() -> int:
         for prof in profiles:
             series: dict[tuple[str, str], list[float]] = {}
             for i in range(ns.repeat):
-                for step in (("canary", "hand") if i % 2 == 0 else ("hand", "canary")):
+                for step in ("canary", "hand") if i % 2 == 0 else ("hand", "canary"):
                     if step == "canary":
                         res = canary_run(image, prof, (ns.cipher,), ns.size_mib, 1, on_first=firsts.append)
                         durations.append(res.duration)
@@ -163,17 +211,29 @@ def main() -> int:
                 ratio = statistics.fmean(c) / statistics.fmean(h)
                 worst_cv = max(worst_cv, cv_c)
                 worst_diff = max(worst_diff, abs(ratio - 1) * 100)
-                print(f"  {prof.name:<8} {op:<6} {statistics.fmean(c) / MB:11.1f} {cv_c:5.1f}% "
-                      f"{statistics.fmean(h) / MB:9.1f} {cv_h:5.1f}% {ratio:11.3f}", flush=True)
-    print(f"fidelity: worst |canary/hand - 1| = {worst_diff:.1f}% (target <= 10%: "
-          f"{'met' if worst_diff <= 10 else 'NOT met'})")
-    print(f"repeatability: worst canary CV = {worst_cv:.1f}% (target <= 10%: {'met' if worst_cv <= 10 else 'NOT met'}); "
-          "the hand-run CV is this host's own noise floor")
-    print(f"\n3. launch to first result ({ns.accel}): median {statistics.median(firsts):.1f}s "
-          f"(min {min(firsts):.1f}s, max {max(firsts):.1f}s); whole canary run median {statistics.median(durations):.1f}s")
+                print(
+                    f"  {prof.name:<8} {op:<6} {statistics.fmean(c) / MB:11.1f} {cv_c:5.1f}% "
+                    f"{statistics.fmean(h) / MB:9.1f} {cv_h:5.1f}% {ratio:11.3f}",
+                    flush=True,
+                )
+    print(
+        f"fidelity: worst |canary/hand - 1| = {worst_diff:.1f}% (target <= 10%: "
+        f"{'met' if worst_diff <= 10 else 'NOT met'})"
+    )
+    print(
+        f"repeatability: worst canary CV = {worst_cv:.1f}% (target <= 10%: {'met' if worst_cv <= 10 else 'NOT met'}); "
+        "the hand-run CV is this host's own noise floor"
+    )
+    print(
+        f"\n3. launch to first result ({ns.accel}): median {statistics.median(firsts):.1f}s "
+        f"(min {min(firsts):.1f}s, max {max(firsts):.1f}s); whole canary run median {statistics.median(durations):.1f}s"
+    )
 
     if not ns.no_table:
-        print(f"\n4. compare table: all six ciphers, {ns.table_size_mib} MiB, {ns.table_rounds} rounds", flush=True)
+        print(
+            f"\n4. compare table: all six ciphers, {ns.table_size_mib} MiB, {ns.table_rounds} rounds",
+            flush=True,
+        )
         results = [canary_run(image, p, SEED_CIPHERS, ns.table_size_mib, ns.table_rounds) for p in profiles]
         print(render_comparison(compare(results, "aesni", "noaesni", SEED_CIPHERS)))
         for r in results:

@@ -33,8 +33,12 @@ def main() -> int:
     ap.add_argument("--nice", type=int, default=0)
     args = ap.parse_args()
     image = find_image(CACHE_DIR)
-    print(f"image {image.key} kernel {image.kernel_version}; -cpu {args.cpu} -accel tcg; cipher {args.cipher}")
-    print(f"{'MiB':>5} {'result':>8} {'boot s':>7} {'bench s':>8} {'wall s':>7} {'cpu s':>6} {'boot %':>7} {'MB/s r/w':>12}")
+    print(
+        f"image {image.key} kernel {image.kernel_version}; -cpu {args.cpu} -accel tcg; cipher {args.cipher}"
+    )
+    print(
+        f"{'MiB':>5} {'result':>8} {'boot s':>7} {'bench s':>8} {'wall s':>7} {'cpu s':>6} {'boot %':>7} {'MB/s r/w':>12}"
+    )
     for size in (int(s) for s in args.sizes.split(",")):
         marks: dict[str, float] = {}
         t0 = time.monotonic()
@@ -46,18 +50,23 @@ def main() -> int:
             elif "MB/s" in line:
                 marks["last"] = now
 
-        job = CanaryJob(Profile("bench", args.cpu, "tcg"), (args.cipher,), size_mib=size, rounds=1,
-                        timeout_seconds=600)
+        job = CanaryJob(
+            Profile("bench", args.cpu, "tcg"), (args.cipher,), size_mib=size, rounds=1, timeout_seconds=600
+        )
         res = CanaryRunner(image, nice=args.nice, progress=progress).run(job)
         wall = time.monotonic() - t0
         boot = marks.get("hello", float("nan"))
         bench = marks.get("last", float("nan")) - boot
         rates = "/".join(f"{m.rate / 1e6:.0f}" for m in res.measurements)
-        print(f"{size:>5} {res.result:>8} {boot:>7.1f} {bench:>8.1f} {wall:>7.1f} {res.cpu_seconds:>6.1f} "
-              f"{100 * boot / wall:>6.0f}% {rates:>12}")
+        print(
+            f"{size:>5} {res.result:>8} {boot:>7.1f} {bench:>8.1f} {wall:>7.1f} {res.cpu_seconds:>6.1f} "
+            f"{100 * boot / wall:>6.0f}% {rates:>12}"
+        )
         if res.result != "success":
             print(f"      {res.message}", file=sys.stderr)
-    print(f"load average now: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (shared machine: compare within a run)")
+    print(
+        f"load average now: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (shared machine: compare within a run)"
+    )
     return 0
 
 

@@ -50,7 +50,9 @@ def main() -> None:
     ap.add_argument("--guests", type=int, nargs="+", default=[10, 100, 500, 1000])
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
-    print(f"{'guests':>7} {'samples':>8} | {'text lib':>9} {'text ours':>9} {'ratio':>6} | {'om lib':>9} {'om ours':>9} {'ratio':>6}   (median ms)")
+    print(
+        f"{'guests':>7} {'samples':>8} | {'text lib':>9} {'text ours':>9} {'ratio':>6} | {'om lib':>9} {'om ours':>9} {'ratio':>6}   (median ms)"
+    )
     for n in args.guests:
         reg = CollectorRegistry(auto_describe=False)
         reg.register(Guests(n))
@@ -60,7 +62,9 @@ def main() -> None:
         ol = median_ms(partial(library_openmetrics, reg), args.rounds)
         oo = median_ms(partial(openmetrics_text, reg), args.rounds)
         samples = n * len(DEFAULT_WATCHLIST) * 2
-        print(f"{n:>7} {samples:>8} | {tl:>9.1f} {to:>9.1f} {tl / to:>6.1f} | {ol:>9.1f} {oo:>9.1f} {ol / oo:>6.1f}")
+        print(
+            f"{n:>7} {samples:>8} | {tl:>9.1f} {to:>9.1f} {tl / to:>6.1f} | {ol:>9.1f} {oo:>9.1f} {ol / oo:>6.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -52,7 +52,13 @@ SERVED = choose(
 QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
 #: -cpu specs cycled over the guests (None = no -cpu: QEMU's default model)
 CPUS: tuple[str | None, ...] = (
-    None, "Westmere", "Westmere,-aes", "max", "SandyBridge,+avx2", "Skylake-Client", "SandyBridge,avx2=on,xsave=off",
+    None,
+    "Westmere",
+    "Westmere,-aes",
+    "max",
+    "SandyBridge,+avx2",
+    "Skylake-Client",
+    "SandyBridge,avx2=on,xsave=off",
 )
 OTHER_PROCESSES = 300
 
@@ -67,9 +73,26 @@ def build_tree(root: Path, guests: int) -> None:
         (d / "fd").mkdir()
         if i * guests // total != (i + 1) * guests // total:  # exactly `guests` of them, spread out
             cpu = CPUS[i % len(CPUS)]
-            argv = [QEMU, "-name", f"guest=vm{i:05d},debug-threads=on", "-machine", "pc-q35-7.2,usb=off",
-                    "-accel", "tcg", "-smp", "2", "-m", "2048", "-uuid", f"00000000-0000-0000-0000-{i:012d}",
-                    *(["-cpu", cpu] if cpu else []), "-nodefaults", "-S", "-display", "none"]
+            argv = [
+                QEMU,
+                "-name",
+                f"guest=vm{i:05d},debug-threads=on",
+                "-machine",
+                "pc-q35-7.2,usb=off",
+                "-accel",
+                "tcg",
+                "-smp",
+                "2",
+                "-m",
+                "2048",
+                "-uuid",
+                f"00000000-0000-0000-0000-{i:012d}",
+                *(["-cpu", cpu] if cpu else []),
+                "-nodefaults",
+                "-S",
+                "-display",
+                "none",
+            ]
             os.symlink(QEMU, d / "exe")
         else:
             argv = ["/usr/sbin/some-daemon", "--foreground", f"--id={i}"]
@@ -114,8 +137,12 @@ def linear_fit(points: list[tuple[int, float]]) -> tuple[float, float, float]:
 def load_before(rev: str, tmp: Path) -> type:
     """``GuestsCollector`` as of git revision ``rev``, importable next to the current one."""
     repo = Path(__file__).resolve().parent.parent
-    src = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:exporter/collectors/guests.py"],
-                         check=True, capture_output=True, text=True).stdout
+    src = subprocess.run(
+        ["git", "-C", str(repo), "show", f"{rev}:exporter/collectors/guests.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     path = tmp / "guests_before.py"
     path.write_text(src)
     spec = importlib.util.spec_from_file_location("guests_before", path)
@@ -135,16 +162,21 @@ def scrape_size(collector: object) -> tuple[int, int, int]:
     return series, len(body), len(gzip.compress(body))
 
 
-def compare(base: Path, knowledge: QemuKnowledge, sizes: list[int], rev: str, timing_at: int, rounds: int) -> None:
+def compare(
+    base: Path, knowledge: QemuKnowledge, sizes: list[int], rev: str, timing_at: int, rounds: int
+) -> None:
     before_cls = load_before(rev, base)
     variants: dict[str, Callable[[Path], object]] = {
         f"before ({rev})": lambda root: before_cls(root, knowledge, DEFAULT_WATCHLIST, GuestsConfig()),
         "after (default)": lambda root: GuestsCollector(root, knowledge, DEFAULT_WATCHLIST, GuestsConfig()),
         "after (full matrix)": lambda root: GuestsCollector(
-            root, knowledge, DEFAULT_WATCHLIST, GuestsConfig(full_feature_matrix=True)),
+            root, knowledge, DEFAULT_WATCHLIST, GuestsConfig(full_feature_matrix=True)
+        ),
     }
     print()
-    print(f"{'guests':>7} | {'variant':<20} | {'series':>7} {'per guest':>9} | {'bytes':>9} {'gzip':>8} {'per guest':>9}")
+    print(
+        f"{'guests':>7} | {'variant':<20} | {'series':>7} {'per guest':>9} | {'bytes':>9} {'gzip':>8} {'per guest':>9}"
+    )
     for n in sizes:
         root = base / f"cmp-{n}"
         build_tree(root, n)
@@ -152,7 +184,9 @@ def compare(base: Path, knowledge: QemuKnowledge, sizes: list[int], rev: str, ti
             c = make(root)
             list(c.collect())  # type: ignore[attr-defined]
             series, plain, gz = scrape_size(c)
-            print(f"{n:>7} | {name:<20} | {series:>7} {series / n:>9.1f} | {plain:>9} {gz:>8} {plain / n:>9.0f}")
+            print(
+                f"{n:>7} | {name:<20} | {series:>7} {series / n:>9.1f} | {plain:>9} {gz:>8} {plain / n:>9.0f}"
+            )
         if n == timing_at:
             made = {name: make(root) for name, make in variants.items()}
             for c in made.values():
@@ -164,10 +198,14 @@ def compare(base: Path, knowledge: QemuKnowledge, sizes: list[int], rev: str, ti
                     list(c.collect())  # type: ignore[attr-defined]
                     cpu[name].append(time.process_time() - c0)
             ref = statistics.median(cpu[f"before ({rev})"])
-            print(f"collect() CPU time at {n} guests, {rounds} interleaved rounds (median, p90, ratio to before):")
+            print(
+                f"collect() CPU time at {n} guests, {rounds} interleaved rounds (median, p90, ratio to before):"
+            )
             for name, xs in cpu.items():
-                print(f"    {name:<20} {statistics.median(xs) * 1e3:7.2f} ms {p90(xs) * 1e3:7.2f} ms "
-                      f"{statistics.median(xs) / ref:6.2f}x")
+                print(
+                    f"    {name:<20} {statistics.median(xs) * 1e3:7.2f} ms {p90(xs) * 1e3:7.2f} ms "
+                    f"{statistics.median(xs) / ref:6.2f}x"
+                )
         shutil.rmtree(root)
 
 
@@ -182,8 +220,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="guests-bench-") as tmp:
         base = Path(tmp)
         knowledge = prefill(base / "cache")
-        print(f"{'guests':>7} | {'collect wall med':>16} {'p90':>7} {'cpu med':>8} {'us/guest':>9} "
-              f"{'marginal':>9} | {'exposition wall med':>19} {'p90':>8} {'cpu med':>8}   (ms; us)")
+        print(
+            f"{'guests':>7} | {'collect wall med':>16} {'p90':>7} {'cpu med':>8} {'us/guest':>9} "
+            f"{'marginal':>9} | {'exposition wall med':>19} {'p90':>8} {'cpu med':>8}   (ms; us)"
+        )
         prev: tuple[int, float] | None = None
         points: list[tuple[int, float]] = []
         for n in sizes:
@@ -204,16 +244,22 @@ def main() -> int:
             marginal = "" if prev is None else f"{(cmed - prev[1]) / (n - prev[0]) * 1e6:.1f}"
             points.append((n, cmed))
             prev = (n, cmed)
-            print(f"{n:>7} | {med * 1e3:>16.2f} {p90(wall) * 1e3:>7.2f} {cmed * 1e3:>8.2f} "
-                  f"{cmed / n * 1e6:>9.1f} {marginal:>9} | {statistics.median(ewall) * 1e3:>19.2f} "
-                  f"{p90(ewall) * 1e3:>8.2f} {statistics.median(ecpu) * 1e3:>8.2f}")
+            print(
+                f"{n:>7} | {med * 1e3:>16.2f} {p90(wall) * 1e3:>7.2f} {cmed * 1e3:>8.2f} "
+                f"{cmed / n * 1e6:>9.1f} {marginal:>9} | {statistics.median(ewall) * 1e3:>19.2f} "
+                f"{p90(ewall) * 1e3:>8.2f} {statistics.median(ecpu) * 1e3:>8.2f}"
+            )
             shutil.rmtree(root)
         if len(points) >= 3:
             slope, intercept, r2 = linear_fit(points)
-            print(f"least-squares fit of collect CPU time: {intercept * 1e3:.2f} ms + {slope * 1e6:.1f} us/guest, "
-                  f"R^2 = {r2:.3f} (close to 1 = linear)")
-        print(f"(every size also scans {OTHER_PROCESSES} non-QEMU processes; 'marginal' = extra CPU us per "
-              "extra guest between consecutive sizes)")
+            print(
+                f"least-squares fit of collect CPU time: {intercept * 1e3:.2f} ms + {slope * 1e6:.1f} us/guest, "
+                f"R^2 = {r2:.3f} (close to 1 = linear)"
+            )
+        print(
+            f"(every size also scans {OTHER_PROCESSES} non-QEMU processes; 'marginal' = extra CPU us per "
+            "extra guest between consecutive sizes)"
+        )
         compare(base, knowledge, sizes, args.before, args.timing_at, args.rounds)
     return 0
 

@@ -68,7 +68,9 @@ def main() -> None:
             cpu = median_ms(scrape_fn(CpuCollector(root, DEFAULT_WATCHLIST)), args.repeat)
             crypto = median_ms(scrape_fn(CryptoCollector(root, Path("/sys"))), args.repeat)
             results[label] = cpu
-            print(f"{label:>10}: cpu collector {cpu:7.3f} ms/scrape   crypto collector {crypto:7.3f} ms/scrape")
+            print(
+                f"{label:>10}: cpu collector {cpu:7.3f} ms/scrape   crypto collector {crypto:7.3f} ms/scrape"
+            )
         print(f"cpu collector, 256 vs 4 logical CPUs: {results['256 CPUs'] / results['4 CPUs']:.1f}x")
 
 

@@ -54,7 +54,9 @@ def main() -> None:
 
     print(f"binary {bid.path}, {args.rounds} rounds (medians)")
     print(f"cold probe (proofs + QMP)        {med(cold) * 1000:8.1f} ms")
-    print(f"warm probe (proofs, QMP cached)  {med(warm) * 1000:8.1f} ms   cold/warm = {med(cold) / med(warm):.2f}")
+    print(
+        f"warm probe (proofs, QMP cached)  {med(warm) * 1000:8.1f} ms   cold/warm = {med(cold) / med(warm):.2f}"
+    )
     print(f"  of which TCG proof guest       {med(tcg_proof) * 1000:8.1f} ms to marker")
     print(f"expand() cold (scratch QEMU)     {med(expand_cold) * 1000:8.1f} ms")
     print(f"expansion() cache hit            {hit * 1e6:8.1f} us   cold/hit = {med(expand_cold) / hit:.0f}x")

@@ -95,8 +95,11 @@ def main() -> int:
     ap.add_argument("--ciphers", default="aes-xts-plain,aes-cbc-plain")
     ap.add_argument("--duty-cycle-percent", type=float, default=5.0)
     ap.add_argument("--scrape-every", type=float, default=0.2, help="pause between scrapes (seconds)")
-    ap.add_argument("--honour-busy", action="store_true",
-                    help="keep the default busy guard (on a shared machine it may skip every canary)")
+    ap.add_argument(
+        "--honour-busy",
+        action="store_true",
+        help="keep the default busy guard (on a shared machine it may skip every canary)",
+    )
     args = ap.parse_args()
 
     port = free_port()
@@ -115,11 +118,20 @@ def main() -> int:
         cfg_path = Path(tmp) / "config.yml"
         cfg_path.write_text(json.dumps(cfg))
         log_path = Path(tmp) / "daemon.log"
-        cmd = [sys.executable, "-m", "exporter", "serve", f"--web.listen-address=127.0.0.1:{port}",
-               f"--config.file={cfg_path}", f"--path.state-dir={tmp}/state", f"--path.cache-dir={CACHE_DIR}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "exporter",
+            "serve",
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--config.file={cfg_path}",
+            f"--path.state-dir={tmp}/state",
+            f"--path.cache-dir={CACHE_DIR}",
+        ]
         with open(log_path, "wb") as logf:
-            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+            )
         daemon = psutil.Process(proc.pid)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -173,23 +185,37 @@ def main() -> int:
     ratio = metric_sum(body, "kvmcpu_canary_duty_cycle_ratio")
     budget_s = args.duty_cycle_percent / 100 * 3600
 
-    print(f"run: {elapsed:.0f} s, canary interval {args.interval:g} s, {args.size_mib} MiB x {args.rounds} round(s), "
-          f"ciphers {args.ciphers}")
-    print(f"scrapes idle:   n={len(idle):4d}  p50={p(idle, .5) * 1000:7.2f} ms  p99={p(idle, .99) * 1000:7.2f} ms")
-    print(f"scrapes canary: n={len(during):4d}  p50={p(during, .5) * 1000:7.2f} ms  "
-          f"p99={p(during, .99) * 1000:7.2f} ms")
+    print(
+        f"run: {elapsed:.0f} s, canary interval {args.interval:g} s, {args.size_mib} MiB x {args.rounds} round(s), "
+        f"ciphers {args.ciphers}"
+    )
+    print(
+        f"scrapes idle:   n={len(idle):4d}  p50={p(idle, 0.5) * 1000:7.2f} ms  p99={p(idle, 0.99) * 1000:7.2f} ms"
+    )
+    print(
+        f"scrapes canary: n={len(during):4d}  p50={p(during, 0.5) * 1000:7.2f} ms  "
+        f"p99={p(during, 0.99) * 1000:7.2f} ms"
+    )
     if idle and during:
-        r = p(during, .99) / p(idle, .99)
-        ok = r <= 2.0 and p(during, .99) < 0.05
+        r = p(during, 0.99) / p(idle, 0.99)
+        ok = r <= 2.0 and p(during, 0.99) < 0.05
         print(f"p99 canary/idle ratio: {r:.2f}  (target <= 2 and p99 < 50 ms: {'PASS' if ok else 'FAIL'})")
         print(f"mean canary/idle ratio: {statistics.mean(during) / statistics.mean(idle):.2f}")
-        print(f"canary collector alone: idle p50 {p(coll_idle, .5) * 1000:.3f} / p99 {p(coll_idle, .99) * 1000:.3f} ms, "
-              f"during a canary p50 {p(coll_during, .5) * 1000:.3f} / p99 {p(coll_during, .99) * 1000:.3f} ms")
-    print(f"canary ticks: {runs:.0f} (success {success:.0f}, skipped {skipped:.0f} of which budget {budget_skips:.0f})")
-    print(f"canary CPU: {canary_cpu:.1f} s = {canary_cpu / elapsed * 100:.1f}% of one core over this run; "
-          f"budget {args.duty_cycle_percent:g}% = {budget_s:.0f} s per hour")
-    print(f"canary CPU / hourly budget: {canary_cpu / budget_s:.2f}; exporter's kvmcpu_canary_duty_cycle_ratio: "
-          f"{ratio:.2f}")
+        print(
+            f"canary collector alone: idle p50 {p(coll_idle, 0.5) * 1000:.3f} / p99 {p(coll_idle, 0.99) * 1000:.3f} ms, "
+            f"during a canary p50 {p(coll_during, 0.5) * 1000:.3f} / p99 {p(coll_during, 0.99) * 1000:.3f} ms"
+        )
+    print(
+        f"canary ticks: {runs:.0f} (success {success:.0f}, skipped {skipped:.0f} of which budget {budget_skips:.0f})"
+    )
+    print(
+        f"canary CPU: {canary_cpu:.1f} s = {canary_cpu / elapsed * 100:.1f}% of one core over this run; "
+        f"budget {args.duty_cycle_percent:g}% = {budget_s:.0f} s per hour"
+    )
+    print(
+        f"canary CPU / hourly budget: {canary_cpu / budget_s:.2f}; exporter's kvmcpu_canary_duty_cycle_ratio: "
+        f"{ratio:.2f}"
+    )
     return 0
 
 

@@ -149,14 +149,27 @@ def main() -> int:
     ours_log = open(tmp / "ours.log", "wb")  # noqa: SIM115 - lives as long as the daemon
     node_log = open(tmp / "node.log", "wb")  # noqa: SIM115
     ours_proc = subprocess.Popen(
-        [sys.executable, "-m", "exporter", "serve", f"--web.listen-address=127.0.0.1:{ours_port}",
-         "--no-canary.enabled", f"--path.state-dir={tmp / 'state'}", f"--path.cache-dir={ns.cache_dir}",
-         "--log.level=warn"],
-        cwd=ROOT, stdout=ours_log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "exporter",
+            "serve",
+            f"--web.listen-address=127.0.0.1:{ours_port}",
+            "--no-canary.enabled",
+            f"--path.state-dir={tmp / 'state'}",
+            f"--path.cache-dir={ns.cache_dir}",
+            "--log.level=warn",
+        ],
+        cwd=ROOT,
+        stdout=ours_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     node_proc = subprocess.Popen(
         [ns.node_exporter, f"--web.listen-address=127.0.0.1:{node_port}"],
-        stdout=node_log, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=node_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     ours = Target("kvm-cpu-exporter", ours_proc, ours_port)
     node = Target("node_exporter", node_proc, node_port)
@@ -183,26 +196,36 @@ def main() -> int:
         ours_log.close()
         node_log.close()
 
-    print(f"{ns.scrapes} scrapes each, interleaved, fresh connection per scrape, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f}")
-    header = f"{'target':<18} {'median ms':>10} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} " \
-             f"{'series':>7} {'body KB':>8} {'RSS MB':>7} {'peak MB':>8}"
+    print(
+        f"{ns.scrapes} scrapes each, interleaved, fresh connection per scrape, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
+    header = (
+        f"{'target':<18} {'median ms':>10} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+        f"{'series':>7} {'body KB':>8} {'RSS MB':>7} {'peak MB':>8}"
+    )
     print(header)
     print("-" * len(header))
     for t in (ours, node):
         ms = [x * 1000 for x in t.times]
-        print(f"{t.name:<18} {statistics.median(ms):>10.2f} {pct(ms, 90):>8.2f} {pct(ms, 99):>8.2f} "
-              f"{max(ms):>8.2f} {t.series:>7} {t.body_bytes / 1024:>8.1f} {t.rss_warm / 1e6:>7.1f} "
-              f"{t.rss_peak / 1e6:>8.1f}")
+        print(
+            f"{t.name:<18} {statistics.median(ms):>10.2f} {pct(ms, 90):>8.2f} {pct(ms, 99):>8.2f} "
+            f"{max(ms):>8.2f} {t.series:>7} {t.body_bytes / 1024:>8.1f} {t.rss_warm / 1e6:>7.1f} "
+            f"{t.rss_peak / 1e6:>8.1f}"
+        )
     med_ratio = statistics.median(ours.times) / statistics.median(node.times)
     p99_ratio = pct(ours.times, 99) / pct(node.times, 99)
     print()
-    print(f"median latency ratio ours/node_exporter: {med_ratio:.2f} (target <= 1.00: "
-          f"{'met' if med_ratio <= 1.0 else 'NOT met'})")
+    print(
+        f"median latency ratio ours/node_exporter: {med_ratio:.2f} (target <= 1.00: "
+        f"{'met' if med_ratio <= 1.0 else 'NOT met'})"
+    )
     print(f"p99 latency ratio ours/node_exporter:    {p99_ratio:.2f}")
     print(f"RSS ratio ours/node_exporter (peak):     {ours.rss_peak / node.rss_peak:.2f}")
-    print(f"our peak RSS {ours.rss_peak / 1e6:.1f} MB (target < {RSS_TARGET_MB:.0f} MB: "
-          f"{'met' if ours.rss_peak / 1e6 < RSS_TARGET_MB else 'NOT met'})")
+    print(
+        f"our peak RSS {ours.rss_peak / 1e6:.1f} MB (target < {RSS_TARGET_MB:.0f} MB: "
+        f"{'met' if ours.rss_peak / 1e6 < RSS_TARGET_MB else 'NOT met'})"
+    )
     print("\nper-collector time inside our scrape (median ms, as reported by the daemon):")
     for name, values in sorted(ours.collector_seconds.items(), key=lambda kv: -statistics.median(kv[1])):
         print(f"  {name:<12} {statistics.median(values) * 1000:8.2f}")

@@ -29,9 +29,30 @@ PASSWORD = "bench-password"
 
 def make_cert(directory: Path) -> tuple[Path, Path]:
     cert, key = directory / "tls.crt", directory / "tls.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -53,8 +74,14 @@ def main() -> int:
         cert, key = make_cert(tmp)
         hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(10)).decode()
         cfg = tmp / "web.yml"
-        cfg.write_text(yaml.safe_dump({"tls_server_config": {"cert_file": str(cert), "key_file": str(key)},
-                                       "basic_auth_users": {"prometheus": hashed}}))
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "tls_server_config": {"cert_file": str(cert), "key_file": str(key)},
+                    "basic_auth_users": {"prometheus": hashed},
+                }
+            )
+        )
         security = load_web_config(str(cfg))
         header = "Basic " + base64.b64encode(f"prometheus:{PASSWORD}".encode()).decode()
 
@@ -66,7 +93,9 @@ def main() -> int:
             security.authorize(header)
         cached = (time.perf_counter() - start) / 1000
         print(f"authorize, first call (bcrypt cost 10): {first * 1000:8.2f} ms")
-        print(f"authorize, cached:                      {cached * 1e6:8.2f} us   (x{first / cached:,.0f} cheaper)")
+        print(
+            f"authorize, cached:                      {cached * 1e6:8.2f} us   (x{first / cached:,.0f} cheaper)"
+        )
 
         plain = ExporterHTTP(CollectorRegistry(), "127.0.0.1:0")
         secured = ExporterHTTP(CollectorRegistry(), "127.0.0.1:0", security=security)
@@ -77,14 +106,17 @@ def main() -> int:
         client = ssl.create_default_context(cafile=str(cert))
         try:
             http_s = timed_requests(f"http://127.0.0.1:{ports[0]}/metrics", args.requests, {}, None)
-            https_s = timed_requests(f"https://127.0.0.1:{ports[1]}/metrics", args.requests,
-                                     {"Authorization": header}, client)
+            https_s = timed_requests(
+                f"https://127.0.0.1:{ports[1]}/metrics", args.requests, {"Authorization": header}, client
+            )
         finally:
             plain.shutdown()
             secured.shutdown()
         print(f"scrape over HTTP, no auth:              {http_s * 1000:8.2f} ms")
-        print(f"scrape over HTTPS + basic auth:         {https_s * 1000:8.2f} ms   (x{https_s / http_s:.1f}; "
-              "a new TLS handshake per request: the worst case, Prometheus keeps connections alive)")
+        print(
+            f"scrape over HTTPS + basic auth:         {https_s * 1000:8.2f} ms   (x{https_s / http_s:.1f}; "
+            "a new TLS handshake per request: the worst case, Prometheus keeps connections alive)"
+        )
     return 0
 
 

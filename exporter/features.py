@@ -14,6 +14,7 @@ from collections.abc import Iterable
 #: proofs): guest discovery skips them, they are not the operator's guests.
 OWN_GUEST_PREFIX = "kvm-cpu-exporter-"
 
+
 def full_cpu_model(accel: str) -> str:
     """The CPU model that gives a guest everything the accelerator can: ``host`` under KVM (the
     guide's ``-cpu host``), ``max`` under TCG, where ``host`` does not exist."""

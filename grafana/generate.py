@@ -331,9 +331,7 @@ CANARY_LATE_SECONDS = 3600
 CANARY_STALE_SECONDS = 2 * 3600
 GUEST = Variable("guest", "Guest", f"kvmcpu_guest_info{{{I}}}", "guest")
 PROFILE = Variable("profile", "Canary profile", f"kvmcpu_canary_runs_total{{{I}}}", "profile")
-CIPHER = Variable(
-    "cipher", "Cipher", f"kvmcpu_canary_last_throughput_bytes_per_second{{{I}}}", "cipher"
-)
+CIPHER = Variable("cipher", "Cipher", f"kvmcpu_canary_last_throughput_bytes_per_second{{{I}}}", "cipher")
 G = f'{I}, guest=~"$guest"'
 C = f'{I}, profile=~"$profile"'
 CC = f'{I}, profile=~"$profile", cipher=~"$cipher"'
@@ -347,125 +345,299 @@ def exposure() -> Dashboard:
         variables=[CLUSTER, JOB, INSTANCE, GUEST],
         items=[
             Row("Overview"),
-            Panel("Hosts", "stat", [Query(f"count(kvmcpu_host_cpus{{{I}}})", instant=True)],
-                  "Hosts reporting CPU facts.", w=4, h=4),
-            Panel("Running guests", "stat", [Query(f"sum(kvmcpu_guests{{{I}}})", instant=True)],
-                  "QEMU guests found on the selected hosts.", w=4, h=4),
-            Panel("Guests denied AES-NI", "stat",
-                  [Query(f"count(kvmcpu_guest_info{{{I}}} and on (instance, job, cpu_config) "
-                         f'(kvmcpu_guest_config_cpu_feature_hidden{{{I}, feature="aes"}} == 1)) or vector(0)',
-                         instant=True)],
-                  "Guests whose host has AES-NI but which do not get it (e.g. started with -cpu qemu64). "
-                  "Alert: KvmCpuGuestAesNiHidden.",
-                  w=4, h=4, thresholds=[(None, "green"), (1, "red")]),
-            Panel("Hosts without AES-NI flag", "stat",
-                  [Query(f'count(kvmcpu_host_cpu_feature{{{I}, feature="aes"}} == 0) or vector(0)',
-                         instant=True)],
-                  "Hosts whose /proc/cpuinfo lacks aes: check the BIOS 'AES-NI Defeature' setting.",
-                  w=4, h=4, thresholds=[(None, "green"), (1, "red")]),
-            Panel("Kernel uses AES-NI", "stat",
-                  [Query(f"kvmcpu_host_aesni_active{{{I}}}", legend="{{instance}}", instant=True)],
-                  "Whether each host kernel's selected AES driver is an AES-NI one (aesni_intel).",
-                  w=4, h=4, mappings=YES_NO, thresholds=[(None, "red"), (1, "green")]),
-            Panel("KVM usable", "stat",
-                  [Query(f'kvmcpu_host_accelerator_usable{{{I}, accel="kvm"}}', legend="{{instance}}",
-                         instant=True)],
-                  "KVM proven by running a guest (a present /dev/kvm is no proof).",
-                  w=4, h=4, mappings=YES_NO, thresholds=[(None, "red"), (1, "green")]),
+            Panel(
+                "Hosts",
+                "stat",
+                [Query(f"count(kvmcpu_host_cpus{{{I}}})", instant=True)],
+                "Hosts reporting CPU facts.",
+                w=4,
+                h=4,
+            ),
+            Panel(
+                "Running guests",
+                "stat",
+                [Query(f"sum(kvmcpu_guests{{{I}}})", instant=True)],
+                "QEMU guests found on the selected hosts.",
+                w=4,
+                h=4,
+            ),
+            Panel(
+                "Guests denied AES-NI",
+                "stat",
+                [
+                    Query(
+                        f"count(kvmcpu_guest_info{{{I}}} and on (instance, job, cpu_config) "
+                        f'(kvmcpu_guest_config_cpu_feature_hidden{{{I}, feature="aes"}} == 1)) or vector(0)',
+                        instant=True,
+                    )
+                ],
+                "Guests whose host has AES-NI but which do not get it (e.g. started with -cpu qemu64). "
+                "Alert: KvmCpuGuestAesNiHidden.",
+                w=4,
+                h=4,
+                thresholds=[(None, "green"), (1, "red")],
+            ),
+            Panel(
+                "Hosts without AES-NI flag",
+                "stat",
+                [
+                    Query(
+                        f'count(kvmcpu_host_cpu_feature{{{I}, feature="aes"}} == 0) or vector(0)',
+                        instant=True,
+                    )
+                ],
+                "Hosts whose /proc/cpuinfo lacks aes: check the BIOS 'AES-NI Defeature' setting.",
+                w=4,
+                h=4,
+                thresholds=[(None, "green"), (1, "red")],
+            ),
+            Panel(
+                "Kernel uses AES-NI",
+                "stat",
+                [Query(f"kvmcpu_host_aesni_active{{{I}}}", legend="{{instance}}", instant=True)],
+                "Whether each host kernel's selected AES driver is an AES-NI one (aesni_intel).",
+                w=4,
+                h=4,
+                mappings=YES_NO,
+                thresholds=[(None, "red"), (1, "green")],
+            ),
+            Panel(
+                "KVM usable",
+                "stat",
+                [
+                    Query(
+                        f'kvmcpu_host_accelerator_usable{{{I}, accel="kvm"}}',
+                        legend="{{instance}}",
+                        instant=True,
+                    )
+                ],
+                "KVM proven by running a guest (a present /dev/kvm is no proof).",
+                w=4,
+                h=4,
+                mappings=YES_NO,
+                thresholds=[(None, "red"), (1, "green")],
+            ),
             Row("Hosts"),
-            Panel("Host CPUs", "table", [Query(f"kvmcpu_host_cpu_info{{{I}}}", instant=True, fmt="table")],
-                  "CPU identity per host; compare microcode across identical models.",
-                  w=24, h=5,
-                  columns=["instance", "vendor", "model_name", "family", "model", "stepping", "microcode"]),
-            Panel("Host CPU features (on every logical CPU)", "matrix",
-                  [Query(f"kvmcpu_host_cpu_feature{{{I}}}", instant=True, fmt="table")],
-                  "Watched features per host: ✓ = present on every logical CPU.",
-                  w=24, h=7, mappings=FEATURE_PRESENT, matrix=("instance", "feature")),
-            Panel("Features on only some CPUs", "table",
-                  [Query(f"kvmcpu_host_cpu_feature_cpus{{{I}}} > 0 "
-                         f"< on (instance, job) group_left kvmcpu_host_cpus{{{I}}}",
-                         instant=True, fmt="table")],
-                  "Features present on some logical CPUs but not all (mixed CPUs, microcode or "
-                  "firmware differences). Guests cannot safely use these. Empty is good.",
-                  w=12, h=6, columns=["instance", "feature", "Value"]),
-            Panel("Kernel AES drivers", "table",
-                  [Query(f"kvmcpu_host_crypto_driver_info{{{I}}}", instant=True, fmt="table")],
-                  "The highest-priority kernel driver per AES mode (/proc/crypto); aesni = hardware.",
-                  w=12, h=6, columns=["instance", "algorithm", "driver", "module", "priority"]),
-            Panel("Kernel modules", "matrix",
-                  [Query(f"kvmcpu_host_kernel_module_loaded{{{I}}}", instant=True, fmt="table")],
-                  "Whether the modules AES-NI and KVM depend on are loaded.",
-                  w=12, h=5, mappings=YES_NO, matrix=("instance", "module")),
-            Panel("Accelerators (proven)", "matrix",
-                  [Query(f"kvmcpu_host_accelerator_usable{{{I}}}", instant=True, fmt="table")],
-                  "Accelerators a proof guest actually ran with.",
-                  w=12, h=5, mappings=YES_NO, matrix=("instance", "accel")),
-            Panel("Usable named CPU models", "matrix",
-                  [Query(f"kvmcpu_host_cpu_model_usable{{{I}}}", instant=True, fmt="table")],
-                  "QEMU's own verdict per named CPU model on each host (query-cpu-definitions).",
-                  w=12, h=12, mappings=YES_NO, matrix=("model", "instance")),
-            Panel("Features a guest could be given (-cpu host / max)", "matrix",
-                  [Query(f"kvmcpu_host_exposable_cpu_feature{{{I}}}", instant=True, fmt="table")],
-                  "What the most capable CPU model on each host would give a guest.",
-                  w=12, h=6, mappings=FEATURE_PRESENT, matrix=("instance", "feature")),
-            Panel("QEMU", "table", [Query(f"kvmcpu_qemu_info{{{I}}}", instant=True, fmt="table")],
-                  "The QEMU binary the exporter probes on each host.",
-                  w=12, h=6, columns=["instance", "binary", "version"]),
-            Panel("Host x86-64 level", "table",
-                  [Query(f'label_replace(kvmcpu_host_x86_64_level{{{I}}}, "of", "every host CPU", "", "") '
-                         f'or label_replace(kvmcpu_host_exposable_x86_64_level{{{I}}}, "of", '
-                         '"a guest with -cpu host/max", "", "")',
-                         instant=True, fmt="table")],
-                  "psABI level every logical CPU reaches, and what the full CPU model gives a guest. "
-                  "RHEL 9 needs v2, RHEL 10 v3.",
-                  w=12, h=6, columns=["instance", "of", "Value"]),
+            Panel(
+                "Host CPUs",
+                "table",
+                [Query(f"kvmcpu_host_cpu_info{{{I}}}", instant=True, fmt="table")],
+                "CPU identity per host; compare microcode across identical models.",
+                w=24,
+                h=5,
+                columns=["instance", "vendor", "model_name", "family", "model", "stepping", "microcode"],
+            ),
+            Panel(
+                "Host CPU features (on every logical CPU)",
+                "matrix",
+                [Query(f"kvmcpu_host_cpu_feature{{{I}}}", instant=True, fmt="table")],
+                "Watched features per host: ✓ = present on every logical CPU.",
+                w=24,
+                h=7,
+                mappings=FEATURE_PRESENT,
+                matrix=("instance", "feature"),
+            ),
+            Panel(
+                "Features on only some CPUs",
+                "table",
+                [
+                    Query(
+                        f"kvmcpu_host_cpu_feature_cpus{{{I}}} > 0 "
+                        f"< on (instance, job) group_left kvmcpu_host_cpus{{{I}}}",
+                        instant=True,
+                        fmt="table",
+                    )
+                ],
+                "Features present on some logical CPUs but not all (mixed CPUs, microcode or "
+                "firmware differences). Guests cannot safely use these. Empty is good.",
+                w=12,
+                h=6,
+                columns=["instance", "feature", "Value"],
+            ),
+            Panel(
+                "Kernel AES drivers",
+                "table",
+                [Query(f"kvmcpu_host_crypto_driver_info{{{I}}}", instant=True, fmt="table")],
+                "The highest-priority kernel driver per AES mode (/proc/crypto); aesni = hardware.",
+                w=12,
+                h=6,
+                columns=["instance", "algorithm", "driver", "module", "priority"],
+            ),
+            Panel(
+                "Kernel modules",
+                "matrix",
+                [Query(f"kvmcpu_host_kernel_module_loaded{{{I}}}", instant=True, fmt="table")],
+                "Whether the modules AES-NI and KVM depend on are loaded.",
+                w=12,
+                h=5,
+                mappings=YES_NO,
+                matrix=("instance", "module"),
+            ),
+            Panel(
+                "Accelerators (proven)",
+                "matrix",
+                [Query(f"kvmcpu_host_accelerator_usable{{{I}}}", instant=True, fmt="table")],
+                "Accelerators a proof guest actually ran with.",
+                w=12,
+                h=5,
+                mappings=YES_NO,
+                matrix=("instance", "accel"),
+            ),
+            Panel(
+                "Usable named CPU models",
+                "matrix",
+                [Query(f"kvmcpu_host_cpu_model_usable{{{I}}}", instant=True, fmt="table")],
+                "QEMU's own verdict per named CPU model on each host (query-cpu-definitions).",
+                w=12,
+                h=12,
+                mappings=YES_NO,
+                matrix=("model", "instance"),
+            ),
+            Panel(
+                "Features a guest could be given (-cpu host / max)",
+                "matrix",
+                [Query(f"kvmcpu_host_exposable_cpu_feature{{{I}}}", instant=True, fmt="table")],
+                "What the most capable CPU model on each host would give a guest.",
+                w=12,
+                h=6,
+                mappings=FEATURE_PRESENT,
+                matrix=("instance", "feature"),
+            ),
+            Panel(
+                "QEMU",
+                "table",
+                [Query(f"kvmcpu_qemu_info{{{I}}}", instant=True, fmt="table")],
+                "The QEMU binary the exporter probes on each host.",
+                w=12,
+                h=6,
+                columns=["instance", "binary", "version"],
+            ),
+            Panel(
+                "Host x86-64 level",
+                "table",
+                [
+                    Query(
+                        f'label_replace(kvmcpu_host_x86_64_level{{{I}}}, "of", "every host CPU", "", "") '
+                        f'or label_replace(kvmcpu_host_exposable_x86_64_level{{{I}}}, "of", '
+                        '"a guest with -cpu host/max", "", "")',
+                        instant=True,
+                        fmt="table",
+                    )
+                ],
+                "psABI level every logical CPU reaches, and what the full CPU model gives a guest. "
+                "RHEL 9 needs v2, RHEL 10 v3.",
+                w=12,
+                h=6,
+                columns=["instance", "of", "Value"],
+            ),
             Row("Guests"),
-            Panel("Guests", "table",
-                  [Query(f"kvmcpu_guest_info{{{G}}}", instant=True, fmt="table")],
-                  "Running guests with their CPU model, accelerator and CPU configuration (cpu_config: "
-                  "the key of the per-configuration panels below).",
-                  w=24, h=6,
-                  columns=["instance", "guest", "cpu_model", "accel", "migratable", "cpu_config", "uuid"]),
-            Panel("CPU features per configuration (hidden = the host has it, the guest does not)", "matrix",
-                  [Query(f"(kvmcpu_guest_config_cpu_feature{{{I}}} + 2 * kvmcpu_guest_config_cpu_feature_hidden{{{I}}}) "
-                         f"and on (instance, job, cpu_config) kvmcpu_guest_info{{{G}}}",
-                         instant=True, fmt="table")],
-                  "One row per CPU configuration of the selected guests (see the Guests table for who "
-                  "runs which). ✓ = the guest OS sees the feature; hidden (red) = the host has it but "
-                  "the guest does not get it; - = neither has it.",
-                  w=24, h=8, mappings=GUEST_FEATURE, matrix=("cpu_config", "feature")),
-            Panel("Guest x86-64 level", "table",
-                  [Query(f"kvmcpu_guest_x86_64_level{{{G}}}", instant=True, fmt="table")],
-                  "psABI level of what each guest OS sees (RHEL 9 needs 2, RHEL 10 needs 3). "
-                  "Alert: KvmCpuGuestX86LevelTooLow.",
-                  w=8, h=6, columns=["instance", "guest", "Value"]),
-            Panel("What keeps a configuration from the next level", "table",
-                  [Query(f"kvmcpu_guest_config_x86_64_level_missing{{{I}}} "
-                         f"and on (instance, job, cpu_config) kvmcpu_guest_info{{{G}}}",
-                         instant=True, fmt="table")],
-                  "Features missing for the next x86-64 level, per CPU configuration of the selected guests.",
-                  w=8, h=6, columns=["instance", "cpu_config", "feature"]),
-            Panel("CPU-configuration hazards", "table",
-                  [Query(f"kvmcpu_guest_config_hazard{{{I}}} "
-                         f"and on (instance, job, cpu_config) kvmcpu_guest_info{{{G}}}",
-                         instant=True, fmt="table")],
-                  "Features the guest OS shows although what they require is missing: code trusting "
-                  "the flag (e.g. aesni-intel) gets invalid opcode. Alert: KvmCpuGuestCpuConfigHazard.",
-                  w=8, h=6, columns=["instance", "cpu_config", "feature", "requires"]),
-            Panel("Hidden features per guest", "bargauge",
-                  [Query(f"instance_guest:kvmcpu_guest_cpu_feature_hidden:sum{{{G}}}",
-                         legend="{{guest}} on {{instance}}", instant=True)],
-                  "How many watched host features each guest does not get.",
-                  w=12, h=6, thresholds=[(None, "green"), (1, "orange")]),
-            Panel("Guest CPU model known to QEMU", "table",
-                  [Query(f"kvmcpu_guest_cpu_model_known{{{G}}}", instant=True, fmt="table")],
-                  "0 = QEMU does not know the guest's CPU model (yet), so its features are not shown.",
-                  w=6, h=6, mappings=YES_NO, columns=["instance", "guest", "Value"]),
-            Panel("Features QEMU filtered out", "table",
-                  [Query(f"kvmcpu_guest_cpu_feature_filtered{{{G}}} == 1", instant=True, fmt="table")],
-                  "Features the guest asked for that the accelerator could not provide (from the live "
-                  "QMP check of guests with a configured QMP socket).",
-                  w=6, h=6, columns=["instance", "guest", "feature"]),
+            Panel(
+                "Guests",
+                "table",
+                [Query(f"kvmcpu_guest_info{{{G}}}", instant=True, fmt="table")],
+                "Running guests with their CPU model, accelerator and CPU configuration (cpu_config: "
+                "the key of the per-configuration panels below).",
+                w=24,
+                h=6,
+                columns=["instance", "guest", "cpu_model", "accel", "migratable", "cpu_config", "uuid"],
+            ),
+            Panel(
+                "CPU features per configuration (hidden = the host has it, the guest does not)",
+                "matrix",
+                [
+                    Query(
+                        f"(kvmcpu_guest_config_cpu_feature{{{I}}} + 2 * kvmcpu_guest_config_cpu_feature_hidden{{{I}}}) "
+                        f"and on (instance, job, cpu_config) kvmcpu_guest_info{{{G}}}",
+                        instant=True,
+                        fmt="table",
+                    )
+                ],
+                "One row per CPU configuration of the selected guests (see the Guests table for who "
+                "runs which). ✓ = the guest OS sees the feature; hidden (red) = the host has it but "
+                "the guest does not get it; - = neither has it.",
+                w=24,
+                h=8,
+                mappings=GUEST_FEATURE,
+                matrix=("cpu_config", "feature"),
+            ),
+            Panel(
+                "Guest x86-64 level",
+                "table",
+                [Query(f"kvmcpu_guest_x86_64_level{{{G}}}", instant=True, fmt="table")],
+                "psABI level of what each guest OS sees (RHEL 9 needs 2, RHEL 10 needs 3). "
+                "Alert: KvmCpuGuestX86LevelTooLow.",
+                w=8,
+                h=6,
+                columns=["instance", "guest", "Value"],
+            ),
+            Panel(
+                "What keeps a configuration from the next level",
+                "table",
+                [
+                    Query(
+                        f"kvmcpu_guest_config_x86_64_level_missing{{{I}}} "
+                        f"and on (instance, job, cpu_config) kvmcpu_guest_info{{{G}}}",
+                        instant=True,
+                        fmt="table",
+                    )
+                ],
+                "Features missing for the next x86-64 level, per CPU configuration of the selected guests.",
+                w=8,
+                h=6,
+                columns=["instance", "cpu_config", "feature"],
+            ),
+            Panel(
+                "CPU-configuration hazards",
+                "table",
+                [
+                    Query(
+                        f"kvmcpu_guest_config_hazard{{{I}}} "
+                        f"and on (instance, job, cpu_config) kvmcpu_guest_info{{{G}}}",
+                        instant=True,
+                        fmt="table",
+                    )
+                ],
+                "Features the guest OS shows although what they require is missing: code trusting "
+                "the flag (e.g. aesni-intel) gets invalid opcode. Alert: KvmCpuGuestCpuConfigHazard.",
+                w=8,
+                h=6,
+                columns=["instance", "cpu_config", "feature", "requires"],
+            ),
+            Panel(
+                "Hidden features per guest",
+                "bargauge",
+                [
+                    Query(
+                        f"instance_guest:kvmcpu_guest_cpu_feature_hidden:sum{{{G}}}",
+                        legend="{{guest}} on {{instance}}",
+                        instant=True,
+                    )
+                ],
+                "How many watched host features each guest does not get.",
+                w=12,
+                h=6,
+                thresholds=[(None, "green"), (1, "orange")],
+            ),
+            Panel(
+                "Guest CPU model known to QEMU",
+                "table",
+                [Query(f"kvmcpu_guest_cpu_model_known{{{G}}}", instant=True, fmt="table")],
+                "0 = QEMU does not know the guest's CPU model (yet), so its features are not shown.",
+                w=6,
+                h=6,
+                mappings=YES_NO,
+                columns=["instance", "guest", "Value"],
+            ),
+            Panel(
+                "Features QEMU filtered out",
+                "table",
+                [Query(f"kvmcpu_guest_cpu_feature_filtered{{{G}}} == 1", instant=True, fmt="table")],
+                "Features the guest asked for that the accelerator could not provide (from the live "
+                "QMP check of guests with a configured QMP socket).",
+                w=6,
+                h=6,
+                columns=["instance", "guest", "feature"],
+            ),
         ],
     )
 
@@ -478,106 +650,241 @@ def canary() -> Dashboard:
         variables=[CLUSTER, JOB, INSTANCE, PROFILE, CIPHER],
         items=[
             Row("Status"),
-            Panel("Last successful run", "stat",
-                  [Query(f"time() - kvmcpu_canary_last_success_timestamp_seconds{{{C}}}",
-                         legend="{{instance}} {{profile}}", instant=True)],
-                  "How long ago each profile last finished a canary run successfully. Orange after "
-                  "an hour; red after two, when KvmCpuCanaryNoRecentSuccess starts to fire.",
-                  w=8, h=5, unit="s",
-                  thresholds=[(None, "green"), (CANARY_LATE_SECONDS, "orange"), (CANARY_STALE_SECONDS, "red")]),
-            Panel("Last run result", "table",
-                  [Query(f"kvmcpu_canary_last_result_info{{{C}}}", instant=True, fmt="table")],
-                  "Outcome of the latest run (or skipped tick) per profile.",
-                  w=8, h=5, columns=["instance", "profile", "result"]),
-            Panel("Duty cycle", "stat",
-                  [Query(f"kvmcpu_canary_duty_cycle_ratio{{{I}}}", legend="{{instance}}", instant=True)],
-                  "Canary CPU time in the last hour over its budget (canary.duty_cycle_percent); "
-                  "at 100% ticks are skipped.",
-                  w=8, h=5, unit="percentunit", thresholds=[(None, "green"), (0.8, "orange"), (1, "red")]),
+            Panel(
+                "Last successful run",
+                "stat",
+                [
+                    Query(
+                        f"time() - kvmcpu_canary_last_success_timestamp_seconds{{{C}}}",
+                        legend="{{instance}} {{profile}}",
+                        instant=True,
+                    )
+                ],
+                "How long ago each profile last finished a canary run successfully. Orange after "
+                "an hour; red after two, when KvmCpuCanaryNoRecentSuccess starts to fire.",
+                w=8,
+                h=5,
+                unit="s",
+                thresholds=[(None, "green"), (CANARY_LATE_SECONDS, "orange"), (CANARY_STALE_SECONDS, "red")],
+            ),
+            Panel(
+                "Last run result",
+                "table",
+                [Query(f"kvmcpu_canary_last_result_info{{{C}}}", instant=True, fmt="table")],
+                "Outcome of the latest run (or skipped tick) per profile.",
+                w=8,
+                h=5,
+                columns=["instance", "profile", "result"],
+            ),
+            Panel(
+                "Duty cycle",
+                "stat",
+                [Query(f"kvmcpu_canary_duty_cycle_ratio{{{I}}}", legend="{{instance}}", instant=True)],
+                "Canary CPU time in the last hour over its budget (canary.duty_cycle_percent); "
+                "at 100% ticks are skipped.",
+                w=8,
+                h=5,
+                unit="percentunit",
+                thresholds=[(None, "green"), (0.8, "orange"), (1, "red")],
+            ),
             Row("Throughput"),
-            Panel("Throughput, last run", "timeseries",
-                  [Query(f"kvmcpu_canary_last_throughput_bytes_per_second{{{CC}}}",
-                         legend="{{profile}} {{cipher}} {{op}}")],
-                  "Mean dm-crypt throughput of each canary run, per profile, cipher and operation.",
-                  w=12, h=9, unit="Bps"),
-            Panel("Throughput, 1-hour mean", "timeseries",
-                  [Query("instance_profile_cipher_op:kvmcpu_canary_throughput_bytes_per_second:mean1h"
-                         f"{{{CC}}}", legend="{{profile}} {{cipher}} {{op}}")],
-                  "Mean throughput over 1 hour (four ticks) from the histogram (recording rule).",
-                  w=12, h=9, unit="Bps"),
-            Panel("Throughput distribution", "heatmap",
-                  [Query("sum by (le) (increase(kvmcpu_canary_throughput_bytes_per_second_bucket"
-                         f"{{{CC}}}[$__rate_interval]))", legend="{{le}}", fmt="heatmap")],
-                  "Histogram of per-round throughput; pick one profile to separate the AES-NI and "
-                  "software clusters.",
-                  w=24, h=8, unit="Bps"),
+            Panel(
+                "Throughput, last run",
+                "timeseries",
+                [
+                    Query(
+                        f"kvmcpu_canary_last_throughput_bytes_per_second{{{CC}}}",
+                        legend="{{profile}} {{cipher}} {{op}}",
+                    )
+                ],
+                "Mean dm-crypt throughput of each canary run, per profile, cipher and operation.",
+                w=12,
+                h=9,
+                unit="Bps",
+            ),
+            Panel(
+                "Throughput, 1-hour mean",
+                "timeseries",
+                [
+                    Query(
+                        "instance_profile_cipher_op:kvmcpu_canary_throughput_bytes_per_second:mean1h"
+                        f"{{{CC}}}",
+                        legend="{{profile}} {{cipher}} {{op}}",
+                    )
+                ],
+                "Mean throughput over 1 hour (four ticks) from the histogram (recording rule).",
+                w=12,
+                h=9,
+                unit="Bps",
+            ),
+            Panel(
+                "Throughput distribution",
+                "heatmap",
+                [
+                    Query(
+                        "sum by (le) (increase(kvmcpu_canary_throughput_bytes_per_second_bucket"
+                        f"{{{CC}}}[$__rate_interval]))",
+                        legend="{{le}}",
+                        fmt="heatmap",
+                    )
+                ],
+                "Histogram of per-round throughput; pick one profile to separate the AES-NI and "
+                "software clusters.",
+                w=24,
+                h=8,
+                unit="Bps",
+            ),
             Row("AES-NI effect"),
-            Panel("AES-NI speedup with its 95% interval", "timeseries",
-                  [Query(f'kvmcpu_canary_aesni_speedup_ratio{{{I}, cipher=~"$cipher"}}',
-                         legend="{{instance}} {{cipher}} {{op}}"),
-                   Query(f'kvmcpu_canary_aesni_speedup_ratio_lower{{{I}, cipher=~"$cipher"}}',
-                         legend="{{instance}} {{cipher}} {{op}} lower"),
-                   Query(f'kvmcpu_canary_aesni_speedup_ratio_upper{{{I}, cipher=~"$cipher"}}',
-                         legend="{{instance}} {{cipher}} {{op}} upper")],
-                  "Throughput with AES-NI over without, same cipher and op, both booted in the same "
-                  "tick, with the bounds of its 95% confidence interval. Upper bound below 1.1 (red "
-                  "line): AES-NI is exposed but ineffective beyond noise: KvmCpuCanaryAesNiSpeedupLow.",
-                  w=12, h=8, thresholds=[(None, "red"), (1.1, "green")], min=0),
-            Panel("AES-NI speedup, 1-hour mean", "timeseries",
-                  [Query("instance_cipher_op:kvmcpu_canary_aesni_speedup_ratio:mean1h"
-                         f'{{{I}, cipher=~"$cipher"}}',
-                         legend="{{instance}} {{cipher}} {{op}}")],
-                  "Ratio of the 1-hour mean throughputs of the default aesni and noaesni profiles.",
-                  w=12, h=8, thresholds=[(None, "red"), (1.1, "green")], min=0),
-            Panel("dm-crypt driver in the canary guest", "table",
-                  [Query(f"kvmcpu_canary_crypto_driver_info{{{CC}}}", instant=True, fmt="table")],
-                  "The driver dm-crypt used in the guest: *-aesni = hardware, *generic = software.",
-                  w=12, h=6, columns=["instance", "profile", "cipher", "driver"]),
-            Panel("AES-NI driver used", "matrix",
-                  [Query(f"kvmcpu_canary_aesni_driver_used{{{CC}}}", instant=True, fmt="table")],
-                  "Per profile and cipher. A profile whose guest sees aes should say yes: "
-                  "KvmCpuCanaryAesNiNotUsed.",
-                  w=12, h=6, mappings=YES_NO, matrix=("profile", "cipher")),
-            Panel("CPU features the canary guest saw", "matrix",
-                  [Query(f"kvmcpu_canary_guest_cpu_feature{{{C}}}", instant=True, fmt="table")],
-                  "The watched flags in the canary guest's own /proc/cpuinfo, per profile.",
-                  w=24, h=5, mappings=FEATURE_PRESENT, matrix=("profile", "feature")),
+            Panel(
+                "AES-NI speedup with its 95% interval",
+                "timeseries",
+                [
+                    Query(
+                        f'kvmcpu_canary_aesni_speedup_ratio{{{I}, cipher=~"$cipher"}}',
+                        legend="{{instance}} {{cipher}} {{op}}",
+                    ),
+                    Query(
+                        f'kvmcpu_canary_aesni_speedup_ratio_lower{{{I}, cipher=~"$cipher"}}',
+                        legend="{{instance}} {{cipher}} {{op}} lower",
+                    ),
+                    Query(
+                        f'kvmcpu_canary_aesni_speedup_ratio_upper{{{I}, cipher=~"$cipher"}}',
+                        legend="{{instance}} {{cipher}} {{op}} upper",
+                    ),
+                ],
+                "Throughput with AES-NI over without, same cipher and op, both booted in the same "
+                "tick, with the bounds of its 95% confidence interval. Upper bound below 1.1 (red "
+                "line): AES-NI is exposed but ineffective beyond noise: KvmCpuCanaryAesNiSpeedupLow.",
+                w=12,
+                h=8,
+                thresholds=[(None, "red"), (1.1, "green")],
+                min=0,
+            ),
+            Panel(
+                "AES-NI speedup, 1-hour mean",
+                "timeseries",
+                [
+                    Query(
+                        "instance_cipher_op:kvmcpu_canary_aesni_speedup_ratio:mean1h"
+                        f'{{{I}, cipher=~"$cipher"}}',
+                        legend="{{instance}} {{cipher}} {{op}}",
+                    )
+                ],
+                "Ratio of the 1-hour mean throughputs of the default aesni and noaesni profiles.",
+                w=12,
+                h=8,
+                thresholds=[(None, "red"), (1.1, "green")],
+                min=0,
+            ),
+            Panel(
+                "dm-crypt driver in the canary guest",
+                "table",
+                [Query(f"kvmcpu_canary_crypto_driver_info{{{CC}}}", instant=True, fmt="table")],
+                "The driver dm-crypt used in the guest: *-aesni = hardware, *generic = software.",
+                w=12,
+                h=6,
+                columns=["instance", "profile", "cipher", "driver"],
+            ),
+            Panel(
+                "AES-NI driver used",
+                "matrix",
+                [Query(f"kvmcpu_canary_aesni_driver_used{{{CC}}}", instant=True, fmt="table")],
+                "Per profile and cipher. A profile whose guest sees aes should say yes: "
+                "KvmCpuCanaryAesNiNotUsed.",
+                w=12,
+                h=6,
+                mappings=YES_NO,
+                matrix=("profile", "cipher"),
+            ),
+            Panel(
+                "CPU features the canary guest saw",
+                "matrix",
+                [Query(f"kvmcpu_canary_guest_cpu_feature{{{C}}}", instant=True, fmt="table")],
+                "The watched flags in the canary guest's own /proc/cpuinfo, per profile.",
+                w=24,
+                h=5,
+                mappings=FEATURE_PRESENT,
+                matrix=("profile", "feature"),
+            ),
             Row("Runs"),
-            Panel("Runs by result", "timeseries",
-                  [Query("sum by (profile, result) "
-                         f"(increase(kvmcpu_canary_runs_total{{{C}}}[$__rate_interval]))",
-                         legend="{{profile}} {{result}}")],
-                  "Canary runs per interval by outcome.",
-                  w=12, h=8),
-            Panel("Failures by reason (time range)", "table",
-                  [Query("sum by (instance, profile, result) (increase(kvmcpu_canary_runs_total"
-                         f'{{{C}, result!="success"}}[$__range])) > 0', instant=True, fmt="table")],
-                  "Non-successful runs in the selected time range (reasons that did not occur are not "
-                  "listed; empty is good); skipped_busy means the host was busy or the budget used up. "
-                  "See KvmCpuCanaryFailing.",
-                  w=12, h=8, thresholds=[(None, "transparent"), (1, "orange")],
-                  columns=["instance", "profile", "result", "Value"]),
-            Panel("Run duration, 1-hour mean", "timeseries",
-                  [Query("sum by (instance, profile) "
-                         f"(rate(kvmcpu_canary_duration_seconds_sum{{{C}}}[1h])) / "
-                         "sum by (instance, profile) "
-                         f"(rate(kvmcpu_canary_duration_seconds_count{{{C}}}[1h]))",
-                         legend="{{instance}} {{profile}}")],
-                  "Launch-to-result time of canary runs.",
-                  w=24, h=7, unit="s"),
+            Panel(
+                "Runs by result",
+                "timeseries",
+                [
+                    Query(
+                        "sum by (profile, result) "
+                        f"(increase(kvmcpu_canary_runs_total{{{C}}}[$__rate_interval]))",
+                        legend="{{profile}} {{result}}",
+                    )
+                ],
+                "Canary runs per interval by outcome.",
+                w=12,
+                h=8,
+            ),
+            Panel(
+                "Failures by reason (time range)",
+                "table",
+                [
+                    Query(
+                        "sum by (instance, profile, result) (increase(kvmcpu_canary_runs_total"
+                        f'{{{C}, result!="success"}}[$__range])) > 0',
+                        instant=True,
+                        fmt="table",
+                    )
+                ],
+                "Non-successful runs in the selected time range (reasons that did not occur are not "
+                "listed; empty is good); skipped_busy means the host was busy or the budget used up. "
+                "See KvmCpuCanaryFailing.",
+                w=12,
+                h=8,
+                thresholds=[(None, "transparent"), (1, "orange")],
+                columns=["instance", "profile", "result", "Value"],
+            ),
+            Panel(
+                "Run duration, 1-hour mean",
+                "timeseries",
+                [
+                    Query(
+                        "sum by (instance, profile) "
+                        f"(rate(kvmcpu_canary_duration_seconds_sum{{{C}}}[1h])) / "
+                        "sum by (instance, profile) "
+                        f"(rate(kvmcpu_canary_duration_seconds_count{{{C}}}[1h]))",
+                        legend="{{instance}} {{profile}}",
+                    )
+                ],
+                "Launch-to-result time of canary runs.",
+                w=24,
+                h=7,
+                unit="s",
+            ),
             Row("Self-check: the canary guest vs the exporter's CPU model"),
-            Panel("Model mismatches", "stat",
-                  [Query(f"kvmcpu_canary_model_mismatches{{{C}}}", legend="{{instance}} {{profile}}",
-                         instant=True)],
-                  "What the last canary guest of each profile reported (its /proc/cpuinfo, glibc's "
-                  "level, a crash) that the exporter predicted otherwise for its CPU spec; 0 expected. "
-                  "Each contradiction is kvmcpu_canary_model_mismatch: KvmCpuCanaryModelMismatch.",
-                  w=8, h=6, thresholds=[(None, "green"), (1, "red")]),
-            Panel("x86-64 level of each canary profile", "table",
-                  [Query(f"kvmcpu_canary_x86_64_level{{{C}}}", instant=True, fmt="table")],
-                  "Predicted by the exporter from the spec, from the guest's own flags, and glibc's "
-                  "verdict inside the guest: the three agree when the model is right.",
-                  w=16, h=6, columns=["instance", "profile", "source", "Value"]),
+            Panel(
+                "Model mismatches",
+                "stat",
+                [
+                    Query(
+                        f"kvmcpu_canary_model_mismatches{{{C}}}",
+                        legend="{{instance}} {{profile}}",
+                        instant=True,
+                    )
+                ],
+                "What the last canary guest of each profile reported (its /proc/cpuinfo, glibc's "
+                "level, a crash) that the exporter predicted otherwise for its CPU spec; 0 expected. "
+                "Each contradiction is kvmcpu_canary_model_mismatch: KvmCpuCanaryModelMismatch.",
+                w=8,
+                h=6,
+                thresholds=[(None, "green"), (1, "red")],
+            ),
+            Panel(
+                "x86-64 level of each canary profile",
+                "table",
+                [Query(f"kvmcpu_canary_x86_64_level{{{C}}}", instant=True, fmt="table")],
+                "Predicted by the exporter from the spec, from the guest's own flags, and glibc's "
+                "verdict inside the guest: the three agree when the model is right.",
+                w=16,
+                h=6,
+                columns=["instance", "profile", "source", "Value"],
+            ),
         ],
     )
 
@@ -590,104 +897,265 @@ def migration() -> Dashboard:
         variables=[CLUSTER, JOB, INSTANCE],
         items=[
             Row("Fleet"),
-            Panel("Hosts in the fleet", "stat", [Query(f"fleet:kvmcpu_hosts:count{{{F}}}", instant=True)],
-                  "Hosts whose exporter is up (the fleet the baseline is computed over).", w=6, h=4),
-            Panel("Features not on every host", "stat",
-                  [Query(f"count(fleet:kvmcpu_host_cpu_feature:min{{{F}}} == 0 and on (feature) "
-                         f"fleet:kvmcpu_host_cpu_feature:sum{{{F}}} > 0) or vector(0)", instant=True)],
-                  "Watched features some hosts have and others lack.",
-                  w=6, h=4, thresholds=[(None, "green"), (1, "orange")]),
-            Panel("Non-migratable guests", "stat",
-                  [Query(f'count(kvmcpu_guest_info{{{I}, migratable="false"}}) or vector(0)', instant=True)],
-                  "Guests on host-passthrough or otherwise non-migratable CPUs: KvmCpuGuestNotMigratable.",
-                  w=6, h=4, thresholds=[(None, "green"), (1, "blue")]),
-            Panel("Guests exceeding the baseline", "stat",
-                  [Query(f"count(kvmcpu_guest_info{{{I}}} and on (instance, job, cpu_config) "
-                         f"cpu_config:kvmcpu_guest_config_cpu_feature:missing_in_fleet{{{I}}}) or vector(0)",
-                         instant=True)],
-                  "Guests using a feature at least one host lacks: KvmCpuGuestFeatureMissingInFleet.",
-                  w=6, h=4, thresholds=[(None, "green"), (1, "red")]),
-            Panel("Fleet CPU feature baseline", "matrix",
-                  [Query(f"fleet:kvmcpu_host_cpu_feature:min{{{F}}}", instant=True, fmt="table")],
-                  "✓ = every host has the feature on every CPU: safe for migratable guests.",
-                  w=24, h=4, mappings=FEATURE_PRESENT, matrix=("__name__", "feature")),
-            Panel("Share of hosts with each feature", "bargauge",
-                  [Query(f"fleet:kvmcpu_host_cpu_feature:sum{{{F}}} / scalar(fleet:kvmcpu_hosts:count{{{F}}})",
-                         legend="{{feature}}", instant=True)],
-                  "Below 100% means migrating a guest that uses the feature can fail.",
-                  w=12, h=12, unit="percentunit", min=0, max=1,
-                  thresholds=[(None, "red"), (0.999, "green")]),
-            Panel("Hosts lacking a feature others have", "matrix",
-                  [Query(f"kvmcpu_host_cpu_feature{{{I}}} and on (feature) (fleet:kvmcpu_host_cpu_feature:min{{{F}}} == 0 "
-                         f"and on (feature) fleet:kvmcpu_host_cpu_feature:sum{{{F}}} > 0)",
-                         instant=True, fmt="table")],
-                  "Only the features where hosts differ; a '-' host is where such guests cannot go.",
-                  w=12, h=12, mappings=FEATURE_PRESENT, matrix=("instance", "feature")),
-            Panel("Named CPU models usable on every host", "table",
-                  [Query(f"fleet:kvmcpu_host_cpu_model_usable:min{{{F}}} == 1", instant=True, fmt="table")],
-                  "Safe -cpu choices for migratable guests (prefer the newest that has aes).",
-                  w=12, h=10, columns=["model"]),
+            Panel(
+                "Hosts in the fleet",
+                "stat",
+                [Query(f"fleet:kvmcpu_hosts:count{{{F}}}", instant=True)],
+                "Hosts whose exporter is up (the fleet the baseline is computed over).",
+                w=6,
+                h=4,
+            ),
+            Panel(
+                "Features not on every host",
+                "stat",
+                [
+                    Query(
+                        f"count(fleet:kvmcpu_host_cpu_feature:min{{{F}}} == 0 and on (feature) "
+                        f"fleet:kvmcpu_host_cpu_feature:sum{{{F}}} > 0) or vector(0)",
+                        instant=True,
+                    )
+                ],
+                "Watched features some hosts have and others lack.",
+                w=6,
+                h=4,
+                thresholds=[(None, "green"), (1, "orange")],
+            ),
+            Panel(
+                "Non-migratable guests",
+                "stat",
+                [Query(f'count(kvmcpu_guest_info{{{I}, migratable="false"}}) or vector(0)', instant=True)],
+                "Guests on host-passthrough or otherwise non-migratable CPUs: KvmCpuGuestNotMigratable.",
+                w=6,
+                h=4,
+                thresholds=[(None, "green"), (1, "blue")],
+            ),
+            Panel(
+                "Guests exceeding the baseline",
+                "stat",
+                [
+                    Query(
+                        f"count(kvmcpu_guest_info{{{I}}} and on (instance, job, cpu_config) "
+                        f"cpu_config:kvmcpu_guest_config_cpu_feature:missing_in_fleet{{{I}}}) or vector(0)",
+                        instant=True,
+                    )
+                ],
+                "Guests using a feature at least one host lacks: KvmCpuGuestFeatureMissingInFleet.",
+                w=6,
+                h=4,
+                thresholds=[(None, "green"), (1, "red")],
+            ),
+            Panel(
+                "Fleet CPU feature baseline",
+                "matrix",
+                [Query(f"fleet:kvmcpu_host_cpu_feature:min{{{F}}}", instant=True, fmt="table")],
+                "✓ = every host has the feature on every CPU: safe for migratable guests.",
+                w=24,
+                h=4,
+                mappings=FEATURE_PRESENT,
+                matrix=("__name__", "feature"),
+            ),
+            Panel(
+                "Share of hosts with each feature",
+                "bargauge",
+                [
+                    Query(
+                        f"fleet:kvmcpu_host_cpu_feature:sum{{{F}}} / scalar(fleet:kvmcpu_hosts:count{{{F}}})",
+                        legend="{{feature}}",
+                        instant=True,
+                    )
+                ],
+                "Below 100% means migrating a guest that uses the feature can fail.",
+                w=12,
+                h=12,
+                unit="percentunit",
+                min=0,
+                max=1,
+                thresholds=[(None, "red"), (0.999, "green")],
+            ),
+            Panel(
+                "Hosts lacking a feature others have",
+                "matrix",
+                [
+                    Query(
+                        f"kvmcpu_host_cpu_feature{{{I}}} and on (feature) (fleet:kvmcpu_host_cpu_feature:min{{{F}}} == 0 "
+                        f"and on (feature) fleet:kvmcpu_host_cpu_feature:sum{{{F}}} > 0)",
+                        instant=True,
+                        fmt="table",
+                    )
+                ],
+                "Only the features where hosts differ; a '-' host is where such guests cannot go.",
+                w=12,
+                h=12,
+                mappings=FEATURE_PRESENT,
+                matrix=("instance", "feature"),
+            ),
+            Panel(
+                "Named CPU models usable on every host",
+                "table",
+                [Query(f"fleet:kvmcpu_host_cpu_model_usable:min{{{F}}} == 1", instant=True, fmt="table")],
+                "Safe -cpu choices for migratable guests (prefer the newest that has aes).",
+                w=12,
+                h=10,
+                columns=["model"],
+            ),
             Row("Fleet CPU baseline"),
-            Panel("Recommended CPU model", "table",
-                  [Query("job_cluster:kvmcpu_cpu_model_recommended:rank", instant=True, fmt="table")],
-                  "The highest-ranked named QEMU model every host of the fleet (job, cluster) supports: "
-                  "rank by x86-64 level, then number of features (docs/fleet.md).",
-                  w=8, h=5, columns=["job", "cluster", "model", "vendor"]),
-            Panel("Recommended model per CPU vendor", "table",
-                  [Query("job_cluster_vendor:kvmcpu_cpu_model_recommended:rank", instant=True, fmt="table")],
-                  "In a fleet mixing Intel and AMD: the best model of each vendor that all hosts of that "
-                  "vendor support.",
-                  w=8, h=5, columns=["job", "cluster", "vendor", "model"]),
-            Panel("Fleet x86-64 level", "stat",
-                  [Query("job_cluster:kvmcpu_host_x86_64_level:min", legend="{{job}} {{cluster}}", instant=True)],
-                  "The lowest host's x86-64 level: what every guest can rely on wherever it runs.",
-                  w=4, h=5, thresholds=[(None, "orange"), (2, "yellow"), (3, "green")]),
-            Panel("Models usable on every host", "stat",
-                  [Query("job_cluster:kvmcpu_host_cpu_model_supported:count", legend="{{job}} {{cluster}}",
-                         instant=True)],
-                  "Named QEMU CPU models (versioned names; aliases follow them) every host's CPU supports.",
-                  w=4, h=5),
-            Panel("Recommended model and fleet level over time", "timeseries",
-                  [Query("job_cluster:kvmcpu_cpu_model_recommended:x86_64_level",
-                         legend="recommended {{model}} ({{job}} {{cluster}})"),
-                   Query("job_cluster:kvmcpu_host_x86_64_level:min", legend="fleet level ({{job}} {{cluster}})")],
-                  "A step down is KvmCpuFleetBaselineDropped: a host with an older CPU joined.",
-                  w=12, h=8, min=0, max=4),
-            Panel("Hosts at the fleet's lowest x86-64 level", "table",
-                  [Query(f"kvmcpu_host_x86_64_level{{{I}}} == on (job, cluster) group_left "
-                         "job_cluster:kvmcpu_host_x86_64_level:min", instant=True, fmt="table")],
-                  "The hosts that set the fleet's level; `kvm-cpu-exporter fleet` shows the baseline without them.",
-                  w=12, h=8, columns=["instance", "job", "cluster", "Value"]),
-            Panel("Guests that could not move to every host", "table",
-                  [Query(f"kvmcpu_guest_info{{{I}}} and on (instance, job, cpu_config) "
-                         "(instance_cpu_config:kvmcpu_guest_config_fleet_migratable:bool == 0)",
-                         instant=True, fmt="table")],
-                  "Guests whose CPU configuration uses a feature some host of their fleet lacks: "
-                  "KvmCpuGuestCannotMigrateInFleet.",
-                  w=12, h=8, columns=["instance", "guest", "cpu_model", "cpu_config"]),
-            Panel("Features that stop guest configurations from moving", "table",
-                  [Query(f"instance_cpu_config_feature:kvmcpu_guest_config_cpu_feature:missing_in_fleet{{{I}}}",
-                         instant=True, fmt="table")],
-                  "Per host and guest CPU configuration: a feature it uses and how many hosts lack it (Value).",
-                  w=12, h=8, columns=["instance", "cpu_config", "feature", "Value"]),
+            Panel(
+                "Recommended CPU model",
+                "table",
+                [Query("job_cluster:kvmcpu_cpu_model_recommended:rank", instant=True, fmt="table")],
+                "The highest-ranked named QEMU model every host of the fleet (job, cluster) supports: "
+                "rank by x86-64 level, then number of features (docs/fleet.md).",
+                w=8,
+                h=5,
+                columns=["job", "cluster", "model", "vendor"],
+            ),
+            Panel(
+                "Recommended model per CPU vendor",
+                "table",
+                [Query("job_cluster_vendor:kvmcpu_cpu_model_recommended:rank", instant=True, fmt="table")],
+                "In a fleet mixing Intel and AMD: the best model of each vendor that all hosts of that "
+                "vendor support.",
+                w=8,
+                h=5,
+                columns=["job", "cluster", "vendor", "model"],
+            ),
+            Panel(
+                "Fleet x86-64 level",
+                "stat",
+                [
+                    Query(
+                        "job_cluster:kvmcpu_host_x86_64_level:min", legend="{{job}} {{cluster}}", instant=True
+                    )
+                ],
+                "The lowest host's x86-64 level: what every guest can rely on wherever it runs.",
+                w=4,
+                h=5,
+                thresholds=[(None, "orange"), (2, "yellow"), (3, "green")],
+            ),
+            Panel(
+                "Models usable on every host",
+                "stat",
+                [
+                    Query(
+                        "job_cluster:kvmcpu_host_cpu_model_supported:count",
+                        legend="{{job}} {{cluster}}",
+                        instant=True,
+                    )
+                ],
+                "Named QEMU CPU models (versioned names; aliases follow them) every host's CPU supports.",
+                w=4,
+                h=5,
+            ),
+            Panel(
+                "Recommended model and fleet level over time",
+                "timeseries",
+                [
+                    Query(
+                        "job_cluster:kvmcpu_cpu_model_recommended:x86_64_level",
+                        legend="recommended {{model}} ({{job}} {{cluster}})",
+                    ),
+                    Query(
+                        "job_cluster:kvmcpu_host_x86_64_level:min", legend="fleet level ({{job}} {{cluster}})"
+                    ),
+                ],
+                "A step down is KvmCpuFleetBaselineDropped: a host with an older CPU joined.",
+                w=12,
+                h=8,
+                min=0,
+                max=4,
+            ),
+            Panel(
+                "Hosts at the fleet's lowest x86-64 level",
+                "table",
+                [
+                    Query(
+                        f"kvmcpu_host_x86_64_level{{{I}}} == on (job, cluster) group_left "
+                        "job_cluster:kvmcpu_host_x86_64_level:min",
+                        instant=True,
+                        fmt="table",
+                    )
+                ],
+                "The hosts that set the fleet's level; `kvm-cpu-exporter fleet` shows the baseline without them.",
+                w=12,
+                h=8,
+                columns=["instance", "job", "cluster", "Value"],
+            ),
+            Panel(
+                "Guests that could not move to every host",
+                "table",
+                [
+                    Query(
+                        f"kvmcpu_guest_info{{{I}}} and on (instance, job, cpu_config) "
+                        "(instance_cpu_config:kvmcpu_guest_config_fleet_migratable:bool == 0)",
+                        instant=True,
+                        fmt="table",
+                    )
+                ],
+                "Guests whose CPU configuration uses a feature some host of their fleet lacks: "
+                "KvmCpuGuestCannotMigrateInFleet.",
+                w=12,
+                h=8,
+                columns=["instance", "guest", "cpu_model", "cpu_config"],
+            ),
+            Panel(
+                "Features that stop guest configurations from moving",
+                "table",
+                [
+                    Query(
+                        f"instance_cpu_config_feature:kvmcpu_guest_config_cpu_feature:missing_in_fleet{{{I}}}",
+                        instant=True,
+                        fmt="table",
+                    )
+                ],
+                "Per host and guest CPU configuration: a feature it uses and how many hosts lack it (Value).",
+                w=12,
+                h=8,
+                columns=["instance", "cpu_config", "feature", "Value"],
+            ),
             Row("Guests"),
-            Panel("Guests using features some host lacks", "table",
-                  [Query(f"cpu_config:kvmcpu_guest_config_cpu_feature:missing_in_fleet{{{I}}}",
-                         instant=True, fmt="table")],
-                  "Each row: a CPU configuration and a feature it uses that at least one host lacks; "
-                  "the guests running it share its cpu_config (next table).",
-                  w=12, h=8, columns=["instance", "cpu_config", "feature"]),
-            Panel("Guests: CPU model and migratability", "table",
-                  [Query(f"kvmcpu_guest_info{{{I}}}", instant=True, fmt="table")],
-                  "migratable=false: host-passthrough or migratable=off; it cannot move to another host.",
-                  w=12, h=8, columns=["instance", "guest", "cpu_model", "accel", "migratable", "cpu_config"]),
-            Panel("Guest CPU model usable on every host", "table",
-                  [Query(f"kvmcpu_guest_info{{{I}}} * on (cpu_model) group_left () "
-                         f"label_replace(fleet:kvmcpu_host_cpu_model_usable:min{{{F}}}, "
-                         '"cpu_model", "$1", "model", "(.*)")',
-                         instant=True, fmt="table")],
-                  "For guests with a named CPU model: yes = every host can run that model.",
-                  w=12, h=8, mappings=YES_NO, columns=["instance", "guest", "cpu_model", "Value"]),
+            Panel(
+                "Guests using features some host lacks",
+                "table",
+                [
+                    Query(
+                        f"cpu_config:kvmcpu_guest_config_cpu_feature:missing_in_fleet{{{I}}}",
+                        instant=True,
+                        fmt="table",
+                    )
+                ],
+                "Each row: a CPU configuration and a feature it uses that at least one host lacks; "
+                "the guests running it share its cpu_config (next table).",
+                w=12,
+                h=8,
+                columns=["instance", "cpu_config", "feature"],
+            ),
+            Panel(
+                "Guests: CPU model and migratability",
+                "table",
+                [Query(f"kvmcpu_guest_info{{{I}}}", instant=True, fmt="table")],
+                "migratable=false: host-passthrough or migratable=off; it cannot move to another host.",
+                w=12,
+                h=8,
+                columns=["instance", "guest", "cpu_model", "accel", "migratable", "cpu_config"],
+            ),
+            Panel(
+                "Guest CPU model usable on every host",
+                "table",
+                [
+                    Query(
+                        f"kvmcpu_guest_info{{{I}}} * on (cpu_model) group_left () "
+                        f"label_replace(fleet:kvmcpu_host_cpu_model_usable:min{{{F}}}, "
+                        '"cpu_model", "$1", "model", "(.*)")',
+                        instant=True,
+                        fmt="table",
+                    )
+                ],
+                "For guests with a named CPU model: yes = every host can run that model.",
+                w=12,
+                h=8,
+                mappings=YES_NO,
+                columns=["instance", "guest", "cpu_model", "Value"],
+            ),
         ],
     )
 

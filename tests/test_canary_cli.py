@@ -16,11 +16,17 @@ from PIL import Image
 MB = 1e6
 
 
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "exporter", "canary", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
     )
 
 
@@ -53,13 +59,18 @@ def test_missing_image_is_one_clear_error(tmp_path: Path, action: list[str]) -> 
     assert proc.returncode == 1
     no_traceback(proc)
     first = proc.stderr.splitlines()[0]
-    assert first == f"error: canary image not built: run 'kvm-cpu-exporter canary build --path.cache-dir={tmp_path}'"
+    assert (
+        first
+        == f"error: canary image not built: run 'kvm-cpu-exporter canary build --path.cache-dir={tmp_path}'"
+    )
     assert proc.stdout == ""
 
 
 def test_unknown_profile_lists_configured_ones(tmp_path: Path) -> None:
     config = tmp_path / "c.yml"
-    config.write_text("canary:\n  profiles:\n    - {name: fast, cpu: max}\n    - {name: slow, cpu: 'max,-aes'}\n")
+    config.write_text(
+        "canary:\n  profiles:\n    - {name: fast, cpu: max}\n    - {name: slow, cpu: 'max,-aes'}\n"
+    )
     proc = cli("compare", f"--config.file={config}", "--with", "fast", "--without", "noaesni")
     assert proc.returncode == 2
     no_traceback(proc)
@@ -78,8 +89,14 @@ def test_bad_cipher_and_bad_size_are_usage_errors() -> None:
 
 
 def test_build_failure_is_one_error_line(tmp_path: Path) -> None:
-    proc = cli("build", f"--path.cache-dir={tmp_path}", "--kernel", str(tmp_path / "nope"),
-               "--modules", str(tmp_path))
+    proc = cli(
+        "build",
+        f"--path.cache-dir={tmp_path}",
+        "--kernel",
+        str(tmp_path / "nope"),
+        "--modules",
+        str(tmp_path),
+    )
     assert proc.returncode == 1
     no_traceback(proc)
     assert proc.stderr.strip().splitlines()[-1] == f"error: kernel image {tmp_path / 'nope'}: no such file"
@@ -97,7 +114,10 @@ def test_too_large_ram_disk_is_refused_before_booting(tmp_path: Path) -> None:
     assert proc.returncode == 1
     no_traceback(proc)
     first = proc.stderr.strip().splitlines()[0]
-    assert first.startswith(f"error: a canary guest with a {size} MiB RAM disk needs ") and "nothing was booted" in first
+    assert (
+        first.startswith(f"error: a canary guest with a {size} MiB RAM disk needs ")
+        and "nothing was booted" in first
+    )
     assert "canary image" not in proc.stderr  # refused before even looking for the image
     assert time.monotonic() - started < 60 and proc.stdout == ""
 
@@ -141,7 +161,11 @@ def test_progress_and_log_lines_never_interleave() -> None:
     assert len(lines) == 450
     for line in lines:
         is_progress = line.startswith("[") and line.endswith("MB/s") and line.count("[") == 1
-        is_log = line.startswith("ts=") and line.count(" ts=") == 0 and line.endswith(" msg=\"console line\" i=" + line.rsplit("=", 1)[1])
+        is_log = (
+            line.startswith("ts=")
+            and line.count(" ts=") == 0
+            and line.endswith(' msg="console line" i=' + line.rsplit("=", 1)[1])
+        )
         assert is_progress or is_log, repr(line)
 
 
@@ -150,8 +174,13 @@ def test_plot_without_matplotlib_fails_before_benchmarking(tmp_path: Path) -> No
     fake = tmp_path / "site" / "matplotlib"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
-    proc = cli("compare", "--plot", str(tmp_path / "x.png"), f"--path.cache-dir={tmp_path}",
-               env={"PYTHONPATH": str(fake.parent)})
+    proc = cli(
+        "compare",
+        "--plot",
+        str(tmp_path / "x.png"),
+        f"--path.cache-dir={tmp_path}",
+        env={"PYTHONPATH": str(fake.parent)},
+    )
     assert proc.returncode == 1
     no_traceback(proc)
     assert "needs matplotlib" in proc.stderr and "kvm-cpu-exporter[plot]" in proc.stderr
@@ -178,9 +207,25 @@ def test_build_twice_second_is_up_to_date(built: subprocess.CompletedProcess[str
 
 
 @pytest.mark.slow
-def test_run_json_reports_drivers_and_rates(built: subprocess.CompletedProcess[str], fair_config: str) -> None:
-    proc = cli("run", f"--path.cache-dir={CACHE_DIR}", fair_config, "--profile", "aesni", "--profile", "noaesni",
-               "--cipher", "aes-xts-plain", "--size-mib", "8", "--rounds", "1", "--json")
+def test_run_json_reports_drivers_and_rates(
+    built: subprocess.CompletedProcess[str], fair_config: str
+) -> None:
+    proc = cli(
+        "run",
+        f"--path.cache-dir={CACHE_DIR}",
+        fair_config,
+        "--profile",
+        "aesni",
+        "--profile",
+        "noaesni",
+        "--cipher",
+        "aes-xts-plain",
+        "--size-mib",
+        "8",
+        "--rounds",
+        "1",
+        "--json",
+    )
     no_traceback(proc)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
@@ -209,16 +254,36 @@ def test_compare_prints_speedups_and_draws_chart(
     built: subprocess.CompletedProcess[str], fair_config: str, tmp_path: Path
 ) -> None:
     png = tmp_path / "out.png"
-    proc = cli("compare", f"--path.cache-dir={CACHE_DIR}", fair_config, "--with", "aesni", "--without", "noaesni",
-               "--cipher", "aes-xts-plain", "--cipher", "aes-cbc-plain", "--size-mib", "8", "--rounds", "1",
-               "--plot", str(png))
+    proc = cli(
+        "compare",
+        f"--path.cache-dir={CACHE_DIR}",
+        fair_config,
+        "--with",
+        "aesni",
+        "--without",
+        "noaesni",
+        "--cipher",
+        "aes-xts-plain",
+        "--cipher",
+        "aes-cbc-plain",
+        "--size-mib",
+        "8",
+        "--rounds",
+        "1",
+        "--plot",
+        str(png),
+    )
     no_traceback(proc)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].split()[:3] == ["OP", "CIPHER", "aesni"]
     rows = [line.split() for line in lines[2:6]]
-    assert [(r[0], r[1]) for r in rows] == [("read", "aes-xts-plain"), ("read", "aes-cbc-plain"),
-                                            ("write", "aes-xts-plain"), ("write", "aes-cbc-plain")]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("read", "aes-xts-plain"),
+        ("read", "aes-cbc-plain"),
+        ("write", "aes-xts-plain"),
+        ("write", "aes-cbc-plain"),
+    ]
     for r in rows:
         with_rate, without_rate, speedup = float(r[2]), float(r[3]), r[4]
         assert with_rate > 0 and without_rate > 0
@@ -240,9 +305,24 @@ def test_compare_json_and_chart_carry_the_intervals_and_the_tcg_warning(
     png = tmp_path / "honest.png"
     config = tmp_path / "tcg.yml"
     config.write_text("qemu:\n  accelerators: [tcg]\ncanary:\n  nice: 0\n")
-    proc = cli("compare", f"--path.cache-dir={CACHE_DIR}", f"--config.file={config}", "--with", "aesni",
-               "--without", "noaesni", "--cipher", "aes-xts-plain", "--size-mib", "8", "--rounds", "3", "--json",
-               "--plot", str(png))
+    proc = cli(
+        "compare",
+        f"--path.cache-dir={CACHE_DIR}",
+        f"--config.file={config}",
+        "--with",
+        "aesni",
+        "--without",
+        "noaesni",
+        "--cipher",
+        "aes-xts-plain",
+        "--size-mib",
+        "8",
+        "--rounds",
+        "3",
+        "--json",
+        "--plot",
+        str(png),
+    )
     no_traceback(proc)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
@@ -251,14 +331,21 @@ def test_compare_json_and_chart_carry_the_intervals_and_the_tcg_warning(
         for side in ("with", "without"):
             s = row[side]
             assert len(s["rates_bytes_per_second"]) == 3
-            assert s["mean_ci_lower_bytes_per_second"] <= s["mean_bytes_per_second"] <= s["mean_ci_upper_bytes_per_second"]
+            assert (
+                s["mean_ci_lower_bytes_per_second"]
+                <= s["mean_bytes_per_second"]
+                <= s["mean_ci_upper_bytes_per_second"]
+            )
     assert doc["context"]["Accelerator"] == "tcg" and doc["context"]["Rounds"] == "3"
     assert "real hardware" in doc["context"]["Warning"]
     with Image.open(png) as img:
         meta = dict(img.text)  # type: ignore[attr-defined]
     assert meta["Accelerator"] == "tcg" and meta["RAM disk"] == "8 MiB" and "Warning" in meta
-    cpu_names = {line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")}
+    cpu_names = {
+        line.split(":", 1)[1].strip()
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
+        if line.startswith("model name")
+    }
     assert meta["Host CPU"] == " + ".join(sorted(cpu_names))
     # stderr: whole lines only, progress ("[  12.3s] ...") or log records ("time=...")
     for line in proc.stderr.splitlines():
@@ -266,12 +353,23 @@ def test_compare_json_and_chart_carry_the_intervals_and_the_tcg_warning(
 
 
 @pytest.mark.slow
-def test_crashing_guest_fails_the_run_with_its_reason(built: subprocess.CompletedProcess[str], tmp_path: Path) -> None:
+def test_crashing_guest_fails_the_run_with_its_reason(
+    built: subprocess.CompletedProcess[str], tmp_path: Path
+) -> None:
     # PLATFORM.md's trap: aesni-intel needs SSSE3, which qemu64 lacks, so the guest kernel oopses
     config = tmp_path / "trap.yml"
     config.write_text("canary:\n  nice: 0\n  profiles:\n    - {name: trap, cpu: 'qemu64,+aes', accel: tcg}\n")
-    proc = cli("run", f"--path.cache-dir={CACHE_DIR}", f"--config.file={config}", "--cipher", "aes-xts-plain",
-               "--size-mib", "8", "--rounds", "1")
+    proc = cli(
+        "run",
+        f"--path.cache-dir={CACHE_DIR}",
+        f"--config.file={config}",
+        "--cipher",
+        "aes-xts-plain",
+        "--size-mib",
+        "8",
+        "--rounds",
+        "1",
+    )
     no_traceback(proc)
     assert proc.returncode == 1
     outcome = next(line for line in proc.stdout.splitlines() if line.startswith("trap: "))

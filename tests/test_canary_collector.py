@@ -30,16 +30,39 @@ def _registry(store: CanaryStore, watch: tuple[str, ...] = ("aes", "avx", "avx51
 
 def _populated(tmp_path: Path) -> CanaryStore:
     clock = FakeClock(T0 + 100)
-    store = CanaryStore(tmp_path, clock, ("aesni", "noaesni"), profiles=["aesni", "noaesni", "Westmere"],
-                        duty_budget_seconds=180.0)
-    store.record(result("aesni", at=T0, duration=6.5, driver="xts-aes-aesni", cpu_seconds=20.0,
-                        rates={"read": [90 * MB, 110 * MB], "write": [80 * MB, 100 * MB]}))
-    store.record(result("noaesni", at=T0 + 10, duration=12.0, driver="xts(ecb(aes-generic))", cpu_seconds=25.0,
-                        rates={"read": [40 * MB, 40 * MB], "write": [30 * MB, 30 * MB]}))
-    store.record(result("aesni", "guest_panic", at=T0 + 20, duration=3.0, message="Oops: invalid opcode",
-                        flags=[]))
-    store.record(result("noaesni", "skipped_busy", at=T0 + 30, duration=0.0, message="budget"),
-                 budget_skip=True)
+    store = CanaryStore(
+        tmp_path,
+        clock,
+        ("aesni", "noaesni"),
+        profiles=["aesni", "noaesni", "Westmere"],
+        duty_budget_seconds=180.0,
+    )
+    store.record(
+        result(
+            "aesni",
+            at=T0,
+            duration=6.5,
+            driver="xts-aes-aesni",
+            cpu_seconds=20.0,
+            rates={"read": [90 * MB, 110 * MB], "write": [80 * MB, 100 * MB]},
+        )
+    )
+    store.record(
+        result(
+            "noaesni",
+            at=T0 + 10,
+            duration=12.0,
+            driver="xts(ecb(aes-generic))",
+            cpu_seconds=25.0,
+            rates={"read": [40 * MB, 40 * MB], "write": [30 * MB, 30 * MB]},
+        )
+    )
+    store.record(
+        result("aesni", "guest_panic", at=T0 + 20, duration=3.0, message="Oops: invalid opcode", flags=[])
+    )
+    store.record(
+        result("noaesni", "skipped_busy", at=T0 + 30, duration=0.0, message="budget"), budget_skip=True
+    )
     store.count_scheduler_error()
     return store
 
@@ -56,15 +79,24 @@ def test_values(tmp_path: Path) -> None:
     reg = _registry(_populated(tmp_path))
     xts = {"cipher": "aes-xts-plain"}
     v = reg.get_sample_value
-    assert v("kvmcpu_canary_last_throughput_bytes_per_second", {"profile": "aesni", **xts, "op": "read"}) == \
-        pytest.approx(100 * MB)
+    assert v(
+        "kvmcpu_canary_last_throughput_bytes_per_second", {"profile": "aesni", **xts, "op": "read"}
+    ) == pytest.approx(100 * MB)
     assert v("kvmcpu_canary_aesni_speedup_ratio", {**xts, "op": "read"}) == pytest.approx(2.5)
     assert v("kvmcpu_canary_aesni_speedup_ratio", {**xts, "op": "write"}) == pytest.approx(3.0)
-    assert v("kvmcpu_canary_throughput_bytes_per_second_count", {"profile": "aesni", **xts, "op": "read"}) == 2
-    assert v("kvmcpu_canary_throughput_bytes_per_second_bucket",
-             {"profile": "aesni", **xts, "op": "read", "le": "1e+08"}) == 1
-    assert v("kvmcpu_canary_throughput_bytes_per_second_sum", {"profile": "aesni", **xts, "op": "read"}) == \
-        pytest.approx(200 * MB)
+    assert (
+        v("kvmcpu_canary_throughput_bytes_per_second_count", {"profile": "aesni", **xts, "op": "read"}) == 2
+    )
+    assert (
+        v(
+            "kvmcpu_canary_throughput_bytes_per_second_bucket",
+            {"profile": "aesni", **xts, "op": "read", "le": "1e+08"},
+        )
+        == 1
+    )
+    assert v(
+        "kvmcpu_canary_throughput_bytes_per_second_sum", {"profile": "aesni", **xts, "op": "read"}
+    ) == pytest.approx(200 * MB)
     # every configured profile x result, zeros included; the unconfigured-but-stored none here
     for profile in ("aesni", "noaesni", "Westmere"):
         for res in RESULTS:
@@ -102,12 +134,19 @@ def test_empty_store_still_exports_zeros(tmp_path: Path) -> None:
 def test_histograms_and_timestamps_survive_a_restart(tmp_path: Path) -> None:
     before = generate_latest(_registry(_populated(tmp_path))).decode()
     assert (tmp_path / STATE_FILE).is_file()
-    reopened = CanaryStore(tmp_path, FakeClock(T0 + 100), ("aesni", "noaesni"),
-                           profiles=["aesni", "noaesni", "Westmere"], duty_budget_seconds=180.0)
+    reopened = CanaryStore(
+        tmp_path,
+        FakeClock(T0 + 100),
+        ("aesni", "noaesni"),
+        profiles=["aesni", "noaesni", "Westmere"],
+        duty_budget_seconds=180.0,
+    )
     after = generate_latest(_registry(reopened)).decode()
     # identical except the per-process error counter, which restarts at zero like any counter
-    assert after.replace("kvmcpu_canary_scheduler_errors_total 0.0", "kvmcpu_canary_scheduler_errors_total 1.0") \
+    assert (
+        after.replace("kvmcpu_canary_scheduler_errors_total 0.0", "kvmcpu_canary_scheduler_errors_total 1.0")
         == before
+    )
 
 
 def test_openmetrics_exposition_is_valid(tmp_path: Path) -> None:
@@ -115,8 +154,12 @@ def test_openmetrics_exposition_is_valid(tmp_path: Path) -> None:
 
     text = generate_openmetrics(_registry(_populated(tmp_path), DEFAULT_WATCHLIST)).decode()
     names = {f.name for f in text_string_to_metric_families(text)}
-    assert {"kvmcpu_canary_throughput_bytes_per_second", "kvmcpu_canary_runs",
-            "kvmcpu_canary_duration_seconds", "kvmcpu_canary_aesni_speedup_ratio"} <= names
+    assert {
+        "kvmcpu_canary_throughput_bytes_per_second",
+        "kvmcpu_canary_runs",
+        "kvmcpu_canary_duration_seconds",
+        "kvmcpu_canary_aesni_speedup_ratio",
+    } <= names
 
 
 def test_speedup_bounds_beside_the_ratio(tmp_path: Path) -> None:

@@ -51,12 +51,16 @@ def test_aesni_profile_uses_aesni_driver_and_is_faster() -> None:
     lines: list[str] = []
     runner = CanaryRunner(image, qemu_binary=QEMU, nice=0, progress=lines.append)
     with_aes = runner.run(job("max", name="aesni", ciphers=ciphers, size_mib=16))
-    without = runner.run(job("max,-aes", name="noaesni", ciphers=(*ciphers, "aes-nosuchmode-plain"), size_mib=16))
+    without = runner.run(
+        job("max,-aes", name="noaesni", ciphers=(*ciphers, "aes-nosuchmode-plain"), size_mib=16)
+    )
 
     for res in (with_aes, without):
         assert res.result == "success", res.message
         assert res.kernel == image.kernel_version
-        assert {(m.cipher, m.op) for m in res.measurements} == {(c, op) for c in ciphers for op in ("read", "write")}
+        assert {(m.cipher, m.op) for m in res.measurements} == {
+            (c, op) for c in ciphers for op in ("read", "write")
+        }
         assert all(m.bytes == 16 * 2**20 and m.seconds > 0 for m in res.measurements)
         assert res.cpu_seconds > 0.5  # booting a kernel under TCG costs real CPU time
         assert res.finished_at > res.started_at
@@ -203,7 +207,9 @@ def test_unknown_cpu_model_is_a_qemu_error_with_qemus_words() -> None:
 
 @pytest.mark.slow
 def test_guest_that_stops_without_reporting_is_a_boot_failure(tmp_path: Path) -> None:
-    image = override_init(canary_image(), tmp_path / "quiet", "#!/bin/sh\necho no benchmark here\nreboot -f\n")
+    image = override_init(
+        canary_image(), tmp_path / "quiet", "#!/bin/sh\necho no benchmark here\nreboot -f\n"
+    )
     result = CanaryRunner(image, qemu_binary=QEMU).run(job(timeout=60))
     assert result.result == "boot_failure", result.message
     assert "never reported" in result.message

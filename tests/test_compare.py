@@ -11,22 +11,34 @@ from exporter.canary.compare import aggregate, compare, render_comparison, rende
 from exporter.canary.model import MB, CanaryResult, Measurement
 
 
-def result(profile: str, rates: dict[tuple[str, str], list[float]], drivers: dict[str, str] | None = None,
-           outcome: str = "success") -> CanaryResult:
+def result(
+    profile: str,
+    rates: dict[tuple[str, str], list[float]],
+    drivers: dict[str, str] | None = None,
+    outcome: str = "success",
+) -> CanaryResult:
     """A result whose measurements have the given MB/s per (cipher, op), one per round."""
     ms = [
         Measurement(cipher=c, op=op, round=i, bytes=int(rate * MB), seconds=1.0)
         for (c, op), per_round in rates.items()
         for i, rate in enumerate(per_round)
     ]
-    return CanaryResult(profile=profile, result=outcome, started_at=100.0, finished_at=130.0,
-                        drivers=drivers or {}, measurements=ms)
+    return CanaryResult(
+        profile=profile,
+        result=outcome,
+        started_at=100.0,
+        finished_at=130.0,
+        drivers=drivers or {},
+        measurements=ms,
+    )
 
 
 def test_aggregate_mean_min_max_and_driver() -> None:
-    res = result("aesni", {("aes-xts-plain", "read"): [100.0, 110.0, 120.0],
-                           ("aes-xts-plain", "write"): [50.0]},
-                 drivers={"aes-xts-plain": "xts-aes-aesni"})
+    res = result(
+        "aesni",
+        {("aes-xts-plain", "read"): [100.0, 110.0, 120.0], ("aes-xts-plain", "write"): [50.0]},
+        drivers={"aes-xts-plain": "xts-aes-aesni"},
+    )
     stats = {(s.cipher, s.op): s for s in aggregate([res])}
     read = stats[("aes-xts-plain", "read")]
     assert read.mean == pytest.approx(110 * MB)
@@ -67,8 +79,9 @@ def test_compare_speedup_percent_and_ratio() -> None:
 def test_compare_missing_side_gives_row_without_speedup() -> None:
     w = result("aesni", {("aes-xts-plain", "read"): [150.0], ("aes-cbc-plain", "read"): [90.0]})
     wo = result("noaesni", {("aes-xts-plain", "read"): [100.0]}, outcome="guest_panic")
-    comp = compare([w, wo], "aesni", "noaesni", ciphers=["aes-xts-plain", "aes-cbc-plain", "aes-ctr-plain"],
-                   ops=["read"])
+    comp = compare(
+        [w, wo], "aesni", "noaesni", ciphers=["aes-xts-plain", "aes-cbc-plain", "aes-ctr-plain"], ops=["read"]
+    )
     assert [r.cipher for r in comp.rows] == ["aes-xts-plain", "aes-cbc-plain", "aes-ctr-plain"]
     cbc = comp.row("aes-cbc-plain", "read")
     ctr = comp.row("aes-ctr-plain", "read")
@@ -79,10 +92,24 @@ def test_compare_missing_side_gives_row_without_speedup() -> None:
 
 
 def test_summary_like_the_guide() -> None:
-    w = result("aesni", {("a-ecb-plain", "read"): [140.0], ("a-cbc-plain", "read"): [191.0],
-                         ("a-ecb-plain", "write"): [116.0], ("a-cbc-plain", "write"): [150.0]})
-    wo = result("noaesni", {("a-ecb-plain", "read"): [100.0], ("a-cbc-plain", "read"): [100.0],
-                            ("a-ecb-plain", "write"): [100.0], ("a-cbc-plain", "write"): [100.0]})
+    w = result(
+        "aesni",
+        {
+            ("a-ecb-plain", "read"): [140.0],
+            ("a-cbc-plain", "read"): [191.0],
+            ("a-ecb-plain", "write"): [116.0],
+            ("a-cbc-plain", "write"): [150.0],
+        },
+    )
+    wo = result(
+        "noaesni",
+        {
+            ("a-ecb-plain", "read"): [100.0],
+            ("a-cbc-plain", "read"): [100.0],
+            ("a-ecb-plain", "write"): [100.0],
+            ("a-cbc-plain", "write"): [100.0],
+        },
+    )
     summary = compare([w, wo], "aesni", "noaesni").summary()
     assert summary == "with aesni, reads 40-91% faster, writes 16-50% faster than with noaesni"
 
@@ -91,24 +118,48 @@ def test_summary_reports_slowdown_and_no_data() -> None:
     w = result("aesni", {("c", "read"): [80.0]})
     wo = result("noaesni", {("c", "read"): [100.0]})
     assert "reads 20% slower" in compare([w, wo], "aesni", "noaesni").summary()
-    mixed = [result("aesni", {("c", "read"): [80.0], ("d", "read"): [300.0]}),
-             result("noaesni", {("c", "read"): [100.0], ("d", "read"): [100.0]})]
+    mixed = [
+        result("aesni", {("c", "read"): [80.0], ("d", "read"): [300.0]}),
+        result("noaesni", {("c", "read"): [100.0], ("d", "read"): [100.0]}),
+    ]
     assert "reads 20% slower to 200% faster than" in compare(mixed, "aesni", "noaesni").summary()
     assert "no speedup" in compare([], "aesni", "noaesni", ciphers=["c"]).summary()
 
 
 def test_render_comparison_table_layout() -> None:
-    w = result("aesni", {("aes-xts-plain", "read"): [150.0], ("aes-xts-plain", "write"): [60.0]},
-               drivers={"aes-xts-plain": "xts-aes-aesni"})
-    wo = result("noaesni", {("aes-xts-plain", "read"): [100.0]},
-                drivers={"aes-xts-plain": "xts(ecb(aes-generic))"})
+    w = result(
+        "aesni",
+        {("aes-xts-plain", "read"): [150.0], ("aes-xts-plain", "write"): [60.0]},
+        drivers={"aes-xts-plain": "xts-aes-aesni"},
+    )
+    wo = result(
+        "noaesni", {("aes-xts-plain", "read"): [100.0]}, drivers={"aes-xts-plain": "xts(ecb(aes-generic))"}
+    )
     text = render_comparison(compare([w, wo], "aesni", "noaesni"))
     lines = text.splitlines()
-    assert lines[0].split() == ["OP", "CIPHER", "aesni", "MB/s", "noaesni", "MB/s", "SPEEDUP",
-                                "aesni", "DRIVER", "noaesni", "DRIVER"]
+    assert lines[0].split() == [
+        "OP",
+        "CIPHER",
+        "aesni",
+        "MB/s",
+        "noaesni",
+        "MB/s",
+        "SPEEDUP",
+        "aesni",
+        "DRIVER",
+        "noaesni",
+        "DRIVER",
+    ]
     assert set(lines[1]) <= {"-", " "}
-    assert lines[2].split() == ["read", "aes-xts-plain", "150.0", "100.0", "+50%", "xts-aes-aesni",
-                                "xts(ecb(aes-generic))"]
+    assert lines[2].split() == [
+        "read",
+        "aes-xts-plain",
+        "150.0",
+        "100.0",
+        "+50%",
+        "xts-aes-aesni",
+        "xts(ecb(aes-generic))",
+    ]
     # the write row has no without-side: shown as "-", never as 0 or a bogus speedup
     assert lines[3].split() == ["write", "aes-xts-plain", "60.0", "-", "-", "xts-aes-aesni", "-"]
     # numeric columns are right-aligned: the rate cells end in the same column on every row
@@ -177,8 +228,11 @@ def test_rows_carry_the_speedup_interval_in_json_and_text() -> None:
     span = comp.rows[0].speedup_percent_interval
     assert span is not None and f"{span[0]:+.0f}%..{span[1]:+.0f}%" in text
     # one round per side: no interval to show, and the table says nothing it cannot support
-    single = compare([result("aesni", {("c", "read"): [100.0]}), result("noaesni", {("c", "read"): [50.0]})],
-                     "aesni", "noaesni")
+    single = compare(
+        [result("aesni", {("c", "read"): [100.0]}), result("noaesni", {("c", "read"): [50.0]})],
+        "aesni",
+        "noaesni",
+    )
     assert "confidence" not in render_comparison(single)
     assert single.to_dict()["rows"][0]["ratio_lower"] is None
 

@@ -162,11 +162,20 @@ def _unavailable_cpu() -> int:
         ("canary: {interval_seconds: .nan}", "canary.interval_seconds: must be a finite number > 0"),
         ("canary: {interval_seconds: .inf}", "canary.interval_seconds: must be a finite number > 0"),
         ("canary: {jitter_seconds: .inf}", "canary.jitter_seconds: must be a finite number >= 0"),
-        ("canary: {interval_seconds: 1.0e+300}", "canary.interval_seconds: must be a finite number > 0 and <="),
+        (
+            "canary: {interval_seconds: 1.0e+300}",
+            "canary.interval_seconds: must be a finite number > 0 and <=",
+        ),
         ("qemu: {probe_timeout_seconds: -.inf}", "qemu.probe_timeout_seconds: must be a finite number > 0"),
-        ("canary: {busy_cpu_percent: .nan}", "canary.busy_cpu_percent: must be a finite number >= 0 and <= 100"),
+        (
+            "canary: {busy_cpu_percent: .nan}",
+            "canary.busy_cpu_percent: must be a finite number >= 0 and <= 100",
+        ),
         ("canary: {cpu_affinity: [-1]}", "canary.cpu_affinity[0]: must be"),
-        ("canary: {run_as_user: no-such-user-kvmcpu}", "canary.run_as_user: no such user 'no-such-user-kvmcpu'"),
+        (
+            "canary: {run_as_user: no-such-user-kvmcpu}",
+            "canary.run_as_user: no such user 'no-such-user-kvmcpu'",
+        ),
     ],
 )
 def test_out_of_range_values_are_problems(tmp_path: Path, yaml_text: str, needle: str) -> None:
@@ -185,9 +194,7 @@ def test_cpu_affinity_must_be_within_this_hosts_cpus() -> None:
     bad = _unavailable_cpu()
     cfg, _ = parse_config({"canary": {"cpu_affinity": [min(host_cpus()), bad]}})
     assert [p for p in validate(cfg) if "cpu_affinity" in p] == [
-        f"canary.cpu_affinity: CPU(s) {bad} not available to this process (available: "
-        + _cpu_list()
-        + ")"
+        f"canary.cpu_affinity: CPU(s) {bad} not available to this process (available: " + _cpu_list() + ")"
     ]
 
 
@@ -227,9 +234,19 @@ def test_issue14_reproductions_exit_2_before_bind_with_one_list(tmp_path: Path) 
         held.listen()
         port = held.getsockname()[1]
         run = subprocess.run(
-            [sys.executable, "-m", "exporter", "serve", f"--config.file={f}",
-             f"--web.listen-address=127.0.0.1:{port}", "--canary.timeout=inf"],
-            capture_output=True, text=True, cwd=ROOT, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "exporter",
+                "serve",
+                f"--config.file={f}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--canary.timeout=inf",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
         )
     assert run.returncode == 2, run.stderr
     lines = run.stderr.strip().splitlines()
@@ -257,8 +274,12 @@ def test_yaml_keys_may_use_dashes_like_the_flags(tmp_path: Path) -> None:
 
 def test_new_web_and_collector_flags_reach_the_config() -> None:
     cfg, problems = config_from_args(
-        _args("--web.max-requests=7", "--web.disable-exporter-metrics", "--collector.disable-defaults",
-              "--collector.cpu")
+        _args(
+            "--web.max-requests=7",
+            "--web.disable-exporter-metrics",
+            "--collector.disable-defaults",
+            "--collector.cpu",
+        )
     )
     assert problems == []
     assert cfg.web.max_requests == 7 and cfg.web.disable_exporter_metrics is True
@@ -280,6 +301,7 @@ def test_web_config_is_loaded_once_and_kept(tmp_path: Path, monkeypatch: pytest.
     web.write_text(f"tls_server_config: {{cert_file: {pki.server_cert}, key_file: {pki.server_key}}}\n")
     built: list[object] = []
     real = webconfig.build_ssl_context
+
     def counting(tls: webconfig.TlsSettings) -> ssl.SSLContext:
         built.append(tls)
         return real(tls)

@@ -20,9 +20,17 @@ from exporter.procfs.cpuinfo import parse_cpuinfo, read_cpuinfo
 BDW_NAME = "Intel(R) Xeon(R) CPU E5-2699 v4 @ 2.20GHz"
 
 
-def info_labels(vendor: str, name: str, family: str, model: str, stepping: str, microcode: str) -> dict[str, str]:
-    return {"vendor": vendor, "model_name": name, "family": family, "model": model, "stepping": stepping,
-            "microcode": microcode}
+def info_labels(
+    vendor: str, name: str, family: str, model: str, stepping: str, microcode: str
+) -> dict[str, str]:
+    return {
+        "vendor": vendor,
+        "model_name": name,
+        "family": family,
+        "model": model,
+        "stepping": stepping,
+        "microcode": microcode,
+    }
 
 
 @pytest.mark.parametrize("name", VALID)
@@ -32,8 +40,12 @@ def test_golden_exposition(name: str) -> None:
 
 def test_broadwell_host_from_the_guide() -> None:
     reg = registry_for("broadwell-e5-2699v4")
-    assert reg.get_sample_value(
-        "kvmcpu_host_cpu_info", info_labels("GenuineIntel", BDW_NAME, "6", "79", "1", "0xb00001d")) == 1
+    assert (
+        reg.get_sample_value(
+            "kvmcpu_host_cpu_info", info_labels("GenuineIntel", BDW_NAME, "6", "79", "1", "0xb00001d")
+        )
+        == 1
+    )
     assert reg.get_sample_value("kvmcpu_host_cpus") == 4
     for present in ("aes", "avx", "avx2", "xsave", "xsaveopt", "rdrand", "smep", "smap", "vmx", "pclmulqdq"):
         assert reg.get_sample_value("kvmcpu_host_cpu_feature", {"feature": present}) == 1, present
@@ -69,10 +81,18 @@ def test_aesni_defeature_drops_aes_only() -> None:
 def test_heterogeneous_host_shows_partial_features_and_both_microcodes() -> None:
     reg = registry_for("heterogeneous")
     name = "Intel(R) Xeon(R) Gold 6148 CPU @ 2.40GHz"
-    assert reg.get_sample_value("kvmcpu_host_cpu_info", info_labels("GenuineIntel", name, "6", "85", "4",
-                                                                    "0x2006e05")) == 1
-    assert reg.get_sample_value("kvmcpu_host_cpu_info", info_labels("GenuineIntel", name, "6", "85", "4",
-                                                                    "0x2000065")) == 1
+    assert (
+        reg.get_sample_value(
+            "kvmcpu_host_cpu_info", info_labels("GenuineIntel", name, "6", "85", "4", "0x2006e05")
+        )
+        == 1
+    )
+    assert (
+        reg.get_sample_value(
+            "kvmcpu_host_cpu_info", info_labels("GenuineIntel", name, "6", "85", "4", "0x2000065")
+        )
+        == 1
+    )
     assert reg.get_sample_value("kvmcpu_host_cpu_feature", {"feature": "avx512f"}) == 0
     assert reg.get_sample_value("kvmcpu_host_cpu_feature_cpus", {"feature": "avx512f"}) == 2
     assert reg.get_sample_value("kvmcpu_host_cpu_feature", {"feature": "avx2"}) == 1
@@ -162,8 +182,10 @@ _flag = st.sampled_from(["aes", "avx", "avx2", "avx512f", "sse2", "xsave"])
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.sets(_flag, min_size=1), min_size=1, max_size=6))
 def test_feature_counts_match_any_flag_distribution(per_cpu: list[set[str]]) -> None:
-    text = "".join(f"processor\t: {i}\nvendor_id\t: X\nflags\t\t: {' '.join(sorted(f))}\n\n"
-                   for i, f in enumerate(per_cpu))
+    text = "".join(
+        f"processor\t: {i}\nvendor_id\t: X\nflags\t\t: {' '.join(sorted(f))}\n\n"
+        for i, f in enumerate(per_cpu)
+    )
     info = parse_cpuinfo(text)
     for flag in ("aes", "avx", "avx2", "avx512f", "sse2", "xsave"):
         n = sum(1 for f in per_cpu if flag in f)

@@ -15,14 +15,19 @@ from exporter.procfs.modules import loaded_modules, module_present
 
 
 def driver(reg: CollectorRegistry, algorithm: str, drv: str, module: str, priority: int) -> float | None:
-    return reg.get_sample_value("kvmcpu_host_crypto_driver_info", {
-        "algorithm": algorithm, "driver": drv, "module": module, "priority": str(priority)})
+    return reg.get_sample_value(
+        "kvmcpu_host_crypto_driver_info",
+        {"algorithm": algorithm, "driver": drv, "module": module, "priority": str(priority)},
+    )
 
 
-def entry(name: str, drv: str, prio: int, *, selftest: str = "passed", internal: str = "no",
-          module: str = "kernel") -> str:
-    return (f"name         : {name}\ndriver       : {drv}\nmodule       : {module}\npriority     : {prio}\n"
-            f"refcnt       : 1\nselftest     : {selftest}\ninternal     : {internal}\ntype         : skcipher\n")
+def entry(
+    name: str, drv: str, prio: int, *, selftest: str = "passed", internal: str = "no", module: str = "kernel"
+) -> str:
+    return (
+        f"name         : {name}\ndriver       : {drv}\nmodule       : {module}\npriority     : {prio}\n"
+        f"refcnt       : 1\nselftest     : {selftest}\ninternal     : {internal}\ntype         : skcipher\n"
+    )
 
 
 def test_broadwell_with_aesni_intel() -> None:
@@ -66,13 +71,15 @@ def test_this_host_copy_matches_an_independent_selection() -> None:
 
 
 def test_selection_skips_failed_selftest_and_internal_and_keeps_the_first_on_ties() -> None:
-    text = "\n".join([
-        entry("xts(aes)", "xts-broken", 900, selftest="unknown"),
-        entry("xts(aes)", "__xts-internal", 800, internal="yes"),
-        entry("xts(aes)", "xts-first", 300),
-        entry("xts(aes)", "xts-second", 300),
-        entry("xts(aes)", "xts-generic", 100),
-    ])
+    text = "\n".join(
+        [
+            entry("xts(aes)", "xts-broken", 900, selftest="unknown"),
+            entry("xts(aes)", "__xts-internal", 800, internal="yes"),
+            entry("xts(aes)", "xts-first", 300),
+            entry("xts(aes)", "xts-second", 300),
+            entry("xts(aes)", "xts-generic", 100),
+        ]
+    )
     chosen = select_driver(parse_crypto(text), "xts(aes)")
     assert chosen is not None and chosen.driver == "xts-first"
     assert select_driver(parse_crypto(text), "cbc(aes)") is None

@@ -19,7 +19,16 @@ from exporter.canary.model import OPS
 from exporter.canary.store import STATE_FILE
 
 CIPHER = "aes-xts-plain"
-CANARY_FLAGS = ("--canary.interval", "2", "--canary.jitter", "0", "--canary.size-mib", "8", "--canary.rounds", "1")
+CANARY_FLAGS = (
+    "--canary.interval",
+    "2",
+    "--canary.jitter",
+    "0",
+    "--canary.size-mib",
+    "8",
+    "--canary.rounds",
+    "1",
+)
 
 
 def _config(tmp_path: Path, **canary: object) -> str:
@@ -27,8 +36,14 @@ def _config(tmp_path: Path, **canary: object) -> str:
     unless a test asks for it."""
     cfg = {
         "qemu": {"accelerators": ["tcg"]},
-        "canary": {"ciphers": [CIPHER], "busy_load_per_core": 1000.0, "busy_cpu_percent": 100.0,
-                   "duty_cycle_percent": 100.0, "timeout_seconds": 120.0, **canary},
+        "canary": {
+            "ciphers": [CIPHER],
+            "busy_load_per_core": 1000.0,
+            "busy_cpu_percent": 100.0,
+            "duty_cycle_percent": 100.0,
+            "timeout_seconds": 120.0,
+            **canary,
+        },
     }
     path = tmp_path / "config.yml"
     path.write_text(json.dumps(cfg))  # JSON is YAML
@@ -78,8 +93,14 @@ def test_scheduled_canaries_export_results_that_survive_sigkill(start_daemon, tm
         ("kvmcpu_canary_last_run_timestamp_seconds", {"profile": "noaesni"}),
         ("kvmcpu_canary_aesni_speedup_ratio", {"cipher": CIPHER, "op": "write"}),
         ("kvmcpu_canary_runs_total", {"profile": "aesni", "result": "success"}),
-        ("kvmcpu_canary_throughput_bytes_per_second_count", {"profile": "noaesni", "cipher": CIPHER, "op": "read"}),
-        ("kvmcpu_canary_throughput_bytes_per_second_sum", {"profile": "aesni", "cipher": CIPHER, "op": "write"}),
+        (
+            "kvmcpu_canary_throughput_bytes_per_second_count",
+            {"profile": "noaesni", "cipher": CIPHER, "op": "read"},
+        ),
+        (
+            "kvmcpu_canary_throughput_bytes_per_second_sum",
+            {"profile": "aesni", "cipher": CIPHER, "op": "write"},
+        ),
     ]
     for name, labels in kept:
         assert sample(before, name, **labels) is not None, name
@@ -90,21 +111,32 @@ def test_scheduled_canaries_export_results_that_survive_sigkill(start_daemon, tm
 
 
 @pytest.mark.slow
-def test_one_tick_boots_one_guest_per_profile_and_refreshes_every_cipher(start_daemon, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_one_tick_boots_one_guest_per_profile_and_refreshes_every_cipher(
+    start_daemon, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     """Issue 12: a tick is one boot per profile with every cipher inside, not one (profile, cipher)."""
     ciphers = ["aes-xts-plain", "aes-cbc-plain", "aes-ecb-plain"]
     # one tick only: the first comes 3 s after start, the next an hour later
-    d = start_daemon(_config(tmp_path, ciphers=ciphers, rounds=2, size_mib=8),
-                     "--canary.interval", "3600", "--canary.jitter", "0")
+    d = start_daemon(
+        _config(tmp_path, ciphers=ciphers, rounds=2, size_mib=8),
+        "--canary.interval",
+        "3600",
+        "--canary.jitter",
+        "0",
+    )
     launched: dict[int, list[str]] = {}
 
     def every_ratio(m):  # type: ignore[no-untyped-def]
-        return all(sample(m, "kvmcpu_canary_aesni_speedup_ratio", cipher=c, op=op) for c in ciphers for op in OPS)
+        return all(
+            sample(m, "kvmcpu_canary_aesni_speedup_ratio", cipher=c, op=op) for c in ciphers for op in OPS
+        )
 
     deadline = time.monotonic() + 300
     m = d.metrics()
     while not every_ratio(m):
-        assert time.monotonic() < deadline, f"no complete set of ratios; QEMU launches so far: {len(launched)}"
+        assert time.monotonic() < deadline, (
+            f"no complete set of ratios; QEMU launches so far: {len(launched)}"
+        )
         for p in qemu_descendants(d.proc.pid):  # a TCG guest lives for seconds: 0.1 s polling sees each
             launched.setdefault(p.pid, p.cmdline())
         time.sleep(0.1)
@@ -133,8 +165,9 @@ def test_one_tick_boots_one_guest_per_profile_and_refreshes_every_cipher(start_d
 def test_busy_threshold_zero_skips_every_tick(start_daemon, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     d = start_daemon(_config(tmp_path, busy_load_per_core=0.0, busy_cpu_percent=0.0), *CANARY_FLAGS)
     m = d.wait_for(
-        lambda m: (sample(m, "kvmcpu_canary_runs_total", profile="noaesni", result="skipped_busy") or 0) >= 1
-        and m,
+        lambda m: (
+            (sample(m, "kvmcpu_canary_runs_total", profile="noaesni", result="skipped_busy") or 0) >= 1 and m
+        ),
         timeout=60,
     )
     assert sample(m, "kvmcpu_canary_runs_total", profile="aesni", result="skipped_busy") >= 1
@@ -167,9 +200,12 @@ def test_unwritable_state_is_counted_and_results_still_served(start_daemon, tmp_
     state = tmp_path / "state"
     (state / STATE_FILE).mkdir(parents=True)  # the state file's path is taken by a directory
     # busy threshold 0: every tick records a skipped_busy result without booting a guest
-    d = start_daemon(_config(tmp_path, busy_load_per_core=0.0, busy_cpu_percent=0.0), *CANARY_FLAGS,
-                     state_dir=state)
-    m = d.wait_for(lambda m: (sample(m, "kvmcpu_canary_state_write_errors_total") or 0) >= 2 and m, timeout=60)
+    d = start_daemon(
+        _config(tmp_path, busy_load_per_core=0.0, busy_cpu_percent=0.0), *CANARY_FLAGS, state_dir=state
+    )
+    m = d.wait_for(
+        lambda m: (sample(m, "kvmcpu_canary_state_write_errors_total") or 0) >= 2 and m, timeout=60
+    )
     assert (sample(m, "kvmcpu_canary_runs_total", profile="aesni", result="skipped_busy") or 0) >= 1
     assert sample(m, "kvmcpu_canary_last_result_info", profile="aesni", result="skipped_busy") == 1
     assert "cannot write canary state, keeping results in memory" in d.log()

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from conftest import sample
 
-CANARY_FAST = ("--canary.interval=1", "--canary.jitter=0", "--canary.size-mib=8", "--canary.rounds=1",
-               "--canary.busy-load-per-core=1000", "--canary.busy-cpu-percent=100")
+CANARY_FAST = (
+    "--canary.interval=1",
+    "--canary.jitter=0",
+    "--canary.size-mib=8",
+    "--canary.rounds=1",
+    "--canary.busy-load-per-core=1000",
+    "--canary.busy-cpu-percent=100",
+)
 
 
 def test_missing_qemu_binary(start_daemon) -> None:  # type: ignore[no-untyped-def]
@@ -17,10 +23,16 @@ def test_missing_qemu_binary(start_daemon) -> None:  # type: ignore[no-untyped-d
     m = d.wait_for(qemu_failed, timeout=60)
     assert sample(m, "kvmcpu_scrape_collector_success", collector="cpu") == 1.0
     assert sample(m, "kvmcpu_scrape_collector_success", collector="crypto") == 1.0
-    assert (sample(m, "kvmcpu_scrape_collector_errors_total", collector="qemu", reason="qemu_missing") or 0) >= 1
+    assert (
+        sample(m, "kvmcpu_scrape_collector_errors_total", collector="qemu", reason="qemu_missing") or 0
+    ) >= 1
     # canaries cannot boot without QEMU: counted with a reason, never a crash
     m = d.wait_for(
-        lambda m: m if (sample(m, "kvmcpu_canary_runs_total", profile="aesni", result="qemu_error") or 0) >= 1 else None,
+        lambda m: (
+            m
+            if (sample(m, "kvmcpu_canary_runs_total", profile="aesni", result="qemu_error") or 0) >= 1
+            else None
+        ),
         timeout=60,
     )
     assert sample(m, "kvmcpu_canary_runs_total", profile="aesni", result="success") == 0.0

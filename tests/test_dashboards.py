@@ -40,8 +40,9 @@ def test_committed_json_is_what_the_generator_produces() -> None:
 
 
 def test_generator_check_mode_agrees() -> None:
-    res = subprocess.run([sys.executable, str(GRAFANA / "generate.py"), "--check"], capture_output=True,
-                         text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, str(GRAFANA / "generate.py"), "--check"], capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0, res.stderr
 
 
@@ -100,8 +101,13 @@ def test_every_query_is_valid_promql(tmp_path: Path) -> None:
     for dash in DASHBOARDS.values():
         values = {v: ".*" for v in dashboard_variables(dash)}
         for i, (title, expr) in enumerate(panel_queries(dash)):
-            rules.append({"record": f"dashboard_query_{len(rules)}", "expr": substitute(expr, values),
-                          "labels": {"panel": f"{dash['uid']}/{i}/{title}"}})
+            rules.append(
+                {
+                    "record": f"dashboard_query_{len(rules)}",
+                    "expr": substitute(expr, values),
+                    "labels": {"panel": f"{dash['uid']}/{i}/{title}"},
+                }
+            )
         for definition in dashboard_variables(dash).values():
             promql, _ = label_values_as_promql(substitute(definition, values))
             rules.append({"record": f"dashboard_query_{len(rules)}", "expr": promql})
@@ -170,7 +176,11 @@ def test_last_successful_run_is_coloured_by_staleness() -> None:
     defaults = panel["fieldConfig"]["defaults"]
     steps = defaults["thresholds"]["steps"]
     assert defaults["unit"] == "s" and [s["color"] for s in steps] == ["green", "orange", "red"]
-    (rule,) = [r for g in yaml.safe_load((ROOT / "deploy/prometheus/rules/alerts.yml").read_text())["groups"]
-               for r in g["rules"] if r.get("alert") == "KvmCpuCanaryNoRecentSuccess"]
+    (rule,) = [
+        r
+        for g in yaml.safe_load((ROOT / "deploy/prometheus/rules/alerts.yml").read_text())["groups"]
+        for r in g["rules"]
+        if r.get("alert") == "KvmCpuCanaryNoRecentSuccess"
+    ]
     stale = re.search(r"last_success_timestamp_seconds > (\d+) \* (\d+)", rule["expr"])
     assert stale and steps[2]["value"] == int(stale.group(1)) * int(stale.group(2)), rule["expr"]

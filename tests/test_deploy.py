@@ -106,7 +106,7 @@ def test_dockerfile_structure() -> None:
 
 def healthcheck_command() -> list[str]:
     (health,) = [a for k, a in stages(dockerfile_instructions())[-1] if k == "HEALTHCHECK"]
-    exec_form = json.loads(health[health.index("CMD") + 3:].strip())
+    exec_form = json.loads(health[health.index("CMD") + 3 :].strip())
     assert exec_form[0].endswith("/python") and exec_form[1] == "-c"
     compile(exec_form[2], "HEALTHCHECK", "exec")
     return [sys.executable, *exec_form[1:]]
@@ -115,8 +115,9 @@ def healthcheck_command() -> list[str]:
 @pytest.mark.slow
 def test_dockerfile_healthcheck_against_a_real_daemon(start_daemon: Any) -> None:
     cmd = healthcheck_command()
-    d = start_daemon("--no-canary.enabled", "--no-collector.canary", "--no-collector.guests",
-                     "--no-collector.qemu")
+    d = start_daemon(
+        "--no-canary.enabled", "--no-collector.canary", "--no-collector.guests", "--no-collector.qemu"
+    )
     ok = subprocess.run(cmd, env={**os.environ, "KVMCPU_HEALTHCHECK_PORT": str(d.port)}, timeout=30)
     assert ok.returncode == 0
     down = subprocess.run(cmd, env={**os.environ, "KVMCPU_HEALTHCHECK_PORT": str(free_port())}, timeout=30)
@@ -124,8 +125,11 @@ def test_dockerfile_healthcheck_against_a_real_daemon(start_daemon: Any) -> None
 
 
 def dockerignored() -> set[str]:
-    return {ln.strip().rstrip("/") for ln in (ROOT / ".dockerignore").read_text().splitlines()
-            if ln.strip() and not ln.startswith("#")}
+    return {
+        ln.strip().rstrip("/")
+        for ln in (ROOT / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    }
 
 
 def test_dockerfile_copies_only_what_exists_and_is_in_the_context() -> None:
@@ -177,8 +181,12 @@ def test_lock_pins_every_dependency_of_pyproject_with_hashes() -> None:
     for spec in pyproject()["project"]["dependencies"]:
         req = Requirement(spec)
         name = canonicalize_name(req.name)
-        assert name in pins, f"{req.name} is in pyproject.toml but not in requirements.lock: bash scripts/dev.sh lock"
-        assert req.specifier.contains(pins[name][0], prereleases=True), f"{name}=={pins[name][0]} violates {spec}"
+        assert name in pins, (
+            f"{req.name} is in pyproject.toml but not in requirements.lock: bash scripts/dev.sh lock"
+        )
+        assert req.specifier.contains(pins[name][0], prereleases=True), (
+            f"{name}=={pins[name][0]} violates {spec}"
+        )
 
 
 def test_lock_is_regenerated_by_the_documented_command() -> None:
@@ -189,7 +197,10 @@ def test_lock_is_regenerated_by_the_documented_command() -> None:
     m = re.search(r"^LOCK_COMMAND=\(([^)]*)\)", dev, re.MULTILINE)
     assert m, "scripts/dev.sh defines LOCK_COMMAND"
     assert header.group(1).split() == shlex.split(m.group(1))
-    assert "bash scripts/dev.sh lock" in (ROOT / "README.md").read_text() + (ROOT / "docs" / "deploy.md").read_text()
+    assert (
+        "bash scripts/dev.sh lock"
+        in (ROOT / "README.md").read_text() + (ROOT / "docs" / "deploy.md").read_text()
+    )
 
 
 def test_tests_run_the_locked_versions() -> None:
@@ -215,12 +226,16 @@ def test_dockerfile_installs_the_lock_before_the_code() -> None:
     builder = stages(ins)[0]
     steps = [f"{k} {a}" for k, a in builder]
     lock_copy = next(i for i, s in enumerate(steps) if s.startswith("COPY") and "requirements.lock" in s)
-    lock_install = next(i for i, s in enumerate(steps) if "--require-hashes" in s and "requirements.lock" in s)
+    lock_install = next(
+        i for i, s in enumerate(steps) if "--require-hashes" in s and "requirements.lock" in s
+    )
     code_copy = next(i for i, s in enumerate(steps) if s.startswith("COPY") and "exporter" in s.split())
     assert lock_copy < lock_install < code_copy, "dependency layer first: a code change must not reinstall it"
     assert "--no-deps" in steps[lock_install]
     project_install = [s for s in steps[code_copy:] if "pip install" in s]
-    assert project_install and all("--no-deps" in s for s in project_install), "only the lock brings dependencies"
+    assert project_install and all("--no-deps" in s for s in project_install), (
+        "only the lock brings dependencies"
+    )
     assert "requirements.lock" not in dockerignored()
 
 
@@ -238,7 +253,9 @@ def test_image_labels_and_tags_name_this_version() -> None:
     assert "KVMCPU_BUILD_REVISION=${REVISION}" in env and "KVMCPU_BUILD_DATE=${CREATED}" in env
 
     image = "ghcr.io/kvm-cpu-exporter/kvm-cpu-exporter"
-    pod = next(d for d in yaml.safe_load_all((K8S / "daemonset.yaml").read_text()) if d and d["kind"] == "DaemonSet")
+    pod = next(
+        d for d in yaml.safe_load_all((K8S / "daemonset.yaml").read_text()) if d and d["kind"] == "DaemonSet"
+    )
     spec = pod["spec"]["template"]["spec"]
     for c in spec["containers"] + spec.get("initContainers", []):
         assert c["image"] == f"{image}:{__version__}", c["image"]
@@ -283,14 +300,28 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
     assert _BAD_VERIFY.search(verify_unit(text.replace("PrivateTmp=yes", "PrivateTemp=yes"), tmp_path))
     s = unit_settings(text)
     expected = {
-        "User": "kvm-cpu-exporter", "SupplementaryGroups": "kvm", "ProtectSystem": "strict",
-        "ProtectHome": "yes", "StateDirectory": "kvm-cpu-exporter", "CacheDirectory": "kvm-cpu-exporter",
-        "DeviceAllow": "/dev/kvm rw", "NoNewPrivileges": "yes", "PrivateTmp": "yes",
-        "ProtectKernelTunables": "yes", "DevicePolicy": "closed", "RestartPreventExitStatus": "2",
+        "User": "kvm-cpu-exporter",
+        "SupplementaryGroups": "kvm",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "StateDirectory": "kvm-cpu-exporter",
+        "CacheDirectory": "kvm-cpu-exporter",
+        "DeviceAllow": "/dev/kvm rw",
+        "NoNewPrivileges": "yes",
+        "PrivateTmp": "yes",
+        "ProtectKernelTunables": "yes",
+        "DevicePolicy": "closed",
+        "RestartPreventExitStatus": "2",
     }
     for key, value in expected.items():
         assert value in s.get(key, []), f"{key}={value} missing"
-    for key in ("RestrictAddressFamilies", "SystemCallFilter", "MemoryMax", "CPUWeight", "CapabilityBoundingSet"):
+    for key in (
+        "RestrictAddressFamilies",
+        "SystemCallFilter",
+        "MemoryMax",
+        "CPUWeight",
+        "CapabilityBoundingSet",
+    ):
         assert key in s, key
     assert "@system-service" in s["SystemCallFilter"][0] and "seccomp" in s["SystemCallFilter"][0]
     assert "MemoryDenyWriteExecute" not in s  # would kill QEMU's TCG code generator
@@ -298,8 +329,12 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
     assert exec_start[0] == "/opt/kvm-cpu-exporter/bin/kvm-cpu-exporter"
     cli_accepts([a for a in exec_start[1:] if not a.startswith("$")])
     copy = tmp_path / UNIT.name
-    sec = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(copy)],
-                         capture_output=True, text=True, timeout=60)
+    sec = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     level = re.search(r"Overall exposure level for \S+: ([0-9.]+)", sec.stdout + sec.stderr)
     assert level, sec.stdout + sec.stderr
     assert float(level.group(1)) <= 3.0, sec.stdout
@@ -391,7 +426,9 @@ def test_kubernetes_daemonset() -> None:
         assert probe["httpGet"]["port"] in ports
     mounts = {m["mountPath"]: m for m in main["volumeMounts"]}
     for host_path, flag in (("/proc", "--path.procfs"), ("/sys", "--path.sysfs")):
-        (mount,) = [m for m in main["volumeMounts"] if volumes[m["name"]].get("hostPath", {}).get("path") == host_path]
+        (mount,) = [
+            m for m in main["volumeMounts"] if volumes[m["name"]].get("hostPath", {}).get("path") == host_path
+        ]
         assert mount.get("readOnly") is True
         assert f"{flag}={mount['mountPath']}" in main["args"]
     assert volumes[mounts["/dev/kvm"]["name"]]["hostPath"]["type"] == "CharDevice"
@@ -437,18 +474,22 @@ def test_kubernetes_service_and_monitor_select_the_pods() -> None:
 
 
 def test_prometheusrule_is_generated_from_the_rule_files(tmp_path: Path) -> None:
-    run = subprocess.run([sys.executable, str(K8S / "generate.py"), "--check"], capture_output=True, text=True,
-                         timeout=60)
+    run = subprocess.run(
+        [sys.executable, str(K8S / "generate.py"), "--check"], capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0, "deploy/kubernetes/prometheusrule.yaml is stale: " + run.stderr
     rule_docs = [d for d in yaml.safe_load_all((K8S / "prometheusrule.yaml").read_text()) if d]
     sources = sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))
-    assert [d["spec"]["groups"] for d in rule_docs] == [yaml.safe_load(p.read_text())["groups"] for p in sources]
+    assert [d["spec"]["groups"] for d in rule_docs] == [
+        yaml.safe_load(p.read_text())["groups"] for p in sources
+    ]
     for doc in rule_docs:  # and what the Operator will load is valid Prometheus rules
         assert doc["kind"] == "PrometheusRule"
         out = tmp_path / f"{doc['metadata']['name']}.yml"
         out.write_text(yaml.safe_dump({"groups": doc["spec"]["groups"]}))
-        check = subprocess.run(["promtool", "check", "rules", str(out)], capture_output=True, text=True,
-                               timeout=60)
+        check = subprocess.run(
+            ["promtool", "check", "rules", str(out)], capture_output=True, text=True, timeout=60
+        )
         assert check.returncode == 0, check.stdout + check.stderr
 
 
@@ -474,7 +515,9 @@ def test_compose_stack_mounts_exist_and_configs_validate(tmp_path: Path) -> None
         for port in svc.get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
     assert mounted["/etc/prometheus/rules"] == str((DEPLOY / "prometheus" / "rules").resolve())
-    assert mounted["/etc/grafana/provisioning/dashboards"] == str((ROOT / "grafana/provisioning/dashboards").resolve())
+    assert mounted["/etc/grafana/provisioning/dashboards"] == str(
+        (ROOT / "grafana/provisioning/dashboards").resolve()
+    )
     # dashboards are mounted where the project's provider looks for them
     provider = yaml.safe_load((ROOT / "grafana/provisioning/dashboards/kvm-cpu-exporter.yml").read_text())
     (dash_path,) = [p["options"]["path"] for p in provider["providers"]]
@@ -482,19 +525,30 @@ def test_compose_stack_mounts_exist_and_configs_validate(tmp_path: Path) -> None
     assert list((ROOT / "grafana/dashboards").glob("*.json"))
     # and the stack's data source has the uid the project's data source has, at the stack's Prometheus
     project_ds = yaml.safe_load((ROOT / "grafana/provisioning/datasources/kvm-cpu-exporter.yml").read_text())
-    (stack_ds_file,) = [src for src, dst in ((v.split(":")[0], v.split(":")[1]) for v in services["grafana"]["volumes"])
-                        if dst.startswith("/etc/grafana/provisioning/datasources")]
+    (stack_ds_file,) = [
+        src
+        for src, dst in ((v.split(":")[0], v.split(":")[1]) for v in services["grafana"]["volumes"])
+        if dst.startswith("/etc/grafana/provisioning/datasources")
+    ]
     stack_ds = yaml.safe_load((COMPOSE / stack_ds_file).read_text())
     assert [d["uid"] for d in stack_ds["datasources"]] == [d["uid"] for d in project_ds["datasources"]]
     assert stack_ds["datasources"][0]["url"] == "http://prometheus:9090"
     # promtool resolves rule_files next to the config, as Prometheus does inside the container
     shutil.copy(COMPOSE / "prometheus.yml", tmp_path / "prometheus.yml")
     (tmp_path / "rules").symlink_to(DEPLOY / "prometheus" / "rules")
-    check = subprocess.run(["promtool", "check", "config", str(tmp_path / "prometheus.yml")],
-                           capture_output=True, text=True, timeout=60)
+    check = subprocess.run(
+        ["promtool", "check", "config", str(tmp_path / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert check.returncode == 0 and "rule files found" in check.stdout, check.stdout + check.stderr
-    am = subprocess.run(["amtool", "check-config", str(COMPOSE / "alertmanager.yml")], capture_output=True,
-                        text=True, timeout=60)
+    am = subprocess.run(
+        ["amtool", "check-config", str(COMPOSE / "alertmanager.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert am.returncode == 0, am.stdout + am.stderr
 
 
@@ -511,11 +565,21 @@ def test_dev_run_hands_the_process_over_to_the_exporter(tmp_path: Path) -> None:
     port = free_port()
     marker = f"--path.state-dir={tmp_path / 'state'}"
     proc = subprocess.Popen(
-        ["bash", "scripts/dev.sh", "run", f"--web.listen-address=127.0.0.1:{port}", marker,
-         "--no-canary.enabled"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        [
+            "bash",
+            "scripts/dev.sh",
+            "run",
+            f"--web.listen-address=127.0.0.1:{port}",
+            marker,
+            "--no-canary.enabled",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     try:
+
         def healthy() -> bool:
             assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
             try:

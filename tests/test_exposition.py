@@ -54,11 +54,15 @@ label_values = st.text(alphabet=st.characters(codec="utf-8"), max_size=12) | st.
 
 @settings(max_examples=300, deadline=None)
 @given(
-    values=st.lists(st.tuples(label_values, label_values, st.floats(allow_nan=False)), min_size=0, max_size=8),
+    values=st.lists(
+        st.tuples(label_values, label_values, st.floats(allow_nan=False)), min_size=0, max_size=8
+    ),
     doc=label_values,
     ts=st.none() | st.floats(min_value=0, max_value=2e9, allow_nan=False),
 )
-def test_same_bytes_for_arbitrary_label_values(values: list[tuple[str, str, float]], doc: str, ts: float | None) -> None:
+def test_same_bytes_for_arbitrary_label_values(
+    values: list[tuple[str, str, float]], doc: str, ts: float | None
+) -> None:
     gauge = GaugeMetricFamily("kvmcpu_g", doc or "g", labels=["guest", "feature"])
     counter = CounterMetricFamily("kvmcpu_c", "c", labels=["guest"], created=1700000000.5)
     for guest, feature, value in values:

@@ -13,7 +13,9 @@ from exporter.qemu.qmp import ScratchQemu, resolve_binary
 def qemu_flags() -> set[str]:
     """Every boolean property of QEMU's ``max`` model (features plus switches such as ``check``)."""
     with ScratchQemu(resolve_binary(QEMU), timeout=15) as q:
-        props = q.execute("query-cpu-model-expansion", {"type": "full", "model": {"name": "max"}})["model"]["props"]
+        props = q.execute("query-cpu-model-expansion", {"type": "full", "model": {"name": "max"}})["model"][
+            "props"
+        ]
     return {k for k, v in props.items() if isinstance(v, bool)}
 
 

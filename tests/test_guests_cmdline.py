@@ -89,8 +89,9 @@ def test_option_escape() -> None:
 
 
 def test_options_without_arguments_do_not_swallow_the_next() -> None:
-    spec = parse_argv(["qemu-system-x86_64", "-S", "-nodefaults", "-no-shutdown", "-cpu", "max", "-snapshot",
-                       "-name", "n"])
+    spec = parse_argv(
+        ["qemu-system-x86_64", "-S", "-nodefaults", "-no-shutdown", "-cpu", "max", "-snapshot", "-name", "n"]
+    )
     assert spec.cpu.model == "max" and spec.name == "n"
 
 
@@ -118,15 +119,49 @@ def test_lenient_on_what_does_not_matter() -> None:
 
 
 _TOKENS = st.sampled_from(
-    ["-cpu", "--cpu", "-cpu=", "-name", "-accel", "-machine", "-M", "-smp", "-m", "-uuid", "-enable-kvm",
-     "-S", "guest=", "max", "Westmere", ",", ",,", "+aes", "-aes", "aes=on", "=", "kvm:tcg", ":", "accel=",
-     "", " ", "\x00", "é", "-", "--", "4,sockets=2", "1G"]
+    [
+        "-cpu",
+        "--cpu",
+        "-cpu=",
+        "-name",
+        "-accel",
+        "-machine",
+        "-M",
+        "-smp",
+        "-m",
+        "-uuid",
+        "-enable-kvm",
+        "-S",
+        "guest=",
+        "max",
+        "Westmere",
+        ",",
+        ",,",
+        "+aes",
+        "-aes",
+        "aes=on",
+        "=",
+        "kvm:tcg",
+        ":",
+        "accel=",
+        "",
+        " ",
+        "\x00",
+        "é",
+        "-",
+        "--",
+        "4,sockets=2",
+        "1G",
+    ]
 )
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.one_of(_TOKENS, st.text(max_size=12),
-                          st.lists(_TOKENS, max_size=4).map("".join)), max_size=14))
+@given(
+    st.lists(
+        st.one_of(_TOKENS, st.text(max_size=12), st.lists(_TOKENS, max_size=4).map("".join)), max_size=14
+    )
+)
 def test_fuzz_argv_only_raises_parse_error(argv: list[str]) -> None:
     try:
         spec = parse_argv(["qemu-system-x86_64", *argv])

@@ -51,8 +51,10 @@ def _config_of(reg: CollectorRegistry, guest: str) -> str | None:
 def _getter(reg: CollectorRegistry) -> Callable[..., float | None]:
     """``get_sample_value`` that also answers the per-guest feature matrix the way the shipped rules
     do: through the guest's ``cpu_config`` and the per-configuration series (the default)."""
-    per_config = {"kvmcpu_guest_cpu_feature": "kvmcpu_guest_config_cpu_feature",
-                  "kvmcpu_guest_cpu_feature_hidden": "kvmcpu_guest_config_cpu_feature_hidden"}
+    per_config = {
+        "kvmcpu_guest_cpu_feature": "kvmcpu_guest_config_cpu_feature",
+        "kvmcpu_guest_cpu_feature_hidden": "kvmcpu_guest_config_cpu_feature_hidden",
+    }
 
     def get(name: str, labels: dict[str, str] | None = None) -> float | None:
         labels = dict(labels or {})
@@ -81,8 +83,25 @@ def _collector(procfs: Path, knowledge: FakeKnowledge, **cfg: object) -> GuestsC
 @pytest.fixture
 def procfs(tmp_path: Path) -> Path:
     root = make_procfs(tmp_path / "proc")
-    add_process(root, 100, [QEMU, "-name", "guest=west", "-cpu", "Westmere,-aes", "-accel", "tcg",
-                            "-smp", "2", "-m", "512", "-uuid", "u-1"])
+    add_process(
+        root,
+        100,
+        [
+            QEMU,
+            "-name",
+            "guest=west",
+            "-cpu",
+            "Westmere,-aes",
+            "-accel",
+            "tcg",
+            "-smp",
+            "2",
+            "-m",
+            "512",
+            "-uuid",
+            "u-1",
+        ],
+    )
     add_process(root, 101, [QEMU, "-m", "64"])  # no -cpu, no -name
     add_process(root, 102, read_argv("libvirt-web01"))
     add_process(root, 103, ["/bin/bash", "-c", "qemu-system-x86_64 -cpu max"], exe="/bin/bash")
@@ -95,12 +114,27 @@ def test_guests_and_their_features(procfs: Path) -> None:
     reg = _registry(_collector(procfs, tcg_knowledge()))
     g = _getter(reg)
     assert g("kvmcpu_guests") == 3
-    assert _info(reg, "west") == {"guest": "west", "uuid": "u-1", "cpu_model": "Westmere",
-                                  "accel": "tcg", "migratable": "true"}
-    assert _info(reg, "pid-101") == {"guest": "pid-101", "uuid": "", "cpu_model": "qemu64",
-                                     "accel": "tcg", "migratable": "true"}
-    assert _info(reg, "web01") == {"guest": "web01", "uuid": "5c1e0f3a-93d1-4b6e-a3b9-2f8e5a1c7d42",
-                                   "cpu_model": "Skylake-Server-IBRS", "accel": "kvm", "migratable": "true"}
+    assert _info(reg, "west") == {
+        "guest": "west",
+        "uuid": "u-1",
+        "cpu_model": "Westmere",
+        "accel": "tcg",
+        "migratable": "true",
+    }
+    assert _info(reg, "pid-101") == {
+        "guest": "pid-101",
+        "uuid": "",
+        "cpu_model": "qemu64",
+        "accel": "tcg",
+        "migratable": "true",
+    }
+    assert _info(reg, "web01") == {
+        "guest": "web01",
+        "uuid": "5c1e0f3a-93d1-4b6e-a3b9-2f8e5a1c7d42",
+        "cpu_model": "Skylake-Server-IBRS",
+        "accel": "kvm",
+        "migratable": "true",
+    }
     # the pid is a value, not an identifying label: a restart does not make new series
     assert g("kvmcpu_guest_pid", {"guest": "west"}) == 100
     assert g("kvmcpu_guest_pid", {"guest": "web01"}) == 102
@@ -162,8 +196,13 @@ def test_unknown_model_is_counted_and_logged_once(tmp_path: Path, caplog: pytest
     g = _getter(reg)
     with caplog.at_level(logging.WARNING, logger="exporter.collectors.guests"):
         for _ in range(3):
-            assert _info(reg, "odd") == {"guest": "odd", "uuid": "", "cpu_model": "Bogus9000",
-                                         "accel": "tcg", "migratable": "true"}
+            assert _info(reg, "odd") == {
+                "guest": "odd",
+                "uuid": "",
+                "cpu_model": "Bogus9000",
+                "accel": "tcg",
+                "migratable": "true",
+            }
             assert g("kvmcpu_guest_cpu_model_known", {"guest": "odd"}) == 0
             assert g("kvmcpu_guest_cpu_feature", {"guest": "odd", "feature": "aes"}) is None
     assert g("kvmcpu_guest_scan_errors_total", {"reason": "unknown_cpu_model"}) == 1
@@ -228,8 +267,12 @@ def test_duplicate_names_stay_distinct(tmp_path: Path) -> None:
 
 def test_fallback_accelerator_resolved_from_fds(tmp_path: Path) -> None:
     root = make_procfs(tmp_path / "proc")
-    add_process(root, 50, [QEMU, "-name", "k", "-machine", "accel=kvm:tcg"],
-                fds=["/dev/null", "anon_inode:kvm-vm", "anon_inode:kvm-vcpu:0"])
+    add_process(
+        root,
+        50,
+        [QEMU, "-name", "k", "-machine", "accel=kvm:tcg"],
+        fds=["/dev/null", "anon_inode:kvm-vm", "anon_inode:kvm-vcpu:0"],
+    )
     add_process(root, 51, [QEMU, "-name", "t", "-machine", "accel=kvm:tcg"], fds=["/dev/null"])
     accel = {g.label: g.accel for g in scan(root).guests}
     assert accel == {"k": "kvm", "t": "tcg"}
@@ -305,11 +348,14 @@ def test_live_results_override_while_fresh(tmp_path: Path) -> None:
     root = make_procfs(tmp_path / "proc")
     add_process(root, 90, [QEMU, "-name", "lab", "-cpu", "Westmere"])
     now = [1000.0]
-    live = LiveChecker([QmpSocketConfig("lab", str(tmp_path / "none.sock"))], interval=60.0, clock=lambda: now[0])
+    live = LiveChecker(
+        [QmpSocketConfig("lab", str(tmp_path / "none.sock"))], interval=60.0, clock=lambda: now[0]
+    )
     live._results["lab"] = LiveResult("lab", 1000.0, True, frozenset({"aes", "avx"}), frozenset({"avx512f"}))
     live.start = lambda: None  # type: ignore[method-assign]  # no background thread in a unit test
-    collector = GuestsCollector(root, tcg_knowledge(), DEFAULT_WATCHLIST, GuestsConfig(), lambda: now[0],
-                                live=live)
+    collector = GuestsCollector(
+        root, tcg_knowledge(), DEFAULT_WATCHLIST, GuestsConfig(), lambda: now[0], live=live
+    )
     g = _getter(_registry(collector))
     assert g("kvmcpu_guest_cpu_feature", {"guest": "lab", "feature": "avx"}) == 1  # from the vCPU itself
     assert g("kvmcpu_guest_cpu_feature_filtered", {"guest": "lab", "feature": "avx512f"}) == 1
@@ -333,11 +379,15 @@ def test_default_is_one_matrix_per_cpu_config_and_few_series_per_guest(tmp_path:
     root = make_procfs(tmp_path / "proc")
     for pid in range(200, 230):  # 30 guests, 3 configurations
         cpu = ("Westmere", "max", "Westmere,-aes")[pid % 3]
-        add_process(root, pid, [QEMU, "-name", f"vm{pid}", "-cpu", cpu, "-accel", "tcg", "-smp", "1", "-m", "64"])
+        add_process(
+            root, pid, [QEMU, "-name", f"vm{pid}", "-cpu", cpu, "-accel", "tcg", "-smp", "1", "-m", "64"]
+        )
     reg = _registry(_collector(root, tcg_knowledge()))
     per_guest = _series_per_guest(reg)
     assert len(per_guest) == 30 and max(per_guest.values()) <= 10, per_guest
-    configs = {s.labels["cpu_config"] for m in reg.collect() for s in m.samples if s.name == "kvmcpu_guest_info"}
+    configs = {
+        s.labels["cpu_config"] for m in reg.collect() for s in m.samples if s.name == "kvmcpu_guest_info"
+    }
     assert len(configs) == 3
     matrix = [s for m in reg.collect() for s in m.samples if s.name == "kvmcpu_guest_config_cpu_feature"]
     assert len(matrix) == 3 * len(DEFAULT_WATCHLIST)
@@ -351,9 +401,12 @@ def test_full_matrix_opt_in_agrees_with_the_per_config_series(procfs: Path) -> N
         for feature in DEFAULT_WATCHLIST:
             for name in ("kvmcpu_guest_cpu_feature", "kvmcpu_guest_cpu_feature_hidden"):
                 assert reg.get_sample_value(name, {"guest": guest, "feature": feature}) == g(
-                    name, {"guest": guest, "feature": feature}), (guest, feature, name)
-    hidden = sum(reg.get_sample_value("kvmcpu_guest_cpu_feature_hidden", {"guest": "west", "feature": f}) or 0
-                 for f in DEFAULT_WATCHLIST)
+                    name, {"guest": guest, "feature": feature}
+                ), (guest, feature, name)
+    hidden = sum(
+        reg.get_sample_value("kvmcpu_guest_cpu_feature_hidden", {"guest": "west", "feature": f}) or 0
+        for f in DEFAULT_WATCHLIST
+    )
     assert g("kvmcpu_guest_cpu_features_hidden", {"guest": "west"}) == hidden > 0
 
 
@@ -394,11 +447,19 @@ def test_levels_hazards_and_what_the_guest_os_shows(tmp_path: Path) -> None:
     cfg = _config_of(reg, "sb")
     assert cfg is not None
     for feature in ("avx", "avx2"):
-        assert reg.get_sample_value("kvmcpu_guest_config_hazard",
-                                    {"cpu_config": cfg, "feature": feature, "requires": "xsave"}) == 1
+        assert (
+            reg.get_sample_value(
+                "kvmcpu_guest_config_hazard", {"cpu_config": cfg, "feature": feature, "requires": "xsave"}
+            )
+            == 1
+        )
     assert reg.get_sample_value("kvmcpu_guest_config_x86_64_level", {"cpu_config": cfg}) == 2
-    missing = {s.labels["feature"] for m in reg.collect() for s in m.samples
-               if s.name == "kvmcpu_guest_config_x86_64_level_missing" and s.labels["cpu_config"] == cfg}
+    missing = {
+        s.labels["feature"]
+        for m in reg.collect()
+        for s in m.samples
+        if s.name == "kvmcpu_guest_config_x86_64_level_missing" and s.labels["cpu_config"] == cfg
+    }
     assert "xsave" in missing and "fma" in missing and "avx" not in missing
     # the accelerator's full set (-cpu max under TCG) is what the host could give
     assert reg.get_sample_value("kvmcpu_host_exposable_x86_64_level") is not None

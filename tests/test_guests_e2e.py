@@ -26,7 +26,10 @@ GUESTS: dict[str, tuple[str | None, dict[str, int]]] = {
     "g-qemu64-aes": ("qemu64,+aes", {"aes": 1, "avx": 0, "xsave": 0}),
     # PLATFORM.md: the guest lists avx and avx2 but not xsaveopt (QEMU hides CPUID leaf 0xD),
     # although QEMU's own expansion says xsaveopt=on
-    "g-sb-noxsave": ("SandyBridge,avx2=on,xsave=off", {"aes": 1, "avx": 1, "avx2": 1, "xsave": 0, "xsaveopt": 0}),
+    "g-sb-noxsave": (
+        "SandyBridge,avx2=on,xsave=off",
+        {"aes": 1, "avx": 1, "avx2": 1, "xsave": 0, "xsaveopt": 0},
+    ),
     "g-haswell-noavx": ("Haswell-noTSX,-avx", {"avx": 0, "avx2": 1, "fma": 1, "f16c": 1, "xsave": 1}),
 }
 
@@ -83,17 +86,18 @@ def test_daemon_reports_real_guests(start_daemon, qemu_guest, tmp_path: Path, so
     qemu_guest("-cpu", "max,+avx512f", "-qmp", f"unix:{qmp},server=on,wait=off", name="g-live")
     config = tmp_path / "exporter.yml"
     config.write_text(
-        "qemu:\n  accelerators: [tcg]\n"
-        f"guests:\n  qmp_sockets:\n    - guest: g-live\n      path: {qmp}\n"
+        f"qemu:\n  accelerators: [tcg]\nguests:\n  qmp_sockets:\n    - guest: g-live\n      path: {qmp}\n"
     )
     daemon = start_daemon(f"--config.file={config}", "--no-canary.enabled", "--no-collector.canary")
 
     names = [*GUESTS, "g-live"]
 
     def all_known(m: Metrics) -> bool:
-        return all(_value(m, "kvmcpu_guest_cpu_model_known", guest=n) == 1 for n in names) and (
-            _value(m, "kvmcpu_guest_live_check_success", guest="g-live") == 1
-        ) and _value(m, "kvmcpu_host_exposable_x86_64_level") is not None  # once QEMU was probed
+        return (
+            all(_value(m, "kvmcpu_guest_cpu_model_known", guest=n) == 1 for n in names)
+            and (_value(m, "kvmcpu_guest_live_check_success", guest="g-live") == 1)
+            and _value(m, "kvmcpu_host_exposable_x86_64_level") is not None
+        )  # once QEMU was probed
 
     m = daemon.wait_for(lambda m: m if all_known(m) else None, timeout=60)
     host = read_cpuinfo(Path("/proc")).flags_everywhere()
@@ -139,8 +143,9 @@ def test_daemon_reports_real_guests(start_daemon, qemu_guest, tmp_path: Path, so
     m = daemon.wait_for(changed, timeout=30)
     assert _value(m, "kvmcpu_guests") == len(_infos(m))
     assert _feature(m, "kvmcpu_guest_cpu_feature", "g-westmere-noaes", "aes") is None
-    m = daemon.wait_for(lambda m: m if _value(m, "kvmcpu_guest_cpu_model_known", guest="g-late") else None,
-                        timeout=30)
+    m = daemon.wait_for(
+        lambda m: m if _value(m, "kvmcpu_guest_cpu_model_known", guest="g-late") else None, timeout=30
+    )
     assert _feature(m, "kvmcpu_guest_cpu_feature", "g-late", "aes") == 1
     assert "Traceback" not in daemon.log()
 
@@ -157,8 +162,11 @@ def test_live_check_direct(qemu_guest, sock_dir: Path) -> None:  # type: ignore[
     assert filtered == {"avx512f"}
     missing = sock_dir / "missing.sock"
     checker = LiveChecker(
-        [QmpSocketConfig("g-direct", str(qmp)), QmpSocketConfig("gone", str(missing)),
-         QmpSocketConfig("libvirt", "/var/lib/libvirt/qemu/domain-1-x/monitor.sock")],
+        [
+            QmpSocketConfig("g-direct", str(qmp)),
+            QmpSocketConfig("gone", str(missing)),
+            QmpSocketConfig("libvirt", "/var/lib/libvirt/qemu/domain-1-x/monitor.sock"),
+        ],
         clock=lambda: 42.0,
     )
     assert checker.check_all() is False

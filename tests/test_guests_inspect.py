@@ -19,7 +19,14 @@ def test_inspect_shows_guests_and_missing_features(qemu_guest, tmp_path: Path) -
     proc = qemu_guest("-cpu", "Westmere,-aes,+avx512f", name="g-inspect")
     config = tmp_path / "c.yml"
     config.write_text("qemu:\n  accelerators: [tcg]\n")
-    args = [sys.executable, "-m", "exporter", "inspect", f"--config.file={config}", f"--path.cache-dir={CACHE_DIR}"]
+    args = [
+        sys.executable,
+        "-m",
+        "exporter",
+        "inspect",
+        f"--config.file={config}",
+        f"--path.cache-dir={CACHE_DIR}",
+    ]
     out = subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
@@ -37,7 +44,7 @@ def test_inspect_shows_guests_and_missing_features(qemu_guest, tmp_path: Path) -
     assert mine["filtered"] == ["avx512f"]
     text = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert text.returncode == 0, text.stderr
-    lines = text.stdout[text.stdout.index("\nGuests"):].splitlines()
+    lines = text.stdout[text.stdout.index("\nGuests") :].splitlines()
     i = next(n for n, ln in enumerate(lines) if ln.strip().startswith("g-inspect "))
     assert "-cpu Westmere" in lines[i]
     missing = lines[i + 1].split("missing:")[1].strip().split(", ")
@@ -50,7 +57,7 @@ def test_inspect_shows_guests_and_missing_features(qemu_guest, tmp_path: Path) -
         "    level: x86-64-v2: RHEL/CentOS Stream/Rocky/Oracle 10 needs v3, "
         "missing avx, avx2, bmi1, bmi2, f16c, fma, abm, movbe, xsave"
     )
-    host_section = text.stdout[text.stdout.index("Host CPU"):text.stdout.index("\nWatched")]
+    host_section = text.stdout[text.stdout.index("Host CPU") : text.stdout.index("\nWatched")]
     kinds = len(read_cpuinfo(Path("/proc")).identities())
     # one "(N logical CPUs)" per kind of CPU; the total only where kinds differ
     assert host_section.count("logical CPUs") == kinds + (1 if kinds > 1 else 0)
@@ -64,16 +71,29 @@ def test_inspect_reports_hazardous_cpu_configurations(qemu_guest, tmp_path: Path
     qemu_guest("-cpu", "qemu64,+aes", name="g-q64-aes")
     config = tmp_path / "c.yml"
     config.write_text("qemu:\n  accelerators: [tcg]\n")
-    args = [sys.executable, "-m", "exporter", "inspect", f"--config.file={config}", f"--path.cache-dir={CACHE_DIR}"]
+    args = [
+        sys.executable,
+        "-m",
+        "exporter",
+        "inspect",
+        f"--config.file={config}",
+        f"--path.cache-dir={CACHE_DIR}",
+    ]
     out = subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     guests = {g["guest"]: g for g in json.loads(out.stdout)["guests"]["guests"]}
     sb, q64 = guests["g-sb-noxsave"], guests["g-q64-aes"]
-    assert sb["hazards"] == [{"feature": "avx", "requires": ["xsave"]}, {"feature": "avx2", "requires": ["xsave"]}]
+    assert sb["hazards"] == [
+        {"feature": "avx", "requires": ["xsave"]},
+        {"feature": "avx2", "requires": ["xsave"]},
+    ]
     assert "avx" in sb["features"] and "xsaveopt" not in sb["features"]  # what the guest OS lists
     assert sb["x86_64_level"] == 2  # glibc does not count AVX without XSAVE
     assert q64["hazards"] == [{"feature": "aes", "requires": ["ssse3", "pclmulqdq", "sse4_1"]}]
     assert q64["x86_64_level"] == 1
     text = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT).stdout
     assert "    HAZARD: shows avx without xsave (code trusting the flag gets invalid opcode)" in text
-    assert "    HAZARD: shows aes without ssse3, pclmulqdq, sse4_1 (code trusting the flag gets invalid opcode)" in text
+    assert (
+        "    HAZARD: shows aes without ssse3, pclmulqdq, sse4_1 (code trusting the flag gets invalid opcode)"
+        in text
+    )

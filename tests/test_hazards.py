@@ -126,20 +126,45 @@ def test_usable_features_follow_what_the_guest_listed() -> None:
     ("spec", "features", "expected", "crash"),
     [
         # observed guest_panic on the canary kernel
-        ("qemu64,+aes", V1 | {"pni", "cx16", "lahf_lm", "aes"},
-         {Hazard("aes", ("ssse3", "pclmulqdq", "sse4_1"))}, True),
-        ("qemu64,+aes,+ssse3,+pclmulqdq", V1 | {"pni", "aes", "ssse3", "pclmulqdq"},
-         {Hazard("aes", ("sse4_1",))}, True),
+        (
+            "qemu64,+aes",
+            V1 | {"pni", "cx16", "lahf_lm", "aes"},
+            {Hazard("aes", ("ssse3", "pclmulqdq", "sse4_1"))},
+            True,
+        ),
+        (
+            "qemu64,+aes,+ssse3,+pclmulqdq",
+            V1 | {"pni", "aes", "ssse3", "pclmulqdq"},
+            {Hazard("aes", ("sse4_1",))},
+            True,
+        ),
         ("Westmere,-pclmulqdq", WESTMERE - {"pclmulqdq"}, {Hazard("aes", ("pclmulqdq",))}, True),
         ("Westmere,-sse4.1", WESTMERE - {"sse4_1"}, {Hazard("aes", ("sse4_1",))}, True),
-        ("SandyBridge,avx2=on,xsave=off", (SANDYBRIDGE | {"avx2"}) - {"xsave"},
-         {Hazard("avx", ("xsave",)), Hazard("avx2", ("xsave",))}, True),
-        ("Haswell-noTSX,-avx", HASWELL - {"avx"},
-         {Hazard("avx2", ("avx",)), Hazard("f16c", ("avx",)), Hazard("fma", ("avx",))}, True),
+        (
+            "SandyBridge,avx2=on,xsave=off",
+            (SANDYBRIDGE | {"avx2"}) - {"xsave"},
+            {Hazard("avx", ("xsave",)), Hazard("avx2", ("xsave",))},
+            True,
+        ),
+        (
+            "Haswell-noTSX,-avx",
+            HASWELL - {"avx"},
+            {Hazard("avx2", ("avx",)), Hazard("f16c", ("avx",)), Hazard("fma", ("avx",))},
+            True,
+        ),
         # observed success: the canary's workload never runs the flag-trusting code without aes
-        ("max,-xsave,-aes", (HASWELL | {"vaes"}) - {"xsave", "aes"},
-         {Hazard("avx", ("xsave",)), Hazard("avx2", ("xsave",)), Hazard("f16c", ("xsave",)),
-          Hazard("fma", ("xsave",)), Hazard("vaes", ("xsave",))}, False),
+        (
+            "max,-xsave,-aes",
+            (HASWELL | {"vaes"}) - {"xsave", "aes"},
+            {
+                Hazard("avx", ("xsave",)),
+                Hazard("avx2", ("xsave",)),
+                Hazard("f16c", ("xsave",)),
+                Hazard("fma", ("xsave",)),
+                Hazard("vaes", ("xsave",)),
+            },
+            False,
+        ),
         ("qemu64,+pclmulqdq", V1 | {"pni", "pclmulqdq"}, {Hazard("pclmulqdq", ("ssse3",))}, False),
         # consistent configurations
         ("qemu64,+aes,+ssse3,+pclmulqdq,+sse4.1", V1 | {"aes", "ssse3", "pclmulqdq", "sse4_1"}, set(), False),

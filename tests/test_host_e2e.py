@@ -37,8 +37,19 @@ def test_scrape_matches_this_host(start_daemon) -> None:  # type: ignore[no-unty
     count, flags, idents = cpuinfo_facts(Path("/proc/cpuinfo").read_text())
     assert sample(m, "kvmcpu_host_cpus") == count
     for vendor, name, family, model, stepping, microcode in idents:
-        assert sample(m, "kvmcpu_host_cpu_info", vendor=vendor, model_name=name, family=family, model=model,
-                      stepping=stepping, microcode=microcode) == 1
+        assert (
+            sample(
+                m,
+                "kvmcpu_host_cpu_info",
+                vendor=vendor,
+                model_name=name,
+                family=family,
+                model=model,
+                stepping=stepping,
+                microcode=microcode,
+            )
+            == 1
+        )
     assert sum(1 for (n, _) in m if n == "kvmcpu_host_cpu_info") == len(idents)
     for feature in DEFAULT_WATCHLIST:
         n = sum(1 for f in flags if feature in f)
@@ -46,8 +57,9 @@ def test_scrape_matches_this_host(start_daemon) -> None:  # type: ignore[no-unty
         assert sample(m, "kvmcpu_host_cpu_feature", feature=feature) == (1.0 if n == count else 0.0), feature
 
     crypto = Path("/proc/crypto").read_text()
-    series = {dict(labels)["algorithm"]: dict(labels) for (n, labels) in m
-              if n == "kvmcpu_host_crypto_driver_info"}
+    series = {
+        dict(labels)["algorithm"]: dict(labels) for (n, labels) in m if n == "kvmcpu_host_crypto_driver_info"
+    }
     aesni = False
     for algorithm in WATCHED_AES_ALGORITHMS:
         want = crypto_selected(crypto, algorithm)
@@ -55,8 +67,12 @@ def test_scrape_matches_this_host(start_daemon) -> None:  # type: ignore[no-unty
             assert algorithm not in series
             continue
         drv, module, prio = want
-        assert series[algorithm] == {"algorithm": algorithm, "driver": drv, "module": module,
-                                     "priority": str(prio)}
+        assert series[algorithm] == {
+            "algorithm": algorithm,
+            "driver": drv,
+            "module": module,
+            "priority": str(prio),
+        }
         aesni |= algorithm in AESNI_DECIDING and "aesni" in drv + module
     assert sample(m, "kvmcpu_host_aesni_active") == float(aesni)
     modules_file = Path("/proc/modules")
@@ -96,8 +112,10 @@ def test_garbled_cpuinfo_fails_only_the_cpu_collector(start_daemon) -> None:  # 
     assert errors is not None and errors > 0
     # it keeps serving, and keeps counting
     second = d.metrics()
-    assert sample(second, "kvmcpu_scrape_collector_errors_total", collector="cpu",
-                  reason="parse_error") == errors + 1
+    assert (
+        sample(second, "kvmcpu_scrape_collector_errors_total", collector="cpu", reason="parse_error")
+        == errors + 1
+    )
     assert d.get("/-/healthy")[0] == 200
     lines = [ln for ln in d.log().splitlines() if "level=error" in ln]
     assert lines and all(str(root / "cpuinfo") in ln and "collector=cpu" in ln for ln in lines), d.log()
@@ -114,14 +132,35 @@ def test_invalid_config_lists_every_problem_and_binds_nothing(tmp_path: Path) ->
         "colectors: {cpu: true}\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "exporter", "serve", f"--config.file={cfg}", f"--web.listen-address=127.0.0.1:{port}",
-         "--log.format=xml", "--path.procfs=/nonexistent/proc", *HOST_ONLY],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "exporter",
+            "serve",
+            f"--config.file={cfg}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.format=xml",
+            "--path.procfs=/nonexistent/proc",
+            *HOST_ONLY,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr
-    for needle in ("log.level", "chatty", "canary.rounds", "canary.size_mib", "colectors", "log.format",
-                   "xml", "paths.procfs", "/nonexistent/proc"):
+    for needle in (
+        "log.level",
+        "chatty",
+        "canary.rounds",
+        "canary.size_mib",
+        "colectors",
+        "log.format",
+        "xml",
+        "paths.procfs",
+        "/nonexistent/proc",
+    ):
         assert needle in err, (needle, err)
     assert "Traceback" not in err and "listening" not in err
     # the flag overrode the file's bad listen address, so that one is not a problem
@@ -136,9 +175,19 @@ def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
         busy.listen(1)
         port = busy.getsockname()[1]
         proc = subprocess.run(
-            [sys.executable, "-m", "exporter", "serve", f"--web.listen-address=127.0.0.1:{port}",
-             f"--path.state-dir={tmp_path / 'state'}", *HOST_ONLY],
-            cwd=ROOT, capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "exporter",
+                "serve",
+                f"--web.listen-address=127.0.0.1:{port}",
+                f"--path.state-dir={tmp_path / 'state'}",
+                *HOST_ONLY,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     assert proc.returncode != 0
     errors = [ln for ln in proc.stderr.splitlines() if "level=error" in ln]

@@ -21,13 +21,20 @@ JSON_KEYS = {"version", "paths", "host", "features", "crypto", "qemu", "guests",
 
 
 def inspect(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "exporter", "inspect", *args], cwd=ROOT, text=True,
-                          capture_output=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", "inspect", *args],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
 
 
 def on_fixture(name: str, *args: str) -> subprocess.CompletedProcess[str]:
     root = fixture(name)
-    return inspect(f"--path.procfs={root}", f"--path.sysfs={fixture_sysfs(name)}", f"--qemu.binary={NO_QEMU}", *args)
+    return inspect(
+        f"--path.procfs={root}", f"--path.sysfs={fixture_sysfs(name)}", f"--qemu.binary={NO_QEMU}", *args
+    )
 
 
 def test_text_report_on_the_guides_broadwell_host() -> None:
@@ -56,7 +63,12 @@ def test_json_report_on_a_heterogeneous_host() -> None:
     assert sorted(i["microcode"] for i in doc["host"]["identities"]) == ["0x2000065", "0x2006e05"]
     features = {f["feature"]: f for f in doc["features"]}
     assert list(features) == list(DEFAULT_WATCHLIST)
-    assert features["avx512f"] == {"feature": "avx512f", "host": "some", "host_cpus": 2, "qemu_exposable": None}
+    assert features["avx512f"] == {
+        "feature": "avx512f",
+        "host": "some",
+        "host_cpus": 2,
+        "qemu_exposable": None,
+    }
     assert features["avx2"]["host"] == "all" and features["sha_ni"]["host"] == "none"
     assert doc["crypto"]["aesni_active"] is True
     assert {a["algorithm"] for a in doc["crypto"]["algorithms"]} == set(WATCHED_AES_ALGORITHMS)
@@ -85,7 +97,9 @@ def test_garbled_cpuinfo_is_an_error_line_and_the_rest_is_reported() -> None:
 
 
 def test_nothing_inspectable_exits_1(tmp_path: Path) -> None:
-    proc = inspect(f"--path.procfs={tmp_path}", f"--path.sysfs={tmp_path}", f"--qemu.binary={NO_QEMU}", "--json")
+    proc = inspect(
+        f"--path.procfs={tmp_path}", f"--path.sysfs={tmp_path}", f"--qemu.binary={NO_QEMU}", "--json"
+    )
     assert proc.returncode == 1
     doc = json.loads(proc.stdout)
     assert [e.split(":")[0] for e in doc["errors"]] == ["host", "crypto", "qemu"]

@@ -56,15 +56,21 @@ def test_bridge_and_tap_live_only_in_the_private_namespace() -> None:
         assert links[BRIDGE]["kind"] == "bridge" and links[BRIDGE]["up"]
         assert links[TAP]["kind"] == "tun" and links[TAP]["master"] == BRIDGE
         assert host_links() == before  # nothing appeared in the host namespace
-        tun = subprocess.run(["ip", "-n", net.netns, "-d", "link", "show", TAP],
-                             capture_output=True, text=True, check=True).stdout
+        tun = subprocess.run(
+            ["ip", "-n", net.netns, "-d", "link", "show", TAP], capture_output=True, text=True, check=True
+        ).stdout
         assert "tap" in tun and f"user {NOBODY}" in tun.replace("user nobody", f"user {NOBODY}")
         with NetNS(net.netns) as ns:  # no uplink: nothing addressed, nothing routed
             assert list(ns.get_addr()) == []  # not even an IPv6 link-local address
             assert list(ns.get_routes(family=socket.AF_INET)) == []
             assert not [r for r in ns.get_routes(family=socket.AF_INET6) if r.get_attr("RTA_GATEWAY")]
         (fd,) = net.pass_fds
-        assert net.qemu_args == ["-netdev", f"tap,id=n0,fd={fd}", "-device", "virtio-net-pci,netdev=n0,romfile="]
+        assert net.qemu_args == [
+            "-netdev",
+            f"tap,id=n0,fd={fd}",
+            "-device",
+            "virtio-net-pci,netdev=n0,romfile=",
+        ]
         assert _fd_attachment(os.getpid(), fd) == TAP  # the daemon holds the tap, QEMU inherits it
         name = net.netns
     assert not netns_exists(name)
@@ -73,14 +79,18 @@ def test_bridge_and_tap_live_only_in_the_private_namespace() -> None:
 
 def test_an_entered_process_sees_only_the_private_links() -> None:
     with isolated_network("enter") as net:
-        out = subprocess.run(["ip", "-o", "link"], preexec_fn=net.enter, capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run(
+            ["ip", "-o", "link"], preexec_fn=net.enter, capture_output=True, text=True, check=True
+        ).stdout
         names = {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
         assert names == {"lo", BRIDGE, TAP}
         # and it cannot reach the host over loopback either: its lo is its own, and down
         probe = subprocess.run(
             ["python3", "-c", "import socket; socket.create_connection(('127.0.0.1', 22), timeout=2)"],
-            preexec_fn=net.enter, capture_output=True, text=True)
+            preexec_fn=net.enter,
+            capture_output=True,
+            text=True,
+        )
         assert probe.returncode != 0 and "unreachable" in probe.stderr.lower()
 
 
@@ -140,9 +150,15 @@ def test_unprivileged_qemu_runs_on_the_private_tap() -> None:
     # descriptor is what lets the unprivileged QEMU use the network at all
     with isolated_network("qemu") as net:
         cmd = [QEMU, "-S", "-nodefaults", "-display", "none", "-m", "32", "-accel", "tcg", *net.qemu_args]
-        qemu = subprocess.Popen(cmd, preexec_fn=lambda: enter_then_drop(net), pass_fds=net.pass_fds,
-                                stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        qemu = subprocess.Popen(
+            cmd,
+            preexec_fn=lambda: enter_then_drop(net),
+            pass_fds=net.pass_fds,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         try:
             deadline = time.monotonic() + 20
             attached = None
@@ -169,10 +185,26 @@ def test_canary_with_an_isolated_profile_runs_and_cleans_up(tmp_path: Path) -> N
     cfg = tmp_path / "config.yml"
     cfg.write_text("canary:\n  profiles:\n    - {name: iso, cpu: max, accel: tcg, network: isolated}\n")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "exporter", "canary", "run", f"--config.file={cfg}",
-         f"--path.state-dir={tmp_path / 'state'}", f"--path.cache-dir={CACHE_DIR}", "--profile=iso",
-         "--cipher=aes-xts-plain", "--size-mib=4", "--rounds=1", "--json", "--log.level=debug"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "exporter",
+            "canary",
+            "run",
+            f"--config.file={cfg}",
+            f"--path.state-dir={tmp_path / 'state'}",
+            f"--path.cache-dir={CACHE_DIR}",
+            "--profile=iso",
+            "--cipher=aes-xts-plain",
+            "--size-mib=4",
+            "--rounds=1",
+            "--json",
+            "--log.level=debug",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
     )
     try:
         stdout, stderr = proc.communicate(timeout=240)

@@ -29,13 +29,35 @@ PSABI: dict[int, tuple[str, ...]] = {
 #: name, lower case, unless a "quoted" name overrides it: XMM3 "pni", LZCNT is ABM's bit,
 #: SYSCALL "syscall"). None: no flag of its own (OS state, folded into another row).
 CPUINFO: dict[str, str | None] = {
-    "CMOV": "cmov", "CX8": "cx8", "FPU": "fpu", "FXSR": "fxsr", "MMX": "mmx", "OSFXSR": None,
-    "SCE": "syscall", "SSE": "sse", "SSE2": "sse2",
-    "CMPXCHG16B": "cx16", "LAHF-SAHF": "lahf_lm", "POPCNT": "popcnt", "SSE3": "pni", "SSE4_1": "sse4_1",
-    "SSE4_2": "sse4_2", "SSSE3": "ssse3",
-    "AVX": "avx", "AVX2": "avx2", "BMI1": "bmi1", "BMI2": "bmi2", "F16C": "f16c", "FMA": "fma",
-    "LZCNT": "abm", "MOVBE": "movbe", "OSXSAVE": "xsave",
-    "AVX512F": "avx512f", "AVX512BW": "avx512bw", "AVX512CD": "avx512cd", "AVX512DQ": "avx512dq",
+    "CMOV": "cmov",
+    "CX8": "cx8",
+    "FPU": "fpu",
+    "FXSR": "fxsr",
+    "MMX": "mmx",
+    "OSFXSR": None,
+    "SCE": "syscall",
+    "SSE": "sse",
+    "SSE2": "sse2",
+    "CMPXCHG16B": "cx16",
+    "LAHF-SAHF": "lahf_lm",
+    "POPCNT": "popcnt",
+    "SSE3": "pni",
+    "SSE4_1": "sse4_1",
+    "SSE4_2": "sse4_2",
+    "SSSE3": "ssse3",
+    "AVX": "avx",
+    "AVX2": "avx2",
+    "BMI1": "bmi1",
+    "BMI2": "bmi2",
+    "F16C": "f16c",
+    "FMA": "fma",
+    "LZCNT": "abm",
+    "MOVBE": "movbe",
+    "OSXSAVE": "xsave",
+    "AVX512F": "avx512f",
+    "AVX512BW": "avx512bw",
+    "AVX512CD": "avx512cd",
+    "AVX512DQ": "avx512dq",
     "AVX512VL": "avx512vl",
 }
 
@@ -90,7 +112,9 @@ def test_levels_of_real_qemu_models_under_tcg() -> None:
     AVX-512."""
     knowledge = QemuKnowledge()
     try:
-        levels = {m: level_of(knowledge.expand(m, accel="tcg").features) for m in ("qemu64", "Westmere", "max")}
+        levels = {
+            m: level_of(knowledge.expand(m, accel="tcg").features) for m in ("qemu64", "Westmere", "max")
+        }
     finally:
         knowledge.stop()
     assert levels == {"qemu64": 1, "Westmere": 2, "max": 3}

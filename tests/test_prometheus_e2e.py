@@ -40,36 +40,54 @@ PROFILES = ("aesni", "noaesni")
 
 #: (dashboard uid, panel title) -> why the query has no data on one test host
 EXPECTED_EMPTY = {
-    ("kvmcpu-exposure", "Features on only some CPUs"):
-        "needs a host whose logical CPUs differ in features (mixed CPUs or microcode)",
-    ("kvmcpu-exposure", "Features QEMU filtered out"):
-        "needs a guest with a configured QMP socket whose accelerator filtered a requested feature",
-    ("kvmcpu-canary", "Failures by reason (time range)"):
-        "rows of reasons that did not occur are hidden (> 0); every canary run here succeeds",
-    ("kvmcpu-migration", "Hosts lacking a feature others have"):
-        "needs two hosts with different CPU features",
-    ("kvmcpu-migration", "Guests using features some host lacks"):
-        "needs two hosts with different CPU features",
-    ("kvmcpu-migration", "Guests that could not move to every host"):
-        "needs two hosts with different CPU features (tests/test_fleet_report.py covers it)",
-    ("kvmcpu-migration", "Features that stop guest configurations from moving"):
-        "needs two hosts with different CPU features (tests/test_fleet_report.py covers it)",
+    (
+        "kvmcpu-exposure",
+        "Features on only some CPUs",
+    ): "needs a host whose logical CPUs differ in features (mixed CPUs or microcode)",
+    (
+        "kvmcpu-exposure",
+        "Features QEMU filtered out",
+    ): "needs a guest with a configured QMP socket whose accelerator filtered a requested feature",
+    (
+        "kvmcpu-canary",
+        "Failures by reason (time range)",
+    ): "rows of reasons that did not occur are hidden (> 0); every canary run here succeeds",
+    (
+        "kvmcpu-migration",
+        "Hosts lacking a feature others have",
+    ): "needs two hosts with different CPU features",
+    (
+        "kvmcpu-migration",
+        "Guests using features some host lacks",
+    ): "needs two hosts with different CPU features",
+    (
+        "kvmcpu-migration",
+        "Guests that could not move to every host",
+    ): "needs two hosts with different CPU features (tests/test_fleet_report.py covers it)",
+    (
+        "kvmcpu-migration",
+        "Features that stop guest configurations from moving",
+    ): "needs two hosts with different CPU features (tests/test_fleet_report.py covers it)",
 }
 
 
 def _canary_config(tmp_path: Path) -> Path:
     """One cipher; never skip as busy (8 engineers share 2 cores) and no duty-cycle limit."""
     path = tmp_path / "exporter.yml"
-    path.write_text(yaml.safe_dump({
-        "canary": {
-            "ciphers": [CIPHER],
-            "jitter_seconds": 0,
-            "busy_load_per_core": 1000.0,
-            "busy_cpu_percent": 100.0,
-            "duty_cycle_percent": 100.0,
-            "timeout_seconds": 240.0,
-        },
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "canary": {
+                    "ciphers": [CIPHER],
+                    "jitter_seconds": 0,
+                    "busy_load_per_core": 1000.0,
+                    "busy_cpu_percent": 100.0,
+                    "duty_cycle_percent": 100.0,
+                    "timeout_seconds": 240.0,
+                },
+            }
+        )
+    )
     return path
 
 
@@ -107,7 +125,12 @@ def test_alerts_and_dashboards_against_real_prometheus(  # type: ignore[no-untyp
 ) -> None:
     daemon = start_daemon(
         f"--config.file={_canary_config(tmp_path)}",
-        "--canary.interval", "2", "--canary.size-mib", "8", "--canary.rounds", "2",
+        "--canary.interval",
+        "2",
+        "--canary.size-mib",
+        "8",
+        "--canary.rounds",
+        "2",
     )
     guest = qemu_guest("-cpu", "qemu64", name=GUEST)
     hazard_guest = qemu_guest("-cpu", "qemu64,+aes", name=HAZARD_GUEST)
@@ -116,37 +139,53 @@ def test_alerts_and_dashboards_against_real_prometheus(  # type: ignore[no-untyp
     wait_until(prom.targets_up, 30, "the exporter target to be up")
 
     # -- 1. the guide's -cpu qemu64 case -----------------------------------------------------
-    host_aes = wait_until(lambda: prom.query('kvmcpu_host_cpu_feature{feature="aes"}'), 30,
-                          "kvmcpu_host_cpu_feature{feature=aes} in Prometheus")
+    host_aes = wait_until(
+        lambda: prom.query('kvmcpu_host_cpu_feature{feature="aes"}'),
+        30,
+        "kvmcpu_host_cpu_feature{feature=aes} in Prometheus",
+    )
     assert float(host_aes[0]["value"][1]) == 1, "precondition: this host's CPU has AES-NI"
     state = wait_until(
-        lambda: _alert_state(prom, "KvmCpuGuestAesNiHidden", guest=GUEST, instance=instance), 90,
+        lambda: _alert_state(prom, "KvmCpuGuestAesNiHidden", guest=GUEST, instance=instance),
+        90,
         f"KvmCpuGuestAesNiHidden for {GUEST}",
     )
     assert state == "pending", f"the rule has for: 10m, so it must be pending, not {state}"
-    (alert,) = [a for a in prom.alerts() if a["labels"]["alertname"] == "KvmCpuGuestAesNiHidden"
-                and a["labels"].get("guest") == GUEST]
+    (alert,) = [
+        a
+        for a in prom.alerts()
+        if a["labels"]["alertname"] == "KvmCpuGuestAesNiHidden" and a["labels"].get("guest") == GUEST
+    ]
     assert alert["labels"]["severity"] == "warning"
     assert "qemu64" in alert["annotations"]["description"], alert["annotations"]
     assert alert["annotations"]["runbook_url"].endswith("#kvmcpuguestaesnihidden")
     # the default setting: no per-guest feature matrix reaches Prometheus
     assert prom.query("kvmcpu_guest_cpu_feature") == []
     state = wait_until(
-        lambda: _alert_state(prom, "KvmCpuGuestX86LevelTooLow", guest=GUEST, instance=instance), 60,
+        lambda: _alert_state(prom, "KvmCpuGuestX86LevelTooLow", guest=GUEST, instance=instance),
+        60,
         f"KvmCpuGuestX86LevelTooLow for {GUEST}",
     )
     assert state == "pending"
-    (alert,) = [a for a in prom.alerts() if a["labels"]["alertname"] == "KvmCpuGuestX86LevelTooLow"
-                and a["labels"].get("guest") == GUEST]
+    (alert,) = [
+        a
+        for a in prom.alerts()
+        if a["labels"]["alertname"] == "KvmCpuGuestX86LevelTooLow" and a["labels"].get("guest") == GUEST
+    ]
     assert "x86-64-v1, below the required x86-64-v2" in alert["annotations"]["description"]
     assert "popcnt" in alert["annotations"]["description"]
     state = wait_until(
-        lambda: _alert_state(prom, "KvmCpuGuestCpuConfigHazard", guest=HAZARD_GUEST, instance=instance), 60,
+        lambda: _alert_state(prom, "KvmCpuGuestCpuConfigHazard", guest=HAZARD_GUEST, instance=instance),
+        60,
         f"KvmCpuGuestCpuConfigHazard for {HAZARD_GUEST}",
     )
     assert state == "pending"
-    (alert,) = [a for a in prom.alerts() if a["labels"]["alertname"] == "KvmCpuGuestCpuConfigHazard"
-                and a["labels"].get("guest") == HAZARD_GUEST]
+    (alert,) = [
+        a
+        for a in prom.alerts()
+        if a["labels"]["alertname"] == "KvmCpuGuestCpuConfigHazard"
+        and a["labels"].get("guest") == HAZARD_GUEST
+    ]
     assert "aes without ssse3,pclmulqdq,sse4_1" in alert["annotations"]["description"]
     assert _alert_state(prom, "KvmCpuGuestCpuConfigHazard", guest=GUEST) is None
 
@@ -157,8 +196,11 @@ def test_alerts_and_dashboards_against_real_prometheus(  # type: ignore[no-untyp
 
     wait_until(both_succeeded, 240, "a successful canary run of both profiles", interval=2)
     wait_until(lambda: prom.query("kvmcpu_canary_aesni_speedup_ratio"), 30, "the speedup ratio")
-    wait_until(lambda: prom.query("instance_cipher_op:kvmcpu_canary_aesni_speedup_ratio:mean1h"), 30,
-               "the speedup recording rule")
+    wait_until(
+        lambda: prom.query("instance_cipher_op:kvmcpu_canary_aesni_speedup_ratio:mean1h"),
+        30,
+        "the speedup recording rule",
+    )
     # the exposure alert must stay pending through all this (and the guest must still be seen)
     assert _alert_state(prom, "KvmCpuGuestAesNiHidden", guest=GUEST) == "pending"
 
@@ -191,17 +233,26 @@ def test_alerts_and_dashboards_against_real_prometheus(  # type: ignore[no-untyp
     active = _value(prom, f'kvmcpu_host_aesni_active{{instance="{instance}"}}')
     assert active is not None
     expected = "pending" if active == 0 else None
-    wait_until(lambda: _alert_state(prom, "KvmCpuHostAesNiDriverNotUsed", instance=instance) == expected
-               or None, 15, f"KvmCpuHostAesNiDriverNotUsed to be {expected} (aesni_active={active})")
+    wait_until(
+        lambda: _alert_state(prom, "KvmCpuHostAesNiDriverNotUsed", instance=instance) == expected or None,
+        15,
+        f"KvmCpuHostAesNiDriverNotUsed to be {expected} (aesni_active={active})",
+    )
     kvm = _value(prom, f'kvmcpu_host_accelerator_usable{{instance="{instance}",accel="kvm"}}')
     if kvm is not None:
         expected = "pending" if kvm == 0 else None
-        wait_until(lambda: _alert_state(prom, "KvmCpuKvmUnusable", instance=instance) == expected or None,
-                   15, f"KvmCpuKvmUnusable to be {expected} (kvm usable={kvm})")
+        wait_until(
+            lambda: _alert_state(prom, "KvmCpuKvmUnusable", instance=instance) == expected or None,
+            15,
+            f"KvmCpuKvmUnusable to be {expected} (kvm usable={kvm})",
+        )
     # nothing else may be active: a healthy single host with fresh canaries is quiet
     unexpected = {a["labels"]["alertname"] for a in prom.alerts()} - {
-        "KvmCpuGuestAesNiHidden", "KvmCpuHostAesNiDriverNotUsed", "KvmCpuKvmUnusable",
-        "KvmCpuGuestX86LevelTooLow", "KvmCpuGuestCpuConfigHazard",
+        "KvmCpuGuestAesNiHidden",
+        "KvmCpuHostAesNiDriverNotUsed",
+        "KvmCpuKvmUnusable",
+        "KvmCpuGuestX86LevelTooLow",
+        "KvmCpuGuestCpuConfigHazard",
         # another engineer's guests on this shared machine may be non-migratable or hide aes
         "KvmCpuGuestNotMigratable",
         # a real measurement: 8 MiB, one round, on 2 cores shared by 8 engineers can be too noisy
@@ -215,7 +266,13 @@ def test_alerts_and_dashboards_against_real_prometheus(  # type: ignore[no-untyp
     guest.wait()
     hazard_guest.kill()
     hazard_guest.wait()
-    wait_until(lambda: _alert_state(prom, "KvmCpuGuestAesNiHidden", guest=GUEST) is None or None, 60,
-               f"KvmCpuGuestAesNiHidden for {GUEST} to clear")
-    wait_until(lambda: _alert_state(prom, "KvmCpuGuestCpuConfigHazard", guest=HAZARD_GUEST) is None or None,
-               60, f"KvmCpuGuestCpuConfigHazard for {HAZARD_GUEST} to clear")
+    wait_until(
+        lambda: _alert_state(prom, "KvmCpuGuestAesNiHidden", guest=GUEST) is None or None,
+        60,
+        f"KvmCpuGuestAesNiHidden for {GUEST} to clear",
+    )
+    wait_until(
+        lambda: _alert_state(prom, "KvmCpuGuestCpuConfigHazard", guest=HAZARD_GUEST) is None or None,
+        60,
+        f"KvmCpuGuestCpuConfigHazard for {HAZARD_GUEST} to clear",
+    )

@@ -52,9 +52,7 @@ def test_fixture_facts_values() -> None:
         assert reg.get_sample_value("kvmcpu_host_exposable_cpu_feature", {"feature": feature}) == want
     assert reg.get_sample_value("kvmcpu_host_exposable_cpu_feature", {"feature": "aes"}) == 1.0
     assert reg.get_sample_value("kvmcpu_host_exposable_cpu_feature", {"feature": "avx512f"}) == 0.0
-    assert reg.get_sample_value(
-        "kvmcpu_qemu_info", {"binary": facts.binary, "version": facts.version}
-    ) == 1.0
+    assert reg.get_sample_value("kvmcpu_qemu_info", {"binary": facts.binary, "version": facts.version}) == 1.0
     assert reg.get_sample_value("kvmcpu_qemu_probe_timestamp_seconds") == facts.probed_at
 
 

@@ -73,7 +73,9 @@ def test_exposable_follows_proven_accelerator(facts: HostQemuFacts, knowledge: Q
         ("Westmere,-aes,+avx2", {"avx2", "pclmulqdq"}, {"aes"}),
     ],
 )
-def test_expand_matches_qemu(knowledge: QemuKnowledge, model: str, present: set[str], absent: set[str]) -> None:
+def test_expand_matches_qemu(
+    knowledge: QemuKnowledge, model: str, present: set[str], absent: set[str]
+) -> None:
     exp = knowledge.expand(model)
     assert exp.model == model and exp.accel == "tcg"
     assert present <= exp.features, present - exp.features

@@ -20,8 +20,12 @@ from exporter.errors import UnknownCpuModel
 
 
 def _resolve(cfg: ProfileConfig, kvm: bool) -> Profile:
-    return Profile(cfg.name, "host" if kvm else cfg.cpu.replace("auto", "max"), "kvm" if kvm else "tcg",
-                   expects_aesni=cfg.expects_aesni)
+    return Profile(
+        cfg.name,
+        "host" if kvm else cfg.cpu.replace("auto", "max"),
+        "kvm" if kvm else "tcg",
+        expects_aesni=cfg.expects_aesni,
+    )
 
 
 def _config(tmp_path: Path, ciphers: tuple[str, ...] = ("aes-xts-plain", "aes-cbc-plain")) -> Config:
@@ -49,8 +53,15 @@ def _success(job: CanaryJob) -> CanaryResult:
 
 
 class Harness:
-    def __init__(self, tmp_path: Path, *, sampler: FakeSampler | None = None, cfg: Config | None = None,
-                 behaviour=_success, knowledge: FakeKnowledge | None = None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self,
+        tmp_path: Path,
+        *,
+        sampler: FakeSampler | None = None,
+        cfg: Config | None = None,
+        behaviour=_success,
+        knowledge: FakeKnowledge | None = None,
+    ) -> None:  # type: ignore[no-untyped-def]
         self.cfg = cfg or _config(tmp_path)
         self.clock = FakeClock()
         self.store = CanaryStore.for_config(self.cfg, self.clock)
@@ -70,9 +81,16 @@ class Harness:
             self.kvm_seen.append(kvm)
             return _resolve(p, kvm)
 
-        self.sched = CanaryScheduler(self.cfg, self.knowledge, self.store, runner_factory=factory,
-                                     clock=self.clock, sampler=sampler or FakeSampler(), resolver=resolver,
-                                     first_delay=0.05)
+        self.sched = CanaryScheduler(
+            self.cfg,
+            self.knowledge,
+            self.store,
+            runner_factory=factory,
+            clock=self.clock,
+            sampler=sampler or FakeSampler(),
+            resolver=resolver,
+            first_delay=0.05,
+        )
 
     def jobs(self) -> list[tuple[str, tuple[str, ...]]]:
         return [(j.profile.name, j.ciphers) for r in self.runners for j in r.jobs]
@@ -86,8 +104,11 @@ class Harness:
 def test_tick_order_puts_the_pair_first_alternating_then_the_others() -> None:
     assert [p.name for p in tick_order(default_profiles(), 1)] == ["aesni", "noaesni"]
     assert [p.name for p in tick_order(default_profiles(), 2)] == ["noaesni", "aesni"]
-    profiles = [ProfileConfig("Westmere", cpu="Westmere"), ProfileConfig("plain", expects_aesni=False),
-                ProfileConfig("fast", expects_aesni=True)]
+    profiles = [
+        ProfileConfig("Westmere", cpu="Westmere"),
+        ProfileConfig("plain", expects_aesni=False),
+        ProfileConfig("fast", expects_aesni=True),
+    ]
     assert [p.name for p in tick_order(profiles, 1)] == ["fast", "plain", "Westmere"]
     assert [p.name for p in tick_order(profiles, 4)] == ["plain", "fast", "Westmere"]
     assert [p.name for p in tick_order(profiles[:1], 3)] == ["Westmere"]  # no pair: as configured
@@ -100,9 +121,12 @@ def test_each_tick_boots_every_profile_once_with_every_cipher(tmp_path: Path) ->
         results = h.sched.tick()
         assert results is not None and [r.result for r in results] == ["success", "success"]
     assert h.jobs() == [
-        ("aesni", ciphers), ("noaesni", ciphers),
-        ("noaesni", ciphers), ("aesni", ciphers),
-        ("aesni", ciphers), ("noaesni", ciphers),
+        ("aesni", ciphers),
+        ("noaesni", ciphers),
+        ("noaesni", ciphers),
+        ("aesni", ciphers),
+        ("aesni", ciphers),
+        ("noaesni", ciphers),
     ]
     job = h.runners[0].jobs[0]
     assert job.ops == OPS and job.size_mib == 8 and job.rounds == 2
@@ -227,7 +251,9 @@ def test_resolver_errors_are_recorded_as_results(tmp_path: Path) -> None:
     assert h.runners == []
 
 
-def test_unexpected_job_errors_are_logged_and_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_unexpected_job_errors_are_logged_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     def boom(job: CanaryJob) -> CanaryResult:
         raise RuntimeError("runner exploded")
 
@@ -284,7 +310,9 @@ def test_a_scrape_never_waits_for_a_running_canary(tmp_path: Path) -> None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(CanaryCollector(h.store, ("aes",)))
         start = time.monotonic()
-        value = registry.get_sample_value("kvmcpu_canary_runs_total", {"profile": "aesni", "result": "success"})
+        value = registry.get_sample_value(
+            "kvmcpu_canary_runs_total", {"profile": "aesni", "result": "success"}
+        )
         assert time.monotonic() - start < 1.0
         assert value == 1  # the earlier result, while the canary still runs
     finally:
@@ -293,7 +321,9 @@ def test_a_scrape_never_waits_for_a_running_canary(tmp_path: Path) -> None:
     assert h.store.snapshot().state.profiles["aesni"].runs["success"] == 2
 
 
-def test_a_dead_scheduler_is_a_metric_and_a_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_dead_scheduler_is_a_metric_and_a_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from prometheus_client import CollectorRegistry
 
     from exporter.collectors.canary import CanaryCollector

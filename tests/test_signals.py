@@ -204,6 +204,11 @@ def test_sighup_restarts_the_canary_schedule_and_leaves_no_work_dir(
     started = [ln for ln in log.splitlines() if "canary scheduler started" in ln]
     assert len(started) == 2 and "interval_seconds=1800" in started[1], started
     assert reloads(d) == (1.0, 0.0, 1.0)
-    wait(lambda: not list(tmp.glob(f"{TEMP_PREFIX}canary-*")), "work dir removed after the reload", d, timeout=30)
+    wait(
+        lambda: not list(tmp.glob(f"{TEMP_PREFIX}canary-*")),
+        "work dir removed after the reload",
+        d,
+        timeout=30,
+    )
     assert d.stop() == 0
     assert list(tmp.glob(f"{TEMP_PREFIX}canary-*")) == []

@@ -26,8 +26,9 @@ from exporter.config import ProfileConfig
 def test_round_trip_keeps_results_counters_and_original_timestamps(tmp_path: Path) -> None:
     clock = FakeClock()
     store = CanaryStore(tmp_path / "state", clock)
-    store.record(result("aesni", at=1000.0, driver="xts-aes-aesni", rates={"read": [90 * MB, 110 * MB]}),
-                 tick=7)
+    store.record(
+        result("aesni", at=1000.0, driver="xts-aes-aesni", rates={"read": [90 * MB, 110 * MB]}), tick=7
+    )
     store.record(result("noaesni", at=1010.0, rates={"read": [40 * MB]}), tick=7)
     store.record(result("noaesni", "timeout", at=1020.0, message="no answer in 300 s"))
     assert (tmp_path / "state" / STATE_FILE).is_file()
@@ -79,8 +80,17 @@ def test_duty_window_survives_restart_and_forgets_old_runs(tmp_path: Path) -> No
         b"[]",
         b'{"version": 99}',
     ],
-    ids=["garbage", "truncated", "string-count", "list-profiles", "string-time", "bad-result", "binary",
-         "array", "future-version"],
+    ids=[
+        "garbage",
+        "truncated",
+        "string-count",
+        "list-profiles",
+        "string-time",
+        "bad-result",
+        "binary",
+        "array",
+        "future-version",
+    ],
 )
 def test_corrupt_state_is_logged_moved_aside_and_store_starts_clean(
     tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture
@@ -110,7 +120,9 @@ def test_state_path_is_a_directory_counts_write_errors_and_keeps_results(
     assert snap.write_errors == 2
     assert snap.state.profiles["aesni"].last_success_at == 500.0
     assert snap.state.profiles["noaesni"].runs["success"] == 1
-    assert [r.getMessage() for r in caplog.records].count("cannot write canary state, keeping results in memory") == 2
+    assert [r.getMessage() for r in caplog.records].count(
+        "cannot write canary state, keeping results in memory"
+    ) == 2
     assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]  # no temp file left behind
 
 
@@ -179,8 +191,11 @@ def test_speedup_ratio_uses_the_pairs_last_throughputs(tmp_path: Path) -> None:
 
 
 def test_aesni_pair_from_config() -> None:
-    profiles = [ProfileConfig("Westmere"), ProfileConfig("b", expects_aesni=False),
-                ProfileConfig("a", expects_aesni=True)]
+    profiles = [
+        ProfileConfig("Westmere"),
+        ProfileConfig("b", expects_aesni=False),
+        ProfileConfig("a", expects_aesni=True),
+    ]
     assert aesni_pair(profiles) == ("a", "b")
     assert aesni_pair(profiles[:2]) is None
 
@@ -227,7 +242,10 @@ def test_speedup_pairs_only_results_of_the_same_tick_and_keeps_its_interval(tmp_
     # the interval, the rounds and the tick survive a restart
     again = CanaryStore(tmp_path, FakeClock(), ("aesni", "noaesni"))
     assert again.snapshot().speedup_stats() == store.snapshot().speedup_stats()
-    assert again.snapshot().state.profiles["noaesni"].throughput[("aes-xts-plain", "read")].rounds == [100 * MB] * 3
+    assert (
+        again.snapshot().state.profiles["noaesni"].throughput[("aes-xts-plain", "read")].rounds
+        == [100 * MB] * 3
+    )
     assert again.last_tick() == 2
 
 
@@ -236,12 +254,23 @@ def test_a_version_1_file_of_the_rotation_design_loads(tmp_path: Path) -> None:
     hist = {"bounds": list(THROUGHPUT_BUCKETS), "counts": [0] * len(THROUGHPUT_BUCKETS) + [1], "sum": 3e10}
     old = {
         "version": 1,
-        "profiles": {"aesni": {
-            "last": None, "last_success_at": 5.0, "cpu_flags": ["aes"], "runs": {"success": 2},
-            "budget_skips": 0, "duration": {"bounds": list(DURATION_BUCKETS),
-                                            "counts": [0] * len(DURATION_BUCKETS) + [0], "sum": 0.0},
-            "drivers": {}, "throughput": {"aes-xts-plain": {"read": {"last": 3e10, "at": 5.0, "hist": hist}}},
-            "last_cpu_seconds": 9.0}},
+        "profiles": {
+            "aesni": {
+                "last": None,
+                "last_success_at": 5.0,
+                "cpu_flags": ["aes"],
+                "runs": {"success": 2},
+                "budget_skips": 0,
+                "duration": {
+                    "bounds": list(DURATION_BUCKETS),
+                    "counts": [0] * len(DURATION_BUCKETS) + [0],
+                    "sum": 0.0,
+                },
+                "drivers": {},
+                "throughput": {"aes-xts-plain": {"read": {"last": 3e10, "at": 5.0, "hist": hist}}},
+                "last_cpu_seconds": 9.0,
+            }
+        },
         "duty": [],
         "last_pair": ["aesni", "aes-xts-plain"],
     }

@@ -40,8 +40,9 @@ class HttpsDaemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def get(self, path: str, ctx: ssl.SSLContext, headers: dict[str, str] | None = None,
-            timeout: float = 10) -> tuple[int, str, dict[str, str]]:
+    def get(
+        self, path: str, ctx: ssl.SSLContext, headers: dict[str, str] | None = None, timeout: float = 10
+    ) -> tuple[int, str, dict[str, str]]:
         req = urllib.request.Request(f"https://127.0.0.1:{self.port}{path}", headers=headers or {})
         try:
             with urllib.request.urlopen(req, timeout=timeout, context=ctx) as resp:
@@ -76,11 +77,22 @@ def https_daemon(tmp_path: Path) -> Iterator[Callable[..., HttpsDaemon]]:
         cfg = tmp_path / f"web-{len(started)}.yml"
         cfg.write_text(yaml.safe_dump(web_config))
         log = tmp_path / f"daemon-{len(started)}.log"
-        args = [sys.executable, "-m", "exporter", "serve", f"--web.listen-address=127.0.0.1:{port}",
-                f"--web.config.file={cfg}", f"--path.state-dir={tmp_path / 'state'}",
-                f"--path.cache-dir={CACHE_DIR}", "--log.level=debug", *ISOLATED]
+        args = [
+            sys.executable,
+            "-m",
+            "exporter",
+            "serve",
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--web.config.file={cfg}",
+            f"--path.state-dir={tmp_path / 'state'}",
+            f"--path.cache-dir={CACHE_DIR}",
+            "--log.level=debug",
+            *ISOLATED,
+        ]
         with open(log, "wb") as logf:
-            proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+            proc = subprocess.Popen(
+                args, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+            )
         d = HttpsDaemon(proc, port, log)
         started.append(d)
         deadline = time.monotonic() + 30
@@ -111,11 +123,16 @@ def https_daemon(tmp_path: Path) -> Iterator[Callable[..., HttpsDaemon]]:
 
 def test_tls_and_basic_auth(pki: Pki, https_daemon: Callable[..., HttpsDaemon]) -> None:
     hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(10)).decode()
-    d = https_daemon({
-        "tls_server_config": {"cert_file": str(pki.server_cert), "key_file": str(pki.server_key)},
-        "basic_auth_users": {"prometheus": hashed},
-        "http_server_config": {"headers": {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "deny"}},
-    }, client_ctx(pki))
+    d = https_daemon(
+        {
+            "tls_server_config": {"cert_file": str(pki.server_cert), "key_file": str(pki.server_key)},
+            "basic_auth_users": {"prometheus": hashed},
+            "http_server_config": {
+                "headers": {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "deny"}
+            },
+        },
+        client_ctx(pki),
+    )
     trusted = client_ctx(pki)
 
     code, body, headers = d.get("/metrics", trusted, auth("prometheus", PASSWORD))
@@ -153,11 +170,18 @@ def test_tls_and_basic_auth(pki: Pki, https_daemon: Callable[..., HttpsDaemon]) 
 
 def test_client_certificate_required(pki: Pki, https_daemon: Callable[..., HttpsDaemon]) -> None:
     with_cert = client_ctx(pki, pki.client_cert, pki.client_key)
-    d = https_daemon({"tls_server_config": {
-        "cert_file": str(pki.server_cert), "key_file": str(pki.server_key),
-        "client_auth_type": "RequireAndVerifyClientCert", "client_ca_file": str(pki.ca_cert),
-        "client_allowed_sans": ["prometheus.example"],
-    }}, with_cert)
+    d = https_daemon(
+        {
+            "tls_server_config": {
+                "cert_file": str(pki.server_cert),
+                "key_file": str(pki.server_key),
+                "client_auth_type": "RequireAndVerifyClientCert",
+                "client_ca_file": str(pki.ca_cert),
+                "client_allowed_sans": ["prometheus.example"],
+            }
+        },
+        with_cert,
+    )
     code, body, _ = d.get("/metrics", with_cert)
     assert code == 200 and "kvmcpu_build_info" in body
 
@@ -167,12 +191,21 @@ def test_client_certificate_required(pki: Pki, https_daemon: Callable[..., Https
     assert d.proc.poll() is None
 
 
-def test_client_certificate_with_a_san_not_allowed(pki: Pki, https_daemon: Callable[..., HttpsDaemon]) -> None:
-    d = https_daemon({"tls_server_config": {
-        "cert_file": str(pki.server_cert), "key_file": str(pki.server_key),
-        "client_auth_type": "RequireAndVerifyClientCert", "client_ca_file": str(pki.ca_cert),
-        "client_allowed_sans": ["scraper.example"],
-    }}, None)
+def test_client_certificate_with_a_san_not_allowed(
+    pki: Pki, https_daemon: Callable[..., HttpsDaemon]
+) -> None:
+    d = https_daemon(
+        {
+            "tls_server_config": {
+                "cert_file": str(pki.server_cert),
+                "key_file": str(pki.server_key),
+                "client_auth_type": "RequireAndVerifyClientCert",
+                "client_ca_file": str(pki.ca_cert),
+                "client_allowed_sans": ["scraper.example"],
+            }
+        },
+        None,
+    )
     with pytest.raises(OSError):  # signed by the right CA, but its SAN is prometheus.example
         d.get("/metrics", client_ctx(pki, pki.client_cert, pki.client_key))
     assert d.proc.poll() is None
@@ -180,19 +213,33 @@ def test_client_certificate_with_a_san_not_allowed(pki: Pki, https_daemon: Calla
 
 def test_invalid_web_config_exits_2_before_binding(tmp_path: Path) -> None:
     bad = tmp_path / "web.yml"
-    bad.write_text(yaml.safe_dump({
-        "tls_server_config": {"cert_file": "nope.crt", "client_auth_type": "Sometimes"},
-        "basic_auth_users": {"alice": "plain"},
-        "surprise": True,
-    }))
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "tls_server_config": {"cert_file": "nope.crt", "client_auth_type": "Sometimes"},
+                "basic_auth_users": {"alice": "plain"},
+                "surprise": True,
+            }
+        )
+    )
     port = free_port()
     with socket.socket() as holder:  # if the daemon got as far as binding, it would fail with exit 1
         holder.bind(("127.0.0.1", port))
         holder.listen()
         run = subprocess.run(
-            [sys.executable, "-m", "exporter", "serve", f"--web.listen-address=127.0.0.1:{port}",
-             f"--web.config.file={bad}", *ISOLATED],
-            capture_output=True, text=True, timeout=60, cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "exporter",
+                "serve",
+                f"--web.listen-address=127.0.0.1:{port}",
+                f"--web.config.file={bad}",
+                *ISOLATED,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
         )
     assert run.returncode == 2, run.stderr
     for needle in ("nope.crt", "missing one of key", "Sometimes", "basic_auth_users.alice", "surprise"):
@@ -211,27 +258,41 @@ def test_real_prometheus_scrapes_through_tls_and_basic_auth(
 ) -> None:
     """Go's TLS client and Prometheus' basic auth against our server: the interop operators rely on."""
     hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(10)).decode()
-    d = https_daemon({
-        "tls_server_config": {"cert_file": str(pki.server_cert), "key_file": str(pki.server_key)},
-        "basic_auth_users": {"prometheus": hashed},
-    }, client_ctx(pki))
+    d = https_daemon(
+        {
+            "tls_server_config": {"cert_file": str(pki.server_cert), "key_file": str(pki.server_key)},
+            "basic_auth_users": {"prometheus": hashed},
+        },
+        client_ctx(pki),
+    )
     (tmp_path / "password").write_text(PASSWORD)
     (tmp_path / "wrong").write_text("not the password")
     jobs = []
     for job, password_file in (("kvm-cpu-exporter", "password"), ("wrong-password", "wrong")):
-        jobs.append({
-            "job_name": job, "scheme": "https", "scrape_interval": "1s", "scrape_timeout": "1s",
-            "tls_config": {"ca_file": str(pki.ca_cert)},
-            "basic_auth": {"username": "prometheus", "password_file": str(tmp_path / password_file)},
-            "static_configs": [{"targets": [f"127.0.0.1:{d.port}"]}],
-        })
+        jobs.append(
+            {
+                "job_name": job,
+                "scheme": "https",
+                "scrape_interval": "1s",
+                "scrape_timeout": "1s",
+                "tls_config": {"ca_file": str(pki.ca_cert)},
+                "basic_auth": {"username": "prometheus", "password_file": str(tmp_path / password_file)},
+                "static_configs": [{"targets": [f"127.0.0.1:{d.port}"]}],
+            }
+        )
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({"scrape_configs": jobs}))
     port = free_port()
     log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed below
     prom = subprocess.Popen(
-        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            "prometheus",
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 60
@@ -242,7 +303,9 @@ def test_real_prometheus_scrapes_through_tls_and_basic_auth(
                 up = {r["metric"]["job"]: r["value"][1] for r in _prometheus_query(port, "up")}
             except OSError:
                 continue
-        assert up == {"kvm-cpu-exporter": "1", "wrong-password": "0"}, (tmp_path / "prometheus.log").read_text()
+        assert up == {"kvm-cpu-exporter": "1", "wrong-password": "0"}, (
+            tmp_path / "prometheus.log"
+        ).read_text()
         build = _prometheus_query(port, "kvmcpu_build_info")
         assert [r["metric"]["job"] for r in build] == ["kvm-cpu-exporter"]
     finally:

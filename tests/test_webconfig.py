@@ -68,23 +68,42 @@ def test_basic_auth_accepts_only_the_right_password(tmp_path: Path) -> None:
 
 
 def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
-    problems = problems_of(write(tmp_path, {
-        "tls_server_config": {
-            "cert_file": "missing.crt",
-            "client_auth_type": "Sometimes",
-            "min_version": "TLS99",
-            "cipher_suites": ["TLS_MADE_UP"],
-            "colour": "blue",
-        },
-        "http_server_config": {"headers": {"X-Frame-Options": "allow", "X-Powered-By": "me"}, "http3": True},
-        "basic_auth_users": {"alice": "plaintext-password"},
-        "rate_limit": {"interval": "1s", "burst": 2},
-        "extra": 1,
-    }))
+    problems = problems_of(
+        write(
+            tmp_path,
+            {
+                "tls_server_config": {
+                    "cert_file": "missing.crt",
+                    "client_auth_type": "Sometimes",
+                    "min_version": "TLS99",
+                    "cipher_suites": ["TLS_MADE_UP"],
+                    "colour": "blue",
+                },
+                "http_server_config": {
+                    "headers": {"X-Frame-Options": "allow", "X-Powered-By": "me"},
+                    "http3": True,
+                },
+                "basic_auth_users": {"alice": "plaintext-password"},
+                "rate_limit": {"interval": "1s", "burst": 2},
+                "extra": 1,
+            },
+        )
+    )
     text = "\n".join(problems)
-    for needle in ("missing.crt: no such file", "missing one of key or key_file", "Sometimes", "TLS99",
-                   "TLS_MADE_UP", "colour", "X-Frame-Options", "X-Powered-By", "http3",
-                   "basic_auth_users.alice: not a bcrypt hash", "rate_limit", "extra: unknown key"):
+    for needle in (
+        "missing.crt: no such file",
+        "missing one of key or key_file",
+        "Sometimes",
+        "TLS99",
+        "TLS_MADE_UP",
+        "colour",
+        "X-Frame-Options",
+        "X-Powered-By",
+        "http3",
+        "basic_auth_users.alice: not a bcrypt hash",
+        "rate_limit",
+        "extra: unknown key",
+    ):
         assert needle in text, f"{needle!r} not reported in:\n{text}"
     assert len(problems) >= 12
     assert "plaintext-password" not in text  # secrets never echoed
@@ -96,8 +115,14 @@ def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
         ({"client_auth_type": "RequireAnyClientCert"}, "RequireAnyClientCert"),
         ({"client_ca_file": "ca.crt"}, "client CA configured without"),
         ({"client_auth_type": "RequireAndVerifyClientCert"}, "needs client_ca_file"),
-        ({"client_auth_type": "VerifyClientCertIfGiven", "client_ca_file": "ca.crt",
-          "client_allowed_sans": ["x"]}, "client_allowed_sans"),
+        (
+            {
+                "client_auth_type": "VerifyClientCertIfGiven",
+                "client_ca_file": "ca.crt",
+                "client_allowed_sans": ["x"],
+            },
+            "client_allowed_sans",
+        ),
         ({"min_version": "TLS13", "max_version": "TLS12"}, "above max_version"),
         ({"cert": "inline", "cert_file": "server.crt"}, "not both"),
     ],
@@ -109,7 +134,9 @@ def test_inconsistent_tls_settings_are_refused(pki: Pki, tls: dict[str, object],
 
 
 def test_relative_paths_resolve_next_to_the_file(pki: Pki) -> None:
-    path = write(pki.ca_cert.parent, {"tls_server_config": {"cert_file": "server.crt", "key_file": "server.key"}})
+    path = write(
+        pki.ca_cert.parent, {"tls_server_config": {"cert_file": "server.crt", "key_file": "server.key"}}
+    )
     sec = load_web_config(path)
     assert sec.tls_enabled
     ctx = sec.ssl_context()
@@ -118,30 +145,43 @@ def test_relative_paths_resolve_next_to_the_file(pki: Pki) -> None:
 
 
 def test_key_that_does_not_match_the_certificate(pki: Pki, tmp_path: Path) -> None:
-    path = write(tmp_path, {"tls_server_config": {"cert_file": str(pki.server_cert), "key_file": str(pki.client_key)}})
+    path = write(
+        tmp_path, {"tls_server_config": {"cert_file": str(pki.server_cert), "key_file": str(pki.client_key)}}
+    )
     assert any("cannot load certificate/key/CA" in p for p in problems_of(path))
 
 
 def test_inline_pem_and_client_auth(pki: Pki, tmp_path: Path) -> None:
-    sec = load_web_config(write(tmp_path, {"tls_server_config": {
-        "cert": pki.server_cert.read_text(),
-        "key": pki.server_key.read_text(),
-        "client_ca": pki.ca_cert.read_text(),
-        "client_auth_type": "RequireAndVerifyClientCert",
-        "cipher_suites": ["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "TLS_AES_128_GCM_SHA256"],
-        "curve_preferences": ["X25519"],
-        "min_version": "TLS13",
-    }}))
+    sec = load_web_config(
+        write(
+            tmp_path,
+            {
+                "tls_server_config": {
+                    "cert": pki.server_cert.read_text(),
+                    "key": pki.server_key.read_text(),
+                    "client_ca": pki.ca_cert.read_text(),
+                    "client_auth_type": "RequireAndVerifyClientCert",
+                    "cipher_suites": ["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "TLS_AES_128_GCM_SHA256"],
+                    "curve_preferences": ["X25519"],
+                    "min_version": "TLS13",
+                }
+            },
+        )
+    )
     ctx = sec.ssl_context()
     assert ctx is not None and ctx.verify_mode == ssl.CERT_REQUIRED
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3
-    assert {c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2"} == {"ECDHE-ECDSA-AES128-GCM-SHA256"}
+    assert {c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2"} == {
+        "ECDHE-ECDSA-AES128-GCM-SHA256"
+    }
 
 
 def test_rotated_certificate_is_picked_up_and_a_broken_one_is_not(pki: Pki, tmp_path: Path) -> None:
     shutil.copy(pki.server_cert, tmp_path / "tls.crt")
     shutil.copy(pki.server_key, tmp_path / "tls.key")
-    sec = load_web_config(write(tmp_path, {"tls_server_config": {"cert_file": "tls.crt", "key_file": "tls.key"}}))
+    sec = load_web_config(
+        write(tmp_path, {"tls_server_config": {"cert_file": "tls.crt", "key_file": "tls.key"}})
+    )
     first = sec.ssl_context()
     assert sec.ssl_context() is first  # built once, not per connection
     new_cert, new_key = issue(tmp_path, "rotated", (pki.ca_cert, pki.ca_key), "IP:127.0.0.1", "serverAuth")
@@ -154,10 +194,25 @@ def test_rotated_certificate_is_picked_up_and_a_broken_one_is_not(pki: Pki, tmp_
 
 
 def test_headers_are_validated_like_the_toolkit(tmp_path: Path) -> None:
-    sec = load_web_config(write(tmp_path, {"http_server_config": {"http2": False, "headers": {
-        "X-Frame-Options": "sameorigin", "X-Content-Type-Options": "nosniff", "X-XSS-Protection": ""}}}))
+    sec = load_web_config(
+        write(
+            tmp_path,
+            {
+                "http_server_config": {
+                    "http2": False,
+                    "headers": {
+                        "X-Frame-Options": "sameorigin",
+                        "X-Content-Type-Options": "nosniff",
+                        "X-XSS-Protection": "",
+                    },
+                }
+            },
+        )
+    )
     assert sec.headers == {"X-Frame-Options": "sameorigin", "X-Content-Type-Options": "nosniff"}
-    problems = problems_of(write(tmp_path, {"http_server_config": {"headers": {"X-XSS-Protection": "1\r\nSet-Cookie: x"}}}))
+    problems = problems_of(
+        write(tmp_path, {"http_server_config": {"headers": {"X-XSS-Protection": "1\r\nSet-Cookie: x"}}})
+    )
     assert any("one-line" in p for p in problems)
 
 
@@ -184,7 +239,9 @@ def _with_test_certs(pki: Pki, tmp_path: Path, source: Path) -> Path:
 
 def test_shipped_example_is_accepted_by_promtool_and_by_us(pki: Pki, tmp_path: Path) -> None:
     path = _with_test_certs(pki, tmp_path, EXAMPLE)
-    run = subprocess.run(["promtool", "check", "web-config", str(path)], capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        ["promtool", "check", "web-config", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     sec = load_web_config(str(path))
     assert sec.tls_enabled and sec.headers["X-Frame-Options"] == "deny"
@@ -194,9 +251,21 @@ def test_shipped_example_is_accepted_by_promtool_and_by_us(pki: Pki, tmp_path: P
 @pytest.mark.parametrize(
     "bad",
     [
-        {"tls_server_config": {"cert_file": "server.crt", "key_file": "server.key", "client_auth_type": "Maybe"}},
+        {
+            "tls_server_config": {
+                "cert_file": "server.crt",
+                "key_file": "server.key",
+                "client_auth_type": "Maybe",
+            }
+        },
         {"tls_server_config": {"cert_file": "server.crt", "key_file": "server.key", "min_version": "TLS99"}},
-        {"tls_server_config": {"cert_file": "server.crt", "key_file": "server.key", "client_ca_file": "ca.crt"}},
+        {
+            "tls_server_config": {
+                "cert_file": "server.crt",
+                "key_file": "server.key",
+                "client_ca_file": "ca.crt",
+            }
+        },
         {"tls_server_config": {"cert_file": "server.crt"}},
         {"http_server_config": {"headers": {"X-Frame-Options": "allow"}}},
         {"http_server_config": {"headers": {"Server": "x"}}},
@@ -206,6 +275,8 @@ def test_shipped_example_is_accepted_by_promtool_and_by_us(pki: Pki, tmp_path: P
 )
 def test_we_refuse_what_promtool_refuses(pki: Pki, bad: dict[str, object]) -> None:
     path = write(pki.ca_cert.parent, bad, "differential.yml")
-    run = subprocess.run(["promtool", "check", "web-config", path], capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        ["promtool", "check", "web-config", path], capture_output=True, text=True, timeout=60
+    )
     assert run.returncode != 0, f"promtool accepted {bad}"
     assert problems_of(path)

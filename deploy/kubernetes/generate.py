@@ -55,32 +55,39 @@ def render(rules_dir: Path = RULES_DIR) -> str:
     Prometheus), and the Operator rejects duplicates within one object."""
     docs = []
     for path, groups in load_rule_files(rules_dir):
-        docs.append({
-            "apiVersion": "monitoring.coreos.com/v1",
-            "kind": "PrometheusRule",
-            "metadata": {
-                "name": f"kvm-cpu-exporter-{path.stem}",
-                "namespace": "kvm-cpu-exporter",
-                "labels": {"app.kubernetes.io/name": "kvm-cpu-exporter"},
-                "annotations": {"kvm-cpu-exporter.io/source": f"deploy/prometheus/rules/{path.name}"},
-            },
-            "spec": {"groups": groups},
-        })
-    body = yaml.dump_all(docs, Dumper=_BlockDumper, sort_keys=False, allow_unicode=True, width=100,
-                         explicit_start=True)
+        docs.append(
+            {
+                "apiVersion": "monitoring.coreos.com/v1",
+                "kind": "PrometheusRule",
+                "metadata": {
+                    "name": f"kvm-cpu-exporter-{path.stem}",
+                    "namespace": "kvm-cpu-exporter",
+                    "labels": {"app.kubernetes.io/name": "kvm-cpu-exporter"},
+                    "annotations": {"kvm-cpu-exporter.io/source": f"deploy/prometheus/rules/{path.name}"},
+                },
+                "spec": {"groups": groups},
+            }
+        )
+    body = yaml.dump_all(
+        docs, Dumper=_BlockDumper, sort_keys=False, allow_unicode=True, width=100, explicit_start=True
+    )
     return HEADER + body
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check", action="store_true", help="only check that the output is up to date")
     args = parser.parse_args(argv)
     text = render()
     if args.check:
         current = OUTPUT.read_text(encoding="utf-8") if OUTPUT.exists() else ""
         if current != text:
-            print(f"{OUTPUT} is out of date: run python {Path(__file__).relative_to(HERE.parent.parent)}",
-                  file=sys.stderr)
+            print(
+                f"{OUTPUT} is out of date: run python {Path(__file__).relative_to(HERE.parent.parent)}",
+                file=sys.stderr,
+            )
             return 1
         return 0
     OUTPUT.write_text(text, encoding="utf-8")

@@ -50,7 +50,9 @@ class CpuCollector:
         for i in info.identities():
             ident.add_metric([i.vendor, i.model_name, i.family, i.model, i.stepping, i.microcode], 1.0)
         yield ident
-        yield GaugeMetricFamily("kvmcpu_host_cpus", "Number of logical CPUs in /proc/cpuinfo.", value=info.count)
+        yield GaugeMetricFamily(
+            "kvmcpu_host_cpus", "Number of logical CPUs in /proc/cpuinfo.", value=info.count
+        )
         present = GaugeMetricFamily(
             "kvmcpu_host_cpu_feature",
             "Whether every logical CPU of the host has the CPU feature (flag spelling of /proc/cpuinfo).",

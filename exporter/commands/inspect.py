@@ -73,11 +73,22 @@ def _cpu_section(procfs: Path) -> tuple[Section, CpuInfo | None]:
         info = read_cpuinfo(procfs)
     except Exception as err:
         _trace("cannot inspect host CPU", err)
-        return Section("host", "Host CPU", {"cpus": None, "identities": [], "error": _describe(err)},
-                       error=_describe(err), ok=False), None
+        return Section(
+            "host",
+            "Host CPU",
+            {"cpus": None, "identities": [], "error": _describe(err)},
+            error=_describe(err),
+            ok=False,
+        ), None
     identities = [
-        {"vendor": i.vendor, "model_name": i.model_name, "family": i.family, "model": i.model,
-         "stepping": i.stepping, "microcode": i.microcode}
+        {
+            "vendor": i.vendor,
+            "model_name": i.model_name,
+            "family": i.family,
+            "model": i.model,
+            "stepping": i.stepping,
+            "microcode": i.microcode,
+        }
         for i in info.identities()
     ]
     lines = []
@@ -93,8 +104,12 @@ def _cpu_section(procfs: Path) -> tuple[Section, CpuInfo | None]:
         lines.append(f"  logical CPUs: {info.count}")
     level = level_of(info.flags_everywhere())
     lines.append(f"  {name(level)} (every logical CPU)")
-    return Section("host", "Host CPU", {"cpus": info.count, "identities": identities, "x86_64_level": level,
-                                        "error": None}, lines), info
+    return Section(
+        "host",
+        "Host CPU",
+        {"cpus": info.count, "identities": identities, "x86_64_level": level, "error": None},
+        lines,
+    ), info
 
 
 # --------------------------------------------------------------------------- QEMU
@@ -102,8 +117,11 @@ def _cpu_section(procfs: Path) -> tuple[Section, CpuInfo | None]:
 
 def _qemu_section(cfg: Config, knowledge: QemuKnowledge) -> tuple[Section, HostQemuFacts | None]:
     if sys.stderr.isatty():
-        print(f"probing {cfg.qemu.binary} (accelerators: {', '.join(cfg.qemu.accelerators)})...",
-              file=sys.stderr, flush=True)
+        print(
+            f"probing {cfg.qemu.binary} (accelerators: {', '.join(cfg.qemu.accelerators)})...",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         facts = knowledge.probe()
     except ImportError as err:
@@ -141,8 +159,17 @@ def _qemu_section(cfg: Config, knowledge: QemuKnowledge) -> tuple[Section, HostQ
 
 
 def _empty_qemu(cfg: Config, error: str) -> dict[str, Any]:
-    return {"binary": cfg.qemu.binary, "version": None, "accelerators": {}, "exposable_model": None,
-            "exposable_x86_64_level": None, "usable_model_count": None, "model_count": None, "usable_models": [], "error": error}
+    return {
+        "binary": cfg.qemu.binary,
+        "version": None,
+        "accelerators": {},
+        "exposable_model": None,
+        "exposable_x86_64_level": None,
+        "usable_model_count": None,
+        "model_count": None,
+        "usable_models": [],
+        "error": error,
+    }
 
 
 # --------------------------------------------------------------------------- features
@@ -153,12 +180,14 @@ def _features_section(info: CpuInfo | None, facts: HostQemuFacts | None, watch: 
     model = facts.exposable_model if facts is not None else None
     rows = []
     for feature in watch:
-        rows.append({
-            "feature": feature,
-            "host": info.coverage(feature) if info is not None else None,
-            "host_cpus": info.feature_cpus(feature) if info is not None else None,
-            "qemu_exposable": (feature in exposable) if exposable is not None else None,
-        })
+        rows.append(
+            {
+                "feature": feature,
+                "host": info.coverage(feature) if info is not None else None,
+                "host_cpus": info.feature_cpus(feature) if info is not None else None,
+                "qemu_exposable": (feature in exposable) if exposable is not None else None,
+            }
+        )
     qemu_head = f"QEMU -cpu {model}" if model else "QEMU exposable"
     lines = [f"  {'feature':<18} {'host CPUs':<16} {qemu_head}"]
     for r in rows:
@@ -178,8 +207,13 @@ def _crypto_section(procfs: Path, sysfs: Path) -> Section:
         loaded = loaded_modules(procfs)
     except Exception as err:
         _trace("cannot inspect kernel crypto", err)
-        data: dict[str, Any] = {"aesni_active": None, "algorithms": [], "missing": [], "modules": {},
-                                "error": _describe(err)}
+        data: dict[str, Any] = {
+            "aesni_active": None,
+            "algorithms": [],
+            "missing": [],
+            "modules": {},
+            "error": _describe(err),
+        }
         return Section("crypto", "Kernel crypto (AES)", data, error=_describe(err), ok=False)
     algorithms = [
         {"algorithm": name, "driver": alg.driver, "module": alg.module, "priority": alg.priority}
@@ -188,8 +222,13 @@ def _crypto_section(procfs: Path, sysfs: Path) -> Section:
     missing = [name for name in WATCHED_AES_ALGORITHMS if name not in selected]
     modules = {name: module_present(name, loaded, sysfs) for name in WATCHED_MODULES}
     active = aesni_active(selected)
-    data = {"aesni_active": active, "algorithms": algorithms, "missing": missing, "modules": modules,
-            "error": None}
+    data = {
+        "aesni_active": active,
+        "algorithms": algorithms,
+        "missing": missing,
+        "modules": modules,
+        "error": None,
+    }
     lines = [f"  {'algorithm':<12} {'selected driver':<26} {'module':<14} priority"]
     for a in algorithms:
         lines.append(f"  {a['algorithm']:<12} {a['driver']:<26} {a['module']:<14} {a['priority']}")
@@ -215,8 +254,10 @@ def _guest_section(
     lines = [f"  running guests: {len(reports)}"]
     for r, d in zip(reports, guests, strict=True):
         spec = d["cpu_model"] + ("" if d["cpu_model_explicit"] else " (QEMU default, no -cpu)")
-        lines.append(f"  {d['guest']}  pid {d['pid']}  -cpu {spec}  accel {d['accel']}"
-                     + ("" if d["migratable"] else "  (host passthrough: not migratable)"))
+        lines.append(
+            f"  {d['guest']}  pid {d['pid']}  -cpu {spec}  accel {d['accel']}"
+            + ("" if d["migratable"] else "  (host passthrough: not migratable)")
+        )
         if not r.effective.known:
             lines.append(f"    features unknown: {d['error'] or 'QEMU did not answer'}")
         elif host is None:
@@ -228,12 +269,18 @@ def _guest_section(
         if r.level is not None:
             lines.append(f"    level: {r.level_note or name(r.level)}")
         for h in r.hazards:
-            lines.append(f"    HAZARD: shows {h.feature} without {', '.join(h.requires)}"
-                         " (code trusting the flag gets invalid opcode)")
+            lines.append(
+                f"    HAZARD: shows {h.feature} without {', '.join(h.requires)}"
+                " (code trusting the flag gets invalid opcode)"
+            )
     for issue in issues:
         lines.append(f"  pid {issue.pid}: not inspected ({issue.reason}: {issue.detail})")
-    return Section("guests", "Guests", {"available": True, "guests": guests, "error": None,
-                                        "issues": [vars(i) for i in issues]}, lines)
+    return Section(
+        "guests",
+        "Guests",
+        {"available": True, "guests": guests, "error": None, "issues": [vars(i) for i in issues]},
+        lines,
+    )
 
 
 # --------------------------------------------------------------------------- output
@@ -276,8 +323,13 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         guests = _guest_section(cfg, knowledge, info, watch)
     except Exception as err:
         _trace("cannot inspect guests", err)
-        guests = Section("guests", "Guests", {"available": False, "guests": [], "error": _describe(err)},
-                         error=_describe(err), ok=False)
+        guests = Section(
+            "guests",
+            "Guests",
+            {"available": False, "guests": [], "error": _describe(err)},
+            error=_describe(err),
+            ok=False,
+        )
     sections = [cpu, features, crypto, qemu, guests]
     text = _render_json(sections, cfg) if args.json else _render_text(sections, cfg)
     sys.stdout.write(text)

@@ -21,7 +21,9 @@ from exporter.canary.model import CanaryJob, Profile
 CACHE_DIR = Path(os.environ.get("KVMCPU_CACHE_DIR", "/var/cache/kvm-cpu-exporter"))
 QEMU = os.environ.get("KVMCPU_QEMU", "qemu-system-x86_64")
 
-SLEEPING_INIT = "#!/bin/sh\nmount -t proc proc /proc\necho canary-test-sleeping\nwhile :; do sleep 3600; done\n"
+SLEEPING_INIT = (
+    "#!/bin/sh\nmount -t proc proc /proc\necho canary-test-sleeping\nwhile :; do sleep 3600; done\n"
+)
 
 
 def canary_image() -> CanaryImage:
@@ -44,8 +46,16 @@ def override_init(image: CanaryImage, directory: Path, script: str) -> CanaryIma
     return CanaryImage(image.kernel, initrd, image.kernel_version, image.key + "-override")
 
 
-def job(cpu: str = "max", *, name: str = "test", ciphers: tuple[str, ...] = ("aes-xts-plain",),
-        size_mib: int = 8, rounds: int = 1, timeout: float = 120.0, accel: str = "tcg") -> CanaryJob:
+def job(
+    cpu: str = "max",
+    *,
+    name: str = "test",
+    ciphers: tuple[str, ...] = ("aes-xts-plain",),
+    size_mib: int = 8,
+    rounds: int = 1,
+    timeout: float = 120.0,
+    accel: str = "tcg",
+) -> CanaryJob:
     return CanaryJob(
         profile=Profile(name=name, cpu=cpu, accel=accel),
         ciphers=ciphers,

@@ -77,7 +77,9 @@ class FakeKnowledge:
         found = self.expansions.get((model, accel))
         return None if found is None else FakeExpansion(found)
 
-    def cached_failure(self, model: str, *, binary: str | None = None, accel: str = "tcg") -> QemuError | None:
+    def cached_failure(
+        self, model: str, *, binary: str | None = None, accel: str = "tcg"
+    ) -> QemuError | None:
         return self.failures.get((model, accel))
 
     def facts(self) -> FakeFacts | None:
@@ -92,12 +94,58 @@ class FakeKnowledge:
 
 #: what QEMU 7.2 answers under TCG for the models the tests use (watched features only)
 TCG_MAX = frozenset(
-    ["aes", "pclmulqdq", "avx", "avx2", "f16c", "fma", "vaes", "xsave", "xsaveopt", "ssse3", "sse4_1", "sse4_2", "rdrand", "smep", "smap", "svm", "hypervisor", "sse", "sse2", "pni"]
+    [
+        "aes",
+        "pclmulqdq",
+        "avx",
+        "avx2",
+        "f16c",
+        "fma",
+        "vaes",
+        "xsave",
+        "xsaveopt",
+        "ssse3",
+        "sse4_1",
+        "sse4_2",
+        "rdrand",
+        "smep",
+        "smap",
+        "svm",
+        "hypervisor",
+        "sse",
+        "sse2",
+        "pni",
+    ]
 )
 TCG_WESTMERE = frozenset(["aes", "pclmulqdq", "ssse3", "sse4_1", "sse4_2", "sse", "sse2", "pni"])
 TCG_QEMU64 = frozenset(["sse", "sse2", "pni", "svm"])
 SKYLAKE_SERVER = frozenset(
-    ["aes", "pclmulqdq", "avx", "avx2", "f16c", "fma", "xsave", "xsaveopt", "xsavec", "ssse3", "sse4_1", "sse4_2", "rdrand", "rdseed", "smep", "smap", "avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl", "sse", "sse2", "pni"]
+    [
+        "aes",
+        "pclmulqdq",
+        "avx",
+        "avx2",
+        "f16c",
+        "fma",
+        "xsave",
+        "xsaveopt",
+        "xsavec",
+        "ssse3",
+        "sse4_1",
+        "sse4_2",
+        "rdrand",
+        "rdseed",
+        "smep",
+        "smap",
+        "avx512f",
+        "avx512dq",
+        "avx512cd",
+        "avx512bw",
+        "avx512vl",
+        "sse",
+        "sse2",
+        "pni",
+    ]
 )
 
 

@@ -14,8 +14,14 @@ from exporter.collectors.crypto import CryptoCollector
 from exporter.features import DEFAULT_WATCHLIST
 
 PROCFS_FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "procfs"
-VALID = ("broadwell-e5-2699v4", "this-host", "guest-no-aes", "heterogeneous", "aesni-defeature",
-         "quirky-format")
+VALID = (
+    "broadwell-e5-2699v4",
+    "this-host",
+    "guest-no-aes",
+    "heterogeneous",
+    "aesni-defeature",
+    "quirky-format",
+)
 GARBLED = {
     "garbled-binary": "no processor blocks",
     "garbled-empty": "empty file",
@@ -69,8 +75,17 @@ def cpuinfo_facts(text: str) -> tuple[int, list[set[str]], set[tuple[str, ...]]]
     def col(key: str) -> list[str]:
         return [v.strip() for v in re.findall(rf"^{key}\s*:[ \t]*(.*)$", text, re.M)]
 
-    idents = set(zip(col("vendor_id"), col("model name"), col("cpu family"), col(r"model"),
-                     col("stepping"), col("microcode"), strict=True))
+    idents = set(
+        zip(
+            col("vendor_id"),
+            col("model name"),
+            col("cpu family"),
+            col(r"model"),
+            col("stepping"),
+            col("microcode"),
+            strict=True,
+        )
+    )
     return len(cpus), flags, idents
 
 
@@ -78,9 +93,7 @@ def crypto_selected(text: str, algorithm: str) -> tuple[str, str, int] | None:
     """(driver, module, priority) of the best self-tested, non-internal entry for ``algorithm``."""
     best: tuple[str, str, int] | None = None
     for block in text.split("\n\n"):
-        d = dict(
-            (k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in block.splitlines()) if _
-        )
+        d = dict((k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in block.splitlines()) if _)
         if d.get("name") != algorithm or d.get("selftest") != "passed" or d.get("internal") == "yes":
             continue
         cand = (d["driver"], d["module"], int(d["priority"]))

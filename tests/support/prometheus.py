@@ -45,13 +45,23 @@ def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
 
 def alert_rules() -> list[dict[str, Any]]:
     """Every alerting rule of the shipped rule files, as parsed YAML."""
-    return [r for path in RULE_FILES for g in yaml.safe_load(path.read_text())["groups"] for r in g["rules"]
-            if "alert" in r]
+    return [
+        r
+        for path in RULE_FILES
+        for g in yaml.safe_load(path.read_text())["groups"]
+        for r in g["rules"]
+        if "alert" in r
+    ]
 
 
 def recording_rules() -> list[dict[str, Any]]:
-    return [r for path in RULE_FILES for g in yaml.safe_load(path.read_text())["groups"] for r in g["rules"]
-            if "record" in r]
+    return [
+        r
+        for path in RULE_FILES
+        for g in yaml.safe_load(path.read_text())["groups"]
+        for r in g["rules"]
+        if "record" in r
+    ]
 
 
 def github_anchor(heading: str) -> str:
@@ -243,9 +253,7 @@ def committed_dashboards() -> dict[str, dict[str, Any]]:
 
 def dashboard_variables(dashboard: dict[str, Any]) -> dict[str, str]:
     """Template variable name -> its label_values() definition (query variables only)."""
-    return {
-        v["name"]: v["definition"] for v in dashboard["templating"]["list"] if v["type"] == "query"
-    }
+    return {v["name"]: v["definition"] for v in dashboard["templating"]["list"] if v["type"] == "query"}
 
 
 def panel_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:

@@ -25,8 +25,11 @@ def result(
     message: str = "",
 ) -> CanaryResult:
     """A finished result; ``rates`` maps op -> per-round bytes/s (each round moves 8 MB)."""
-    rates = rates if rates is not None else ({"read": [100 * MB], "write": [80 * MB]}
-                                             if outcome == "success" else {})
+    rates = (
+        rates
+        if rates is not None
+        else ({"read": [100 * MB], "write": [80 * MB]} if outcome == "success" else {})
+    )
     measurements = [
         Measurement(cipher=cipher, op=op, round=i, bytes=8 * MB, seconds=8 * MB / rate if rate else 0.0)
         for op, per_round in rates.items()
@@ -41,8 +44,9 @@ def result(
         cpu_spec="max" if profile == "aesni" else "max,-aes",
         accel="tcg",
         kernel="6.1.0-test",
-        cpu_flags=flags if flags is not None else (["aes", "avx", "ssse3"] if profile == "aesni"
-                                                   else ["avx", "ssse3"]),
+        cpu_flags=flags
+        if flags is not None
+        else (["aes", "avx", "ssse3"] if profile == "aesni" else ["avx", "ssse3"]),
         drivers={cipher: driver} if driver else {},
         measurements=measurements,
         cpu_seconds=cpu_seconds if outcome != "skipped_busy" else 0.0,
