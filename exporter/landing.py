@@ -150,12 +150,12 @@ def _guests(status: Status) -> str:
         hazards = "".join(
             f'<br><span class="no">{e(f)} without {e(", ".join(r))}</span>' for f, r in g.hazards
         )
-        note = "" if g.level_note is None else f'<br><span class="unknown">{e(g.level_note)}</span>'
+        note = "" if g.level_note is None else f'<br><span class="muted">{e(g.level_note)}</span>'
         migr = "" if g.migratable else ' <span class="unknown">not migratable</span>'
         rows.append(
             f'<tr><td class="name">{e(g.name)}</td><td class="mono">{g.pid}</td>'
             f"<td><code>-cpu {e(g.model)}</code> ({e(g.accel)}){migr}</td>"
-            f"<td>{e(level)}{note}</td><td>{_missing(g)}{hazards}</td></tr>"
+            f"<td>{e(level)}</td><td>{_missing(g)}{hazards}{note}</td></tr>"
         )
     return (
         f'<section id="guests"><h2>Guests ({len(status.guests)})</h2><table class="guests">'
