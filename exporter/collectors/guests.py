@@ -72,12 +72,11 @@ from exporter.guests.effective import (
 from exporter.guests.live import LiveChecker, LiveResult
 from exporter.hazards import usable_features
 from exporter.levels import level_of
+from exporter.procfs.cpuinfo import HOST_FLAGS_TTL
 
 log = logging.getLogger(__name__)
 
 SCAN_ERROR_REASONS: tuple[str, ...] = ("vanished", "permission_denied", "unknown_cpu_model", "parse_error")
-#: how long the host's flags are trusted before /proc/cpuinfo is read again
-HOST_FLAGS_TTL = 300.0
 _PARSE_CACHE_MAX = 4096
 #: per-guest prepared samples; cleared when full (guests churn, entries of gone guests are dead)
 _GUEST_CACHE_MAX = 8192

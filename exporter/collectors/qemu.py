@@ -7,6 +7,7 @@ knowledge's background thread, so a scrape never waits for QEMU.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from exporter.errors import SourceError
-from exporter.procfs.cpuinfo import read_cpuinfo
+from exporter.procfs.cpuinfo import HOST_FLAGS_TTL, read_cpuinfo
 from exporter.qemu.knowledge import ACCELERATORS, Expansion, HostQemuFacts, QemuKnowledge
 from exporter.qemu.models import NOT_A_MODEL, ModelFacts, model_facts, support_hash
 
@@ -72,6 +73,12 @@ class QemuCollector:
         #: where /proc/cpuinfo is read for the per-model answers (None: not emitted)
         self.procfs = procfs
         self._facts_cache: dict[str, tuple[Expansion, ModelFacts]] = {}
+        #: the per-model families, rebuilt only when the probe, an expansion or the host's flags
+        #: change: ~650 series that are the same from one scrape to the next
+        self._models_key: tuple[object, ...] | None = None
+        self._models_families: list[Metric] = []
+        self._flags: frozenset[str] | None = None
+        self._flags_at = float("-inf")
 
     def collect(self) -> Iterator[Metric]:
         facts = self.knowledge.facts()
@@ -141,15 +148,33 @@ class QemuCollector:
             out.append(cached[1])
         return out
 
-    def _models(self, facts: HostQemuFacts) -> Iterator[Metric]:
+    def _host_flags(self) -> frozenset[str] | None:
+        """The host's flags, re-read at most every HOST_FLAGS_TTL seconds (they change with a
+        reboot or CPU hotplug, not between scrapes)."""
         assert self.procfs is not None
-        try:
-            flags: frozenset[str] | None = read_cpuinfo(self.procfs).flags_everywhere()
-        except SourceError as err:
-            # The cpu collector reports the broken file; the model catalogue does not depend on it.
-            log.debug("no host flags for the per-model answers", extra={"fields": {"err": err}})
-            flags = None
+        now = time.monotonic()
+        if now - self._flags_at > HOST_FLAGS_TTL:
+            self._flags_at = now
+            try:
+                self._flags = read_cpuinfo(self.procfs).flags_everywhere()
+            except SourceError as err:
+                # The cpu collector reports the broken file; the model catalogue does not depend on it.
+                log.debug("no host flags for the per-model answers", extra={"fields": {"err": err}})
+                self._flags = None
+        return self._flags
+
+    def _models(self, facts: HostQemuFacts) -> Iterator[Metric]:
+        flags = self._host_flags()
         models = self._model_facts(facts)
+        # by identity: the knowledge hands out the same objects until it learns something new
+        key = (facts, flags, *models)
+        old = self._models_key
+        if old is None or len(old) != len(key) or any(a is not b for a, b in zip(old, key, strict=True)):
+            self._models_families = list(self._model_families(models, flags))
+            self._models_key = key
+        yield from self._models_families
+
+    def _model_families(self, models: list[ModelFacts], flags: frozenset[str] | None) -> Iterator[Metric]:
         supported = GaugeMetricFamily(
             "kvmcpu_host_cpu_model_supported",
             "Whether every logical CPU of this host has every feature the named CPU model expands to "

@@ -17,6 +17,10 @@ from pathlib import Path
 from exporter.errors import ParseError
 from exporter.procfs import read_text
 
+#: how long collectors trust the host's flags before reading /proc/cpuinfo again (they change with a
+#: reboot or CPU hotplug, not between scrapes)
+HOST_FLAGS_TTL = 300.0
+
 _FLAGS_LINE = re.compile(r"[a-z0-9_ \t]*")
 #: the lines the exporter uses; anything else (other fields, junk) is skipped
 _WANTED = ("processor", "vendor_id", "cpu family", "model name", "model", "stepping", "microcode", "flags")
