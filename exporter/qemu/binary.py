@@ -44,6 +44,13 @@ class BinaryId:
 _which_cache: dict[str, str] = {}
 
 
+#: (path, device, inode, mtime, size, mode) -> answer: one scrape asks about the same binary once per
+#: named model and per guest configuration; the stat is cheap, realpath and access checks are not.
+#: Keyed on the stat, so an upgrade in place is seen at the next call.
+_MEMO_MAX = 4096
+_memo: dict[tuple[str, int, int, int, int, int], BinaryId] = {}
+
+
 def resolve_binary(binary: str, *, fresh: bool = False) -> BinaryId:
     """Find ``binary`` (a name looked up in PATH, or a path such as ``/proc/PID/exe``).
 
@@ -67,12 +74,20 @@ def resolve_binary(binary: str, *, fresh: bool = False) -> BinaryId:
         raise QemuBinaryMissing(f"{candidate}: no such file; install qemu-system-x86") from err
     except OSError as err:  # e.g. /proc/PID/exe of another user's guest when not running as root
         raise QemuBinaryMissing(f"{candidate}: {err.strerror or err}") from err
+    memo_key = (candidate, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, st.st_mode)
+    hit = _memo.get(memo_key)
+    if hit is not None:
+        return hit
     if not stat.S_ISREG(st.st_mode) or not os.access(candidate, os.X_OK):
         raise QemuBinaryMissing(f"{candidate}: not an executable file")
     real = os.path.realpath(candidate)
     # An upgraded binary kept alive by a running guest has a realpath ending in " (deleted)" that
     # does not exist; only its /proc/PID/exe link can still run it.
     exec_path = real if os.path.isfile(real) else candidate
-    return BinaryId(
+    found = BinaryId(
         path=real, exec_path=exec_path, mtime_ns=st.st_mtime_ns, size=st.st_size, key=identity_key(real, st)
     )
+    if len(_memo) >= _MEMO_MAX:
+        _memo.clear()
+    _memo[memo_key] = found
+    return found
