@@ -5,7 +5,7 @@ Starts ``kvm-cpu-exporter serve`` (default collectors, ``--no-canary.enabled``) 
 ``prometheus-node-exporter`` (its default collectors) on free loopback ports, then scrapes them
 interleaved, alternating which goes first, so that both see the same background load on a shared
 machine. Each scrape is a fresh TCP connection with Prometheus 2.42's Accept header, the full body
-read; no gzip (our server does not compress, and compression would only add CPU to node_exporter).
+read; no gzip (both would compress; without it the comparison is of the collectors and encoders).
 
 Prints median / p90 / p99 / max latency and resident memory (after warm-up and the peak seen) of
 both, and the ratios. Targets: our median no slower than node_exporter's; our RSS under 60 MB.
