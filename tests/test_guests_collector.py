@@ -243,7 +243,7 @@ def test_process_vanishing_mid_scan(tmp_path: Path) -> None:
     collector = _collector(root, tcg_knowledge())
     parse = collector._parse
 
-    def parse_then_exit(raw: bytes):  # type: ignore[no-untyped-def]
+    def parse_then_exit(raw: bytes):
         spec = parse(raw)
         if spec.name == "gone":
             shutil.rmtree(root / "30")  # the process exits right after we read its command line

@@ -94,18 +94,7 @@ def parse_cpuinfo(text: str, path: str = "/proc/cpuinfo") -> CpuInfo:
     tail = text.rstrip(" \t").rsplit("\n", 1)[-1]
     if not text.endswith(("\n", "\r")) and tail.strip().lower().startswith("flags"):
         raise ParseError(path, "file ends in the middle of a flags line (truncated)")
-    blocks: list[dict[str, str]] = []
-    for line in text.splitlines():
-        if not line.startswith(_WANTED):
-            continue
-        key, sep, value = line.partition(":")
-        key = key.rstrip()
-        if not sep or key not in _WANTED:
-            continue
-        if key == "processor":
-            blocks.append({"processor": value.strip()})
-        elif blocks:
-            blocks[-1].setdefault(key, value.strip())
+    blocks = _blocks(text)
     cpus: list[LogicalCpu] = []
     seen: set[int] = set()
     # Logical CPUs nearly always share flags and identity: build each distinct one once.
@@ -136,6 +125,23 @@ def parse_cpuinfo(text: str, path: str = "/proc/cpuinfo") -> CpuInfo:
     if not cpus:
         raise ParseError(path, "no processor blocks found")
     return CpuInfo(path=path, cpus=tuple(cpus))
+
+
+def _blocks(text: str) -> list[dict[str, str]]:
+    """The wanted ``key: value`` fields of each ``processor`` block, first occurrence wins."""
+    blocks: list[dict[str, str]] = []
+    for line in text.splitlines():
+        if not line.startswith(_WANTED):
+            continue
+        key, sep, value = line.partition(":")
+        key = key.rstrip()
+        if not sep or key not in _WANTED:
+            continue
+        if key == "processor":
+            blocks.append({"processor": value.strip()})
+        elif blocks:
+            blocks[-1].setdefault(key, value.strip())
+    return blocks
 
 
 def _clean(value: str) -> str:
