@@ -5,6 +5,8 @@ The daemon builds a :class:`Status` per request of ``/`` from the same sources t
 Nothing here blocks on QEMU: guest models still being resolved in the background are reported as
 "not known yet", never as missing every feature. :mod:`exporter.landing` renders it; keeping the
 two apart lets tests assert on verdicts (``problems``) without parsing HTML.
+
+The canary section is the canary's own read model (``exporter.canary.landing``), re-exported here.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from exporter import __version__
+from exporter.canary.landing import CanaryProfileStatus, Comparison, ComparisonBar, canary_status
 from exporter.errors import ExporterError
 
 if TYPE_CHECKING:
@@ -79,39 +82,6 @@ class QemuStatus:
     total_models: int
     exposable_model: str
     exposable: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class CanaryProfileStatus:
-    name: str
-    #: last outcome (``success``, ``timeout``, ...); None before the first run
-    result: str | None = None
-    finished_at: float | None = None
-    message: str = ""
-    last_success_at: float | None = None
-    #: mean of the last run's throughputs, bytes per second (None without any)
-    mean_rate: float | None = None
-
-
-@dataclass(frozen=True)
-class ComparisonBar:
-    """One cipher/op of the latest with/without AES-NI canary comparison (bytes per second)."""
-
-    cipher: str
-    op: str
-    with_rate: float
-    without_rate: float
-
-    @property
-    def ratio(self) -> float | None:
-        return self.with_rate / self.without_rate if self.without_rate > 0 else None
-
-
-@dataclass(frozen=True)
-class Comparison:
-    with_profile: str
-    without_profile: str
-    bars: tuple[ComparisonBar, ...]
 
 
 @dataclass(frozen=True)
@@ -271,36 +241,7 @@ def _qemu(ctx: Context) -> tuple[QemuStatus | None, str | None]:
 
 def _canary(ctx: Context) -> tuple[tuple[CanaryProfileStatus, ...], Comparison | None]:
     assert ctx.canary_store is not None
-    snap = ctx.canary_store.snapshot()
-    profiles = []
-    for name in snap.profile_names():
-        stats = snap.state.profiles.get(name)
-        if stats is None or stats.last is None:
-            profiles.append(CanaryProfileStatus(name))
-            continue
-        rates = [s.last for s in stats.throughput.values() if s.last > 0]
-        profiles.append(
-            CanaryProfileStatus(
-                name,
-                stats.last.result,
-                stats.last.finished_at,
-                stats.last.message or "",
-                stats.last_success_at,
-                sum(rates) / len(rates) if rates else None,
-            )
-        )
-    comparison = None
-    if snap.pair is not None:
-        fast, slow = (snap.state.profiles.get(p) for p in snap.pair)
-        if fast is not None and slow is not None:
-            bars = tuple(
-                ComparisonBar(cipher, op, fast.throughput[(cipher, op)].last, s.last)
-                for (cipher, op), s in sorted(slow.throughput.items())
-                if (cipher, op) in fast.throughput
-            )
-            if bars:
-                comparison = Comparison(snap.pair[0], snap.pair[1], bars)
-    return tuple(profiles), comparison
+    return canary_status(ctx.canary_store.snapshot())
 
 
 def read_status(ctx: Context, collectors: Mapping[str, CollectorStatus]) -> Status:
@@ -334,3 +275,17 @@ def read_status(ctx: Context, collectors: Mapping[str, CollectorStatus]) -> Stat
         canary=canary,
         comparison=comparison,
     )
+
+
+__all__ = [
+    "CanaryProfileStatus",
+    "Comparison",
+    "ComparisonBar",
+    "GuestLine",
+    "HostStatus",
+    "Problem",
+    "QemuStatus",
+    "Status",
+    "guest_line",
+    "read_status",
+]
