@@ -22,6 +22,8 @@ import yaml
 
 from exporter.canary.landing import when
 from exporter.canary.model import MB
+from exporter.config.yamlfile import read_yaml
+from exporter.errors import ConfigError
 from exporter.levels import name as level_name
 from exporter.status import Comparison, GuestLine, Status
 
@@ -292,10 +294,9 @@ def config_data(cfg: Config) -> Any:
 
 def _web_config(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except (OSError, yaml.YAMLError) as err:
-        return f"# cannot read {path}: {err}\n"
+        data = read_yaml(path, "web config")
+    except ConfigError as err:
+        return f"# {err}\n"
     return yaml.safe_dump(redact(data), sort_keys=False, allow_unicode=True)
 
 

@@ -203,8 +203,8 @@ def guest_line(r: GuestReport) -> GuestLine:
 
 
 def _guests(ctx: Context) -> tuple[GuestLine, ...]:
-    from exporter.collectors.guests import host_flags
     from exporter.guests.report import guest_reports
+    from exporter.procfs.cpuinfo import host_flags
 
     assert ctx.knowledge is not None
     reports, _ = guest_reports(
@@ -214,6 +214,8 @@ def _guests(ctx: Context) -> tuple[GuestLine, ...]:
         host_flags(ctx.procfs),
         ctx.config.guests.process_names,
         prefill=False,
+        live=ctx.live,
+        clock=ctx.clock,
     )
     return tuple(guest_line(r) for r in reports)
 

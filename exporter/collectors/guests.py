@@ -60,7 +60,6 @@ from exporter.errors import ExporterError
 from exporter.guests.cmdline import GuestSpec, parse_cmdline
 from exporter.guests.discovery import Guest, Scan, scan
 from exporter.guests.effective import (
-    KNOWN,
     EffectiveCpu,
     KnowledgeSource,
     cpu_config_id,
@@ -69,9 +68,10 @@ from exporter.guests.effective import (
     resolve,
     verdict,
 )
-from exporter.guests.live import LiveChecker, LiveResult
+from exporter.guests.live import LiveChecker, LiveResult, live_effective
 from exporter.hazards import usable_features
 from exporter.levels import level_of
+from exporter.procfs.cpuinfo import host_flags
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +81,6 @@ HOST_FLAGS_TTL = 300.0
 _PARSE_CACHE_MAX = 4096
 #: per-guest prepared samples; cleared when full (guests churn, entries of gone guests are dead)
 _GUEST_CACHE_MAX = 8192
-
-
-def host_flags(procfs: Path) -> frozenset[str]:
-    """Flags present on every logical host CPU. The one place that reads the host's side, so that
-    the host collector's parser is reused rather than duplicated."""
-    from exporter.procfs.cpuinfo import read_cpuinfo
-
-    return read_cpuinfo(procfs).flags_everywhere()
 
 
 class GuestsCollector:
@@ -174,14 +166,10 @@ class GuestsCollector:
     ) -> tuple[str, EffectiveCpu]:
         """The guest's ``cpu_config`` id and effective CPU. ``memo`` lives for one scrape: hosts
         run hundreds of guests but a handful of CPU specs."""
-        if (
-            live is not None
-            and live.ok
-            and self.live is not None
-            and (self.clock() - live.at <= 3 * self.live.interval)
-        ):
-            cfg = cpu_config_id(guest.spec.cpu, guest.accel, guest.binary, live.features)
-            return cfg, EffectiveCpu(KNOWN, features=live.features, requested=live.features | live.filtered)
+        fresh = self.live.fresh(live, self.clock()) if self.live is not None else None
+        if fresh is not None:
+            cfg = cpu_config_id(guest.spec.cpu, guest.accel, guest.binary, fresh.features)
+            return cfg, live_effective(fresh)
         key = (guest.binary, guest.spec.cpu, guest.accel)
         hit = memo.get(key)
         if hit is None:

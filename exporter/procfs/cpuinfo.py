@@ -155,3 +155,9 @@ def read_cpuinfo(procfs: Path) -> CpuInfo:
     """Read and parse ``<procfs>/cpuinfo``."""
     path = procfs / "cpuinfo"
     return parse_cpuinfo(read_text(path), str(path))
+
+
+def host_flags(procfs: Path) -> frozenset[str]:
+    """Flags present on every logical host CPU: the host's side of "hidden features", read by the
+    guests collector and the landing page alike."""
+    return read_cpuinfo(procfs).flags_everywhere()
