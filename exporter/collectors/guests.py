@@ -41,6 +41,13 @@ xsaveopt with xsave off is 0). ``hidden`` is 1 where every host CPU has the feat
 (``kvmcpu_guest_cpu_feature{guest,feature}``, ``kvmcpu_guest_cpu_feature_hidden{guest,feature}``).
 Guests with a configured QMP socket are reported from the live check once it has answered (what
 the vCPU really has, after the accelerator's filtering); the others from the model expansion.
+
+About 490 lines and one job, the guests' exposition: a third is this docstring and the 16 family
+declarations with their help text; the rest are the per-configuration and per-guest sample caches
+that keep a 500-guest scrape in milliseconds, which share the collector's lock and pruning. The
+rules it applies live elsewhere (``exporter.guests.effective``, ``exporter.guests.live``,
+``exporter.hazards``, ``exporter.levels``), shared with ``inspect`` and the landing page
+(``exporter.guests.report``).
 """
 
 from __future__ import annotations
