@@ -190,6 +190,20 @@ class GuestsCollector:
             )
         return hit
 
+    def _feature_matrix(
+        self, name: str, lab: dict[str, str], usable: frozenset[str], host: frozenset[str] | None
+    ) -> tuple[list[Sample], list[Sample]]:
+        """``name`` (1 when the guest OS can use the watched feature) and ``name_hidden`` (1 when
+        every host CPU has it and the guest does not; none while the host's flags are unknown),
+        for one CPU configuration or one guest."""
+        have = [Sample(name, {**lab, "feature": f}, 1.0 if f in usable else 0.0) for f in self.watch]
+        if host is None:
+            return have, []
+        hidden = set(hidden_features(self.watch, host, usable))
+        return have, [
+            Sample(f"{name}_hidden", {**lab, "feature": f}, 1.0 if f in hidden else 0.0) for f in self.watch
+        ]
+
     def _config_samples(
         self, cfg: str, features: frozenset[str], host: frozenset[str] | None
     ) -> tuple[list[Sample], ...]:
@@ -201,21 +215,7 @@ class GuestsCollector:
             return cached
         v = verdict(features)
         lab = {"cpu_config": cfg}
-        have = [
-            Sample("kvmcpu_guest_config_cpu_feature", {**lab, "feature": f}, 1.0 if f in v.usable else 0.0)
-            for f in self.watch
-        ]
-        hid: list[Sample] = []
-        if host is not None:
-            hidden = set(hidden_features(self.watch, host, v.usable))
-            hid = [
-                Sample(
-                    "kvmcpu_guest_config_cpu_feature_hidden",
-                    {**lab, "feature": f},
-                    1.0 if f in hidden else 0.0,
-                )
-                for f in self.watch
-            ]
+        have, hid = self._feature_matrix("kvmcpu_guest_config_cpu_feature", lab, v.usable, host)
         level = [Sample("kvmcpu_guest_config_x86_64_level", lab, float(v.level))]
         missing = [
             Sample("kvmcpu_guest_config_x86_64_level_missing", {**lab, "feature": f}, 1.0)
@@ -281,21 +281,7 @@ class GuestsCollector:
         cached = self._matrix_cache.get(key)
         if cached is not None:
             return cached[0], cached[1]
-        have = [
-            Sample("kvmcpu_guest_cpu_feature", {"guest": label, "feature": f}, 1.0 if f in usable else 0.0)
-            for f in self.watch
-        ]
-        hid: list[Sample] = []
-        if host is not None:
-            hidden = set(hidden_features(self.watch, host, usable))
-            hid = [
-                Sample(
-                    "kvmcpu_guest_cpu_feature_hidden",
-                    {"guest": label, "feature": f},
-                    1.0 if f in hidden else 0.0,
-                )
-                for f in self.watch
-            ]
+        have, hid = self._feature_matrix("kvmcpu_guest_cpu_feature", {"guest": label}, usable, host)
         if len(self._matrix_cache) >= _GUEST_CACHE_MAX:
             self._matrix_cache.clear()
         self._matrix_cache[key] = (have, hid)
