@@ -106,6 +106,18 @@ class Status:
     @property
     def problems(self) -> tuple[Problem, ...]:
         """What needs attention, most severe first (the page shows these before anything else)."""
+        out = [
+            *self._host_problems(),
+            *self._qemu_problems(),
+            *self._guest_problems(),
+            *self._canary_problems(),
+        ]
+        for name, (ok, _, err) in sorted(self.collectors.items()):
+            if not ok:
+                out.append(Problem("warning", f"collector {name} failed", err or ""))
+        return tuple(sorted(out, key=lambda p: p.severity != "critical"))
+
+    def _host_problems(self) -> list[Problem]:
         out: list[Problem] = []
         if self.host is not None:
             h = self.host
@@ -124,6 +136,10 @@ class Status:
                 )
         if self.host_error:
             out.append(Problem("warning", "host CPU facts unavailable", self.host_error))
+        return out
+
+    def _qemu_problems(self) -> list[Problem]:
+        out: list[Problem] = []
         if self.qemu is not None and "kvm" in self.qemu.accelerators and not self.qemu.accelerators["kvm"]:
             out.append(
                 Problem(
@@ -134,6 +150,10 @@ class Status:
             )
         if self.qemu is None and self.qemu_error and self.qemu_error != "probe running":
             out.append(Problem("warning", "QEMU probe failed", self.qemu_error))
+        return out
+
+    def _guest_problems(self) -> list[Problem]:
+        out: list[Problem] = []
         for g in self.guests or ():
             if g.hazards:
                 out.append(
@@ -158,13 +178,14 @@ class Status:
             )
         if self.guests_error:
             out.append(Problem("warning", "guests could not be listed", self.guests_error))
-        for p in self.canary or ():
-            if p.result is not None and p.result not in _NOT_FAILURES:
-                out.append(Problem("critical", f"canary {p.name} failed: {p.result}", p.message or ""))
-        for name, (ok, _, err) in sorted(self.collectors.items()):
-            if not ok:
-                out.append(Problem("warning", f"collector {name} failed", err or ""))
-        return tuple(sorted(out, key=lambda p: p.severity != "critical"))
+        return out
+
+    def _canary_problems(self) -> list[Problem]:
+        return [
+            Problem("critical", f"canary {p.name} failed: {p.result}", p.message or "")
+            for p in self.canary or ()
+            if p.result is not None and p.result not in _NOT_FAILURES
+        ]
 
 
 def _host(ctx: Context) -> HostStatus:
