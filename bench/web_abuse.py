@@ -115,52 +115,49 @@ def _loop(stop: threading.Event, fn: Callable[[], None]) -> None:
             time.sleep(0.05)
 
 
+def _hold(port: int, stop: threading.Event) -> None:
+    """Slowloris: one header every second, never the blank line that ends the request."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        while not stop.is_set():
+            time.sleep(1)
+            if select.select([sock], [], [], 0)[0] and not sock.recv(4096):
+                return  # closed by the server: reconnect
+            sock.sendall(b"X-a: b\r\n")
+
+
+def _folded(port: int) -> None:
+    """A request with 95 folded continuation lines, then read whatever the server answers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        try:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: x\r\n")
+            for _ in range(95):
+                sock.sendall(FOLDED_LINE)
+            sock.sendall(b"\r\n")
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            read_response(sock, bytearray())
+
+
 def attack(name: str, port: int, duration: float, nice: int = 0) -> None:
     if nice:
         os.nice(nice)
     stop = threading.Event()
-    threads: list[threading.Thread] = []
-
-    def spawn(n: int, fn: Callable[[], None]) -> None:
-        for _ in range(n):
-            threads.append(threading.Thread(target=_loop, args=(stop, fn), daemon=True))
-
-    if name == "slowloris":
-
-        def hold() -> None:
-            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
-                while not stop.is_set():
-                    time.sleep(1)
-                    if select.select([sock], [], [], 0)[0] and not sock.recv(4096):
-                        return  # closed by the server: reconnect
-                    sock.sendall(b"X-a: b\r\n")
-
-        spawn(200, hold)
-    elif name == "clients":
-        spawn(200, lambda: one_request(port, "/-/healthy") and None)
-    elif name == "scrapers":
-        spawn(200, lambda: one_request(port, "/metrics") and None)
-    elif name == "folded":
-
-        def folded() -> None:
-            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-                try:
-                    sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: x\r\n")
-                    for _ in range(95):
-                        sock.sendall(FOLDED_LINE)
-                    sock.sendall(b"\r\n")
-                except OSError:
-                    pass
-                with contextlib.suppress(OSError):
-                    read_response(sock, bytearray())
-
-        spawn(50, folded)
-    elif name == "wrongpw":
-        counter = iter(range(10**9))
-        spawn(
-            20, lambda: one_request(port, "/metrics", basic("prometheus", f"guess-{next(counter)}")) and None
-        )
+    counter = iter(range(10**9))
+    #: attack name -> (threads, what each thread does in a loop)
+    attackers: dict[str, tuple[int, Callable[[], None]]] = {
+        "slowloris": (200, lambda: _hold(port, stop)),
+        "clients": (200, lambda: one_request(port, "/-/healthy") and None),
+        "scrapers": (200, lambda: one_request(port, "/metrics") and None),
+        "folded": (50, lambda: _folded(port)),
+        "wrongpw": (
+            20,
+            lambda: one_request(port, "/metrics", basic("prometheus", f"guess-{next(counter)}")) and None,
+        ),
+    }
+    n, fn = attackers.get(name, (0, lambda: None))
+    threads = [threading.Thread(target=_loop, args=(stop, fn), daemon=True) for _ in range(n)]
     for t in threads:
         t.start()
     time.sleep(duration)

@@ -19,21 +19,23 @@ What the stdlib server lacked, and this module adds:
 * **no Nagle stall**: TCP_NODELAY, and status line, headers and body leave in one send;
 * configured security headers on **every** response (401, 404, 408, 431, 501, 503 included);
 * gzip when the request's Accept-Encoding allows it, as prometheus_client and node_exporter do.
+
+The connection table, its eviction rule and the worker threads are ``exporter.httpconn``. This module
+is the request cycle (about 470 lines, one job): reading a bounded head under deadlines, routing,
+auth, answering in one send; ``_Handler`` and ``_Server`` share the connection states too closely to
+split further.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import io
 import logging
-import queue
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, cast
 
@@ -42,6 +44,7 @@ from prometheus_client import CollectorRegistry
 from exporter import __version__
 from exporter.config import parse_listen_address
 from exporter.exposition import choose
+from exporter.httpconn import IDLE, READING, SERVING, Connections, Limits, Workers
 from exporter.httpmetrics import HttpMetrics
 from exporter.landing import render_landing
 from exporter.status import Status
@@ -58,27 +61,6 @@ StatusFn = Callable[[], Status]
 #: for level 6, for 119 KB against 105 KB (both ~20x smaller than plain; bench/web_abuse.py
 #: prints both). Nothing slow on the scrape path.
 GZIP_LEVEL = 1
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The server's defences; the defaults suit a Prometheus scraping every 15 s to 2 min."""
-
-    #: request line + headers, in bytes (Prometheus sends well under 1 KiB)
-    max_head_bytes: int = 32 * 1024
-    #: seconds for a whole request head to arrive
-    read_timeout: float = 10.0
-    #: seconds a kept-alive connection may wait for its next request (longer than a 1m scrape interval)
-    idle_timeout: float = 120.0
-    #: seconds a client may take to read a response (per send)
-    write_timeout: float = 30.0
-    #: open connections; at the limit the oldest idle or reading one is closed
-    max_connections: int = 128
-    #: seconds a connection must have been idle or reading its head before it may be closed for
-    #: room: a real client's head arrives in one read, a slowloris one never completes
-    eviction_grace: float = 0.1
-    #: listen(2) backlog
-    backlog: int = 512
 
 
 def gzip_accepted(accept_encoding: str | None) -> bool:
@@ -105,132 +87,6 @@ def gzip_accepted(accept_encoding: str | None) -> bool:
 
 #: fixed paths -> ``handler`` label of kvmcpu_http_requests_total (the telemetry path is "metrics")
 _HANDLER_LABELS = {"/": "landing", "/config": "config", "/-/healthy": "healthy", "/-/ready": "ready"}
-
-#: accepted, waiting for a worker; reading the request head; between requests; being answered
-QUEUED, READING, IDLE, SERVING = "queued", "reading", "idle", "serving"
-
-
-class _Connection:
-    __slots__ = ("since", "sock", "state")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.state = QUEUED
-        self.since = time.monotonic()
-
-
-def _abort(sock: socket.socket) -> None:
-    """Wake the thread blocked on ``sock`` (its recv returns EOF) without touching TLS state."""
-    with contextlib.suppress(OSError):
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-
-
-class Connections:
-    """Every open client connection and what it is doing; makes room at the limit.
-
-    At the limit the oldest connection that has been idle or reading its request head for at
-    least ``grace`` seconds is closed (slowloris connections and forgotten keep-alives; a real
-    client's head arrives in one read). Connections still waiting for a worker, being answered, or
-    younger than that (a burst of real clients) are never closed: the server stops accepting for a
-    moment and new connections wait in the listen backlog.
-    """
-
-    def __init__(self, limit: int, metrics: HttpMetrics, grace: float) -> None:
-        self.limit = limit
-        self.grace = grace
-        self._metrics = metrics
-        self._room = threading.Condition()
-        self._open: dict[socket.socket, _Connection] = {}
-
-    def __len__(self) -> int:
-        return len(self._open)
-
-    def wait_for_room(self, timeout: float) -> bool:
-        """Room for one more connection within ``timeout``, closing a stale one if need be."""
-        deadline = time.monotonic() + timeout
-        with self._room:
-            while len(self._open) >= self.limit:
-                now = time.monotonic()
-                stale = [
-                    c
-                    for c in self._open.values()
-                    if c.state in (READING, IDLE) and now - c.since >= self.grace
-                ]
-                if stale:
-                    victim = min(stale, key=lambda c: c.since)
-                    del self._open[victim.sock]
-                    _abort(victim.sock)
-                    self._metrics.dropped("evicted")
-                    break
-                if now >= deadline:
-                    return False
-                # woken by a closed connection; else look again when the oldest turns stale
-                self._room.wait(min(deadline - now, 0.02))
-            return True
-
-    def admit(self, sock: socket.socket) -> None:
-        with self._room:
-            self._open[sock] = _Connection(sock)
-
-    def set(self, sock: socket.socket, state: str) -> None:
-        with self._room:
-            conn = self._open.get(sock)
-            if conn is not None:
-                conn.state, conn.since = state, time.monotonic()
-
-    def remove(self, sock: socket.socket) -> None:
-        with self._room:
-            if self._open.pop(sock, None) is not None:
-                self._room.notify()
-
-    def close_all(self) -> None:
-        with self._room:
-            for conn in self._open.values():
-                _abort(conn.sock)
-
-
-class Workers:
-    """Daemon threads reused across connections, grown on demand up to ``limit``.
-
-    ``ThreadingMixIn`` starts a thread per connection, and ``Thread.start`` waits until the new
-    thread runs: under a connection flood the accept loop then waits on the GIL once per
-    connection. Reused workers make accepting a queue put.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._queue: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]]] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._idle = 0  # workers waiting for a task nobody has claimed
-        self._count = 0
-        self._backlog = 0  # tasks queued while every worker was busy and none could be added
-
-    def submit(self, fn: Callable[..., None], *args: Any) -> None:
-        with self._lock:
-            spawn = False
-            if self._idle > 0:
-                self._idle -= 1  # claimed: that waiting worker takes this task
-            elif self._count < self.limit:
-                self._count += 1
-                spawn = True
-            else:
-                self._backlog += 1  # the next worker to finish takes it
-        self._queue.put((fn, args))
-        if spawn:
-            threading.Thread(target=self._run, name="http-worker", daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            fn, args = self._queue.get()
-            try:
-                fn(*args)
-            except Exception:  # process_request_thread handles its own errors; belt and braces
-                log.debug("worker task failed", exc_info=True)
-            with self._lock:
-                if self._backlog > 0:
-                    self._backlog -= 1
-                else:
-                    self._idle += 1
 
 
 class _Server(ThreadingHTTPServer):
@@ -612,3 +468,6 @@ class ExporterHTTP:
 
     def landing_page(self) -> str:
         return render_landing(self.status(), self.telemetry_path)
+
+
+__all__ = ["GZIP_LEVEL", "Connections", "ExporterHTTP", "Limits", "Workers", "gzip_accepted"]

@@ -14,20 +14,22 @@ import dataclasses
 import functools
 import html
 import re
-import time
 from collections.abc import Iterable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from exporter.canary.landing import when
+from exporter.canary.model import MB
+from exporter.config.yamlfile import read_yaml
+from exporter.errors import ConfigError
 from exporter.levels import name as level_name
 from exporter.status import Comparison, GuestLine, Status
 
 if TYPE_CHECKING:
     from exporter.config import Config
 
-MB = 1_000_000.0
 #: how many missing features a guest line names before "+ N more"
 SHOWN_MISSING = 2
 REDACTED = "<secret>"
@@ -62,12 +64,6 @@ def _yes_no(ok: bool | None, yes: str = "yes", no: str = "NO") -> str:
     if ok is None:
         return '<span class="unknown">unknown</span>'
     return f'<span class="yes">{e(yes)}</span>' if ok else f'<span class="no">{e(no)}</span>'
-
-
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return "never"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
 
 
 def _kv(rows: Iterable[tuple[str, str]]) -> str:
@@ -206,7 +202,7 @@ def _canary(status: Status) -> str:
             continue
         ok = p.result == "success"
         # "success at <time>" as one phrase (what an operator reads and greps for)
-        text = f"{p.result} at {_when(p.finished_at)}"
+        text = f"{p.result} at {when(p.finished_at)}"
         result = (
             _yes_no(ok, text, text)
             if p.result != "skipped_busy"
@@ -216,7 +212,7 @@ def _canary(status: Status) -> str:
         rate = "" if p.mean_rate is None else f"{p.mean_rate / MB:.1f} MB/s"
         rows.append(
             f"<tr><td>{e(p.name)}</td><td>{result}{msg}</td>"
-            f"<td>{e(_when(p.last_success_at))}</td><td>{e(rate)}</td></tr>"
+            f"<td>{e(when(p.last_success_at))}</td><td>{e(rate)}</td></tr>"
         )
     chart = (
         f"<h3>Last AES-NI comparison</h3>{comparison_svg(status.comparison)}"
@@ -265,7 +261,7 @@ def render_landing(status: Status, telemetry_path: str = "/metrics") -> str:
             _collectors(status),
         ]
     )
-    footer = f'<p class="muted">Generated {e(_when(status.generated_at))}.</p>' if status.generated_at else ""
+    footer = f'<p class="muted">Generated {e(when(status.generated_at))}.</p>' if status.generated_at else ""
     return _page(f"kvm-cpu-exporter {status.version}", body + footer, telemetry_path)
 
 
@@ -298,10 +294,9 @@ def config_data(cfg: Config) -> Any:
 
 def _web_config(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except (OSError, yaml.YAMLError) as err:
-        return f"# cannot read {path}: {err}\n"
+        data = read_yaml(path, "web config")
+    except ConfigError as err:
+        return f"# {err}\n"
     return yaml.safe_dump(redact(data), sort_keys=False, allow_unicode=True)
 
 

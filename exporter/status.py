@@ -5,6 +5,8 @@ The daemon builds a :class:`Status` per request of ``/`` from the same sources t
 Nothing here blocks on QEMU: guest models still being resolved in the background are reported as
 "not known yet", never as missing every feature. :mod:`exporter.landing` renders it; keeping the
 two apart lets tests assert on verdicts (``problems``) without parsing HTML.
+
+The canary section is the canary's own read model (``exporter.canary.landing``), re-exported here.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from exporter import __version__
+from exporter.canary.landing import CanaryProfileStatus, Comparison, ComparisonBar, canary_status
 from exporter.errors import ExporterError
 
 if TYPE_CHECKING:
@@ -82,39 +85,6 @@ class QemuStatus:
 
 
 @dataclass(frozen=True)
-class CanaryProfileStatus:
-    name: str
-    #: last outcome (``success``, ``timeout``, ...); None before the first run
-    result: str | None = None
-    finished_at: float | None = None
-    message: str = ""
-    last_success_at: float | None = None
-    #: mean of the last run's throughputs, bytes per second (None without any)
-    mean_rate: float | None = None
-
-
-@dataclass(frozen=True)
-class ComparisonBar:
-    """One cipher/op of the latest with/without AES-NI canary comparison (bytes per second)."""
-
-    cipher: str
-    op: str
-    with_rate: float
-    without_rate: float
-
-    @property
-    def ratio(self) -> float | None:
-        return self.with_rate / self.without_rate if self.without_rate > 0 else None
-
-
-@dataclass(frozen=True)
-class Comparison:
-    with_profile: str
-    without_profile: str
-    bars: tuple[ComparisonBar, ...]
-
-
-@dataclass(frozen=True)
 class Status:
     """Everything the landing page shows. Sections are None when the daemon does not run them
     (e.g. no guest collector) and carry an ``*_error`` string when reading them failed."""
@@ -136,6 +106,18 @@ class Status:
     @property
     def problems(self) -> tuple[Problem, ...]:
         """What needs attention, most severe first (the page shows these before anything else)."""
+        out = [
+            *self._host_problems(),
+            *self._qemu_problems(),
+            *self._guest_problems(),
+            *self._canary_problems(),
+        ]
+        for name, (ok, _, err) in sorted(self.collectors.items()):
+            if not ok:
+                out.append(Problem("warning", f"collector {name} failed", err or ""))
+        return tuple(sorted(out, key=lambda p: p.severity != "critical"))
+
+    def _host_problems(self) -> list[Problem]:
         out: list[Problem] = []
         if self.host is not None:
             h = self.host
@@ -154,6 +136,10 @@ class Status:
                 )
         if self.host_error:
             out.append(Problem("warning", "host CPU facts unavailable", self.host_error))
+        return out
+
+    def _qemu_problems(self) -> list[Problem]:
+        out: list[Problem] = []
         if self.qemu is not None and "kvm" in self.qemu.accelerators and not self.qemu.accelerators["kvm"]:
             out.append(
                 Problem(
@@ -164,6 +150,10 @@ class Status:
             )
         if self.qemu is None and self.qemu_error and self.qemu_error != "probe running":
             out.append(Problem("warning", "QEMU probe failed", self.qemu_error))
+        return out
+
+    def _guest_problems(self) -> list[Problem]:
+        out: list[Problem] = []
         for g in self.guests or ():
             if g.hazards:
                 out.append(
@@ -188,13 +178,14 @@ class Status:
             )
         if self.guests_error:
             out.append(Problem("warning", "guests could not be listed", self.guests_error))
-        for p in self.canary or ():
-            if p.result is not None and p.result not in _NOT_FAILURES:
-                out.append(Problem("critical", f"canary {p.name} failed: {p.result}", p.message or ""))
-        for name, (ok, _, err) in sorted(self.collectors.items()):
-            if not ok:
-                out.append(Problem("warning", f"collector {name} failed", err or ""))
-        return tuple(sorted(out, key=lambda p: p.severity != "critical"))
+        return out
+
+    def _canary_problems(self) -> list[Problem]:
+        return [
+            Problem("critical", f"canary {p.name} failed: {p.result}", p.message or "")
+            for p in self.canary or ()
+            if p.result is not None and p.result not in _NOT_FAILURES
+        ]
 
 
 def _host(ctx: Context) -> HostStatus:
@@ -233,8 +224,8 @@ def guest_line(r: GuestReport) -> GuestLine:
 
 
 def _guests(ctx: Context) -> tuple[GuestLine, ...]:
-    from exporter.collectors.guests import host_flags
     from exporter.guests.report import guest_reports
+    from exporter.procfs.cpuinfo import host_flags
 
     assert ctx.knowledge is not None
     reports, _ = guest_reports(
@@ -244,6 +235,8 @@ def _guests(ctx: Context) -> tuple[GuestLine, ...]:
         host_flags(ctx.procfs),
         ctx.config.guests.process_names,
         prefill=False,
+        live=ctx.live,
+        clock=ctx.clock,
     )
     return tuple(guest_line(r) for r in reports)
 
@@ -271,36 +264,7 @@ def _qemu(ctx: Context) -> tuple[QemuStatus | None, str | None]:
 
 def _canary(ctx: Context) -> tuple[tuple[CanaryProfileStatus, ...], Comparison | None]:
     assert ctx.canary_store is not None
-    snap = ctx.canary_store.snapshot()
-    profiles = []
-    for name in snap.profile_names():
-        stats = snap.state.profiles.get(name)
-        if stats is None or stats.last is None:
-            profiles.append(CanaryProfileStatus(name))
-            continue
-        rates = [s.last for s in stats.throughput.values() if s.last > 0]
-        profiles.append(
-            CanaryProfileStatus(
-                name,
-                stats.last.result,
-                stats.last.finished_at,
-                stats.last.message or "",
-                stats.last_success_at,
-                sum(rates) / len(rates) if rates else None,
-            )
-        )
-    comparison = None
-    if snap.pair is not None:
-        fast, slow = (snap.state.profiles.get(p) for p in snap.pair)
-        if fast is not None and slow is not None:
-            bars = tuple(
-                ComparisonBar(cipher, op, fast.throughput[(cipher, op)].last, s.last)
-                for (cipher, op), s in sorted(slow.throughput.items())
-                if (cipher, op) in fast.throughput
-            )
-            if bars:
-                comparison = Comparison(snap.pair[0], snap.pair[1], bars)
-    return tuple(profiles), comparison
+    return canary_status(ctx.canary_store.snapshot())
 
 
 def read_status(ctx: Context, collectors: Mapping[str, CollectorStatus]) -> Status:
@@ -334,3 +298,17 @@ def read_status(ctx: Context, collectors: Mapping[str, CollectorStatus]) -> Stat
         canary=canary,
         comparison=comparison,
     )
+
+
+__all__ = [
+    "CanaryProfileStatus",
+    "Comparison",
+    "ComparisonBar",
+    "GuestLine",
+    "HostStatus",
+    "Problem",
+    "QemuStatus",
+    "Status",
+    "guest_line",
+    "read_status",
+]

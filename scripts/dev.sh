@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything kvm-cpu-exporter needs on Debian 12 (as root), then runs it or tests it.
 #   scripts/dev.sh run    set up, then run the exporter on its built-in defaults (:10437)
-#   scripts/dev.sh test   set up, then run the whole test suite (ruff, mypy, promtool, pytest)
+#   scripts/dev.sh test   set up, then run the whole test suite (ruff check + format --check, mypy, pytest)
 #   scripts/dev.sh setup  only set up
 #   scripts/dev.sh lock   regenerate requirements.lock (with hashes) after a dependency change in pyproject.toml
 # Idempotent: a second run installs nothing new and reuses the built canary image.
@@ -91,8 +91,9 @@ case "${1:-}" in
   test)
     setup
     shift
-    log "ruff"
+    log "ruff (lint, complexity, format)"
     "$VENV/bin/ruff" check exporter tests bench grafana deploy
+    "$VENV/bin/ruff" format --check .
     log "mypy"
     "$VENV/bin/mypy"
     log "pytest"

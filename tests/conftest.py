@@ -76,7 +76,7 @@ class RunningDaemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_for(self, predicate, timeout: float = 60.0, interval: float = 0.5):  # type: ignore[no-untyped-def]
+    def wait_for(self, predicate, timeout: float = 60.0, interval: float = 0.5):
         """Scrape until ``predicate(metrics)`` is truthy; returns its value."""
         deadline = time.monotonic() + timeout
         last = None

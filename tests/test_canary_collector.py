@@ -172,7 +172,7 @@ def test_speedup_bounds_beside_the_ratio(tmp_path: Path) -> None:
     lower = v("kvmcpu_canary_aesni_speedup_ratio_lower", labels)
     upper = v("kvmcpu_canary_aesni_speedup_ratio_upper", labels)
     assert ratio == pytest.approx((301 / 3) / 40)
-    assert lower is not None and upper is not None and 2.0 < lower < ratio < upper < 3.2
+    assert ratio is not None and lower is not None and upper is not None and 2.0 < lower < ratio < upper < 3.2
     assert v("kvmcpu_canary_aesni_speedup_timestamp_seconds", labels) == T0 + 5
     assert v("kvmcpu_canary_scheduler_up") is None  # no scheduler attached: not exported
     store.watch_scheduler(lambda: True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 
 from exporter.canary.model import Profile
@@ -23,7 +25,9 @@ from exporter.config import ProfileConfig, default_profiles
         ("max", "auto", True, "max", "kvm"),
     ],
 )
-def test_cpu_and_accel(cpu: str, accel: str, kvm: bool, want_cpu: str, want_accel: str) -> None:
+def test_cpu_and_accel(
+    cpu: str, accel: Literal["auto", "kvm", "tcg"], kvm: bool, want_cpu: str, want_accel: str
+) -> None:
     prof = resolve_profile(ProfileConfig(name="p", cpu=cpu, accel=accel), kvm_usable=kvm)
     assert (prof.cpu, prof.accel) == (want_cpu, want_accel)
 

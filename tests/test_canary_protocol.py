@@ -160,4 +160,8 @@ def test_stream_parser_never_raises_on_bytes(blob: bytes, chunk: int) -> None:
 def test_glibc_field_never_raises_and_stays_a_level(value: object) -> None:
     rec = parse_line(json.dumps({"type": "hello", "kernel": "k", "flags": "aes", "glibc_hwcaps": value}))
     assert isinstance(rec, Hello) and rec.flags == ("aes",)
-    assert rec.glibc_level is None if not isinstance(value, str) else 1 <= rec.glibc_level <= 9
+    assert (
+        rec.glibc_level is None
+        if not isinstance(value, str)
+        else rec.glibc_level is not None and 1 <= rec.glibc_level <= 9
+    )

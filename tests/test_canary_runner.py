@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.canary import (
@@ -33,9 +34,9 @@ from exporter.canary.runner import WORKDIR_PREFIX, CanaryRunner
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _rate(result_measurements: list, cipher: str) -> float:  # type: ignore[type-arg]
+def _rate(result_measurements: list[Any], cipher: str) -> float:
     ms = [m for m in result_measurements if m.cipher == cipher]
-    return sum(m.bytes for m in ms) / sum(m.seconds for m in ms)
+    return float(sum(m.bytes for m in ms) / sum(m.seconds for m in ms))
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from exporter.cli import build_parser, config_from_args
 from exporter.config import Config, load_file, parse_config, parse_listen_address, validate
 
 
-def _args(*argv: str):  # type: ignore[no-untyped-def]
+def _args(*argv: str):
     return build_parser().parse_args(["serve", *argv])
 
 

@@ -50,12 +50,12 @@ def _config(tmp_path: Path, **canary: object) -> str:
     return f"--config.file={path}"
 
 
-def _both_profiles_measured(m):  # type: ignore[no-untyped-def]
+def _both_profiles_measured(m):
     return sample(m, "kvmcpu_canary_aesni_speedup_ratio", cipher=CIPHER, op="read")
 
 
 @pytest.mark.slow
-def test_scheduled_canaries_export_results_that_survive_sigkill(start_daemon, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_scheduled_canaries_export_results_that_survive_sigkill(start_daemon, tmp_path: Path) -> None:
     d = start_daemon(_config(tmp_path), *CANARY_FLAGS)
     d.wait_for(_both_profiles_measured, timeout=240)
     m = d.metrics()
@@ -113,7 +113,7 @@ def test_scheduled_canaries_export_results_that_survive_sigkill(start_daemon, tm
 @pytest.mark.slow
 def test_one_tick_boots_one_guest_per_profile_and_refreshes_every_cipher(
     start_daemon, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """Issue 12: a tick is one boot per profile with every cipher inside, not one (profile, cipher)."""
     ciphers = ["aes-xts-plain", "aes-cbc-plain", "aes-ecb-plain"]
     # one tick only: the first comes 3 s after start, the next an hour later
@@ -126,7 +126,7 @@ def test_one_tick_boots_one_guest_per_profile_and_refreshes_every_cipher(
     )
     launched: dict[int, list[str]] = {}
 
-    def every_ratio(m):  # type: ignore[no-untyped-def]
+    def every_ratio(m):
         return all(
             sample(m, "kvmcpu_canary_aesni_speedup_ratio", cipher=c, op=op) for c in ciphers for op in OPS
         )
@@ -157,12 +157,14 @@ def test_one_tick_boots_one_guest_per_profile_and_refreshes_every_cipher(
             ratio = sample(m, "kvmcpu_canary_aesni_speedup_ratio", cipher=c, op=op)
             lower = sample(m, "kvmcpu_canary_aesni_speedup_ratio_lower", cipher=c, op=op)
             upper = sample(m, "kvmcpu_canary_aesni_speedup_ratio_upper", cipher=c, op=op)
-            assert lower is not None and upper is not None and lower <= ratio <= upper, (c, op)
+            assert (
+                ratio is not None and lower is not None and upper is not None and lower <= ratio <= upper
+            ), (c, op)
     assert sample(m, "kvmcpu_canary_scheduler_up") == 1
 
 
 @pytest.mark.slow
-def test_busy_threshold_zero_skips_every_tick(start_daemon, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_busy_threshold_zero_skips_every_tick(start_daemon, tmp_path: Path) -> None:
     d = start_daemon(_config(tmp_path, busy_load_per_core=0.0, busy_cpu_percent=0.0), *CANARY_FLAGS)
     m = d.wait_for(
         lambda m: (
@@ -170,7 +172,7 @@ def test_busy_threshold_zero_skips_every_tick(start_daemon, tmp_path: Path) -> N
         ),
         timeout=60,
     )
-    assert sample(m, "kvmcpu_canary_runs_total", profile="aesni", result="skipped_busy") >= 1
+    assert (sample(m, "kvmcpu_canary_runs_total", profile="aesni", result="skipped_busy") or 0) >= 1
     assert sample(m, "kvmcpu_canary_runs_total", profile="aesni", result="success") == 0
     assert sample(m, "kvmcpu_canary_last_result_info", profile="aesni", result="skipped_busy") == 1
     assert sample(m, "kvmcpu_canary_budget_skips_total", profile="aesni") == 0
@@ -180,7 +182,7 @@ def test_busy_threshold_zero_skips_every_tick(start_daemon, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_corrupt_state_file_daemon_starts_logs_and_serves(start_daemon, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_corrupt_state_file_daemon_starts_logs_and_serves(start_daemon, tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
     (state / STATE_FILE).write_text('{"version": 1, "profiles": {"aesni": {"runs": {"success": "lots"')
@@ -196,7 +198,7 @@ def test_corrupt_state_file_daemon_starts_logs_and_serves(start_daemon, tmp_path
 
 
 @pytest.mark.slow
-def test_unwritable_state_is_counted_and_results_still_served(start_daemon, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_unwritable_state_is_counted_and_results_still_served(start_daemon, tmp_path: Path) -> None:
     state = tmp_path / "state"
     (state / STATE_FILE).mkdir(parents=True)  # the state file's path is taken by a directory
     # busy threshold 0: every tick records a skipped_busy result without booting a guest

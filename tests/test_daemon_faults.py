@@ -14,10 +14,10 @@ CANARY_FAST = (
 )
 
 
-def test_missing_qemu_binary(start_daemon) -> None:  # type: ignore[no-untyped-def]
+def test_missing_qemu_binary(start_daemon) -> None:
     d = start_daemon("--qemu.binary=/nonexistent/qemu-system-x86_64", *CANARY_FAST)
 
-    def qemu_failed(m):  # type: ignore[no-untyped-def]
+    def qemu_failed(m):
         return m if sample(m, "kvmcpu_scrape_collector_success", collector="qemu") == 0.0 else None
 
     m = d.wait_for(qemu_failed, timeout=60)

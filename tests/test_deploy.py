@@ -584,7 +584,7 @@ def test_dev_run_hands_the_process_over_to_the_exporter(tmp_path: Path) -> None:
             assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/healthy", timeout=2) as r:
-                    return r.status == 200
+                    return bool(r.status == 200)
             except OSError:
                 return False
 

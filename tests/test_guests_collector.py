@@ -243,7 +243,7 @@ def test_process_vanishing_mid_scan(tmp_path: Path) -> None:
     collector = _collector(root, tcg_knowledge())
     parse = collector._parse
 
-    def parse_then_exit(raw: bytes):  # type: ignore[no-untyped-def]
+    def parse_then_exit(raw: bytes):
         spec = parse(raw)
         if spec.name == "gone":
             shutil.rmtree(root / "30")  # the process exits right after we read its command line
@@ -364,6 +364,43 @@ def test_live_results_override_while_fresh(tmp_path: Path) -> None:
     assert g("kvmcpu_guest_live_check_timestamp_seconds", {"guest": "lab"}) == 1000.0
     now[0] += 600  # stale: back to the model expansion (Westmere has no avx)
     assert g("kvmcpu_guest_cpu_feature", {"guest": "lab", "feature": "avx"}) == 0
+
+
+def test_landing_page_guests_follow_the_same_live_answers(tmp_path: Path) -> None:
+    """One read path: the landing page's guest lines (guests.report, status.guest_line) take a fresh
+    live answer over the model expansion exactly as the collector does, and drop it when stale."""
+    from exporter.config import QmpSocketConfig
+    from exporter.guests.live import LiveChecker, LiveResult
+    from exporter.guests.report import guest_reports
+    from exporter.procfs.cpuinfo import host_flags
+    from exporter.status import guest_line
+
+    root = make_procfs(tmp_path / "proc")
+    add_process(root, 91, [QEMU, "-name", "lab", "-cpu", "Westmere"])
+    now = [1000.0]
+    live = LiveChecker(
+        [QmpSocketConfig("lab", str(tmp_path / "none.sock"))], interval=60.0, clock=lambda: now[0]
+    )
+    live._results["lab"] = LiveResult("lab", 1000.0, True, frozenset({"aes", "avx"}), frozenset())
+    host = host_flags(root)
+    assert "avx" in host  # the fixture host has avx, Westmere does not give it
+
+    def line() -> tuple[str, ...]:
+        reports, _ = guest_reports(
+            root, tcg_knowledge(), DEFAULT_WATCHLIST, host, prefill=False, live=live, clock=lambda: now[0]
+        )
+        (report,) = reports
+        return guest_line(report).missing
+
+    collector = GuestsCollector(
+        root, tcg_knowledge(), DEFAULT_WATCHLIST, GuestsConfig(), lambda: now[0], live=live
+    )
+    g = _getter(_registry(collector))
+    assert "avx" not in line()
+    assert g("kvmcpu_guest_cpu_feature_hidden", {"guest": "lab", "feature": "avx"}) == 0
+    now[0] += 600  # stale: both back to the model expansion
+    assert "avx" in line()
+    assert g("kvmcpu_guest_cpu_feature_hidden", {"guest": "lab", "feature": "avx"}) == 1
 
 
 def _series_per_guest(reg: CollectorRegistry) -> dict[str, int]:

@@ -78,7 +78,7 @@ def _hazards(m: Metrics, guest: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_daemon_reports_real_guests(start_daemon, qemu_guest, tmp_path: Path, sock_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_daemon_reports_real_guests(start_daemon, qemu_guest, tmp_path: Path, sock_dir: Path) -> None:
     procs = {}
     for name, (cpu, _) in GUESTS.items():
         procs[name] = qemu_guest(*(["-cpu", cpu] if cpu else []), name=name)
@@ -151,7 +151,7 @@ def test_daemon_reports_real_guests(start_daemon, qemu_guest, tmp_path: Path, so
 
 
 @pytest.mark.slow
-def test_live_check_direct(qemu_guest, sock_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_live_check_direct(qemu_guest, sock_dir: Path) -> None:
     qmp = sock_dir / "q.sock"
     qemu_guest("-cpu", "Westmere,-aes,+avx512f", "-qmp", f"unix:{qmp},server=on,wait=off", name="g-direct")
     deadline = time.monotonic() + 10

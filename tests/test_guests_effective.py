@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from support.guests import TCG_MAX, TCG_WESTMERE, FakeFacts, FakeKnowledge, tcg_knowledge
 
 from exporter.errors import UnknownCpuModel
@@ -57,7 +59,7 @@ def test_host_under_tcg_is_invalid() -> None:
 def test_host_under_kvm_is_the_exposable_set() -> None:
     k = FakeKnowledge(host_facts=FakeFacts(frozenset({"aes", "avx", "avx512f"}), "host"))
     eff = resolve(k, parse_cpu("host,-avx512f"), binary=None, accel="kvm")
-    assert eff.features == {"aes", "avx"}
+    assert eff.features == frozenset({"aes", "avx"})
     # facts from a TCG-only probe do not describe -cpu host: KVM's answer is asked for instead
     k = FakeKnowledge(host_facts=FakeFacts(TCG_MAX, "max"))
     assert resolve(k, parse_cpu("host"), binary=None, accel="kvm").state == "pending"
@@ -78,7 +80,7 @@ def test_decode_words() -> None:
     assert decode_word(7, 0, "EBX", 1 << 16 | 1 << 5) == {"avx512f", "avx2"}
     assert decode_word(0xD, 1, "EAX", 0b1011) == {"xsaveopt", "xsavec", "xsaves"}
     assert decode_word(0x80000001, None, "ECX", 1 << 2) == {"svm"}
-    words = [
+    words: list[dict[str, Any]] = [
         {"cpuid-register": "ECX", "cpuid-input-eax": 1, "features": 1 << 26 | 1 << 1},
         {"cpuid-register": "ECX", "cpuid-input-ecx": 0, "cpuid-input-eax": 7, "features": 1 << 9},
         {"cpuid-register": "EDX", "cpuid-input-eax": 0x40000001, "features": 0xFFFF},  # KVM leaf: unknown

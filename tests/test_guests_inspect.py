@@ -15,7 +15,7 @@ from exporter.procfs.cpuinfo import read_cpuinfo
 
 
 @pytest.mark.slow
-def test_inspect_shows_guests_and_missing_features(qemu_guest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_inspect_shows_guests_and_missing_features(qemu_guest, tmp_path: Path) -> None:
     proc = qemu_guest("-cpu", "Westmere,-aes,+avx512f", name="g-inspect")
     config = tmp_path / "c.yml"
     config.write_text("qemu:\n  accelerators: [tcg]\n")
@@ -65,7 +65,7 @@ def test_inspect_shows_guests_and_missing_features(qemu_guest, tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_inspect_reports_hazardous_cpu_configurations(qemu_guest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_inspect_reports_hazardous_cpu_configurations(qemu_guest, tmp_path: Path) -> None:
     """The two configurations that crashed the canary kernel (PLATFORM.md), as running guests."""
     qemu_guest("-cpu", "SandyBridge,avx2=on,xsave=off", name="g-sb-noxsave")
     qemu_guest("-cpu", "qemu64,+aes", name="g-q64-aes")

@@ -9,7 +9,7 @@ from exporter.features import OWN_GUEST_PREFIX
 from exporter.guests.discovery import discover
 
 
-def test_own_canary_guest_is_not_reported(qemu_guest) -> None:  # type: ignore[no-untyped-def]
+def test_own_canary_guest_is_not_reported(qemu_guest) -> None:
     own = qemu_guest("-cpu", "max", name=f"{OWN_GUEST_PREFIX}canary-aesni")
     name = f"own-test-{os.getpid()}"  # unique: other QEMUs may run on this host
     theirs = qemu_guest("-cpu", "max", name=name)

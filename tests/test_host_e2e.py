@@ -26,7 +26,7 @@ HOST_ONLY = ("--no-collector.qemu", "--no-collector.guests", "--no-collector.can
 pytestmark = pytest.mark.slow
 
 
-def test_scrape_matches_this_host(start_daemon) -> None:  # type: ignore[no-untyped-def]
+def test_scrape_matches_this_host(start_daemon) -> None:
     d = start_daemon(*HOST_ONLY)
     code, body = d.get("/metrics")
     assert code == 200
@@ -100,7 +100,7 @@ def test_scrape_matches_this_host(start_daemon) -> None:  # type: ignore[no-unty
     assert "level=error" not in d.log()
 
 
-def test_garbled_cpuinfo_fails_only_the_cpu_collector(start_daemon) -> None:  # type: ignore[no-untyped-def]
+def test_garbled_cpuinfo_fails_only_the_cpu_collector(start_daemon) -> None:
     root = fixture("garbled-binary")
     d = start_daemon(*HOST_ONLY, f"--path.procfs={root}", f"--path.sysfs={root}")
     first = d.metrics()

@@ -26,7 +26,7 @@ from exporter.webconfig import load_web_config
 
 
 @pytest.fixture
-def server():  # type: ignore[no-untyped-def]
+def server():
     registry = CollectorRegistry()
     Gauge("kvmcpu_probe", "Probe.", registry=registry).set(7)
     ready = {"v": False}
@@ -53,7 +53,7 @@ def _get(url: str, accept: str | None = None) -> tuple[int, str, str]:
         return err.code, err.headers["Content-Type"], err.read().decode()
 
 
-def test_metrics_text_and_openmetrics(server) -> None:  # type: ignore[no-untyped-def]
+def test_metrics_text_and_openmetrics(server) -> None:
     url, _ = server
     code, ctype, body = _get(url + "/metrics")
     assert code == 200 and ctype.startswith("text/plain") and "kvmcpu_probe 7.0" in body
@@ -61,7 +61,7 @@ def test_metrics_text_and_openmetrics(server) -> None:  # type: ignore[no-untype
     assert ctype.startswith("application/openmetrics-text") and body.rstrip().endswith("# EOF")
 
 
-def test_landing_health_ready_404(server) -> None:  # type: ignore[no-untyped-def]
+def test_landing_health_ready_404(server) -> None:
     url, ready = server
     code, ctype, body = _get(url + "/")
     assert code == 200 and "text/html" in ctype
@@ -152,7 +152,7 @@ def test_max_requests_503_and_headers_on_every_response(tmp_path: Path) -> None:
     web.write_text(yaml.safe_dump({"http_server_config": {"headers": {"X-Frame-Options": "deny"}}}))
     blocking = _Blocking()
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(blocking)  # type: ignore[arg-type]
+    registry.register(blocking)
     app = ExporterHTTP(registry, "127.0.0.1:0", security=load_web_config(str(web)), max_requests=1)
     _, port = app.bind()
     app.serve_in_thread()

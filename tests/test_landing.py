@@ -28,7 +28,7 @@ def _host_flags() -> set[str]:
     return set(line.split(":", 1)[1].split())
 
 
-def test_landing_page_names_guests_missing_host_features(start_daemon, qemu_guest) -> None:  # type: ignore[no-untyped-def]
+def test_landing_page_names_guests_missing_host_features(start_daemon, qemu_guest) -> None:
     guest = qemu_guest("-cpu", "qemu64", name="landing-web01")
     d = start_daemon("--no-canary.enabled", wait_ready=True)
     deadline = time.monotonic() + 30
@@ -119,7 +119,7 @@ def test_redact_keeps_paths_and_drops_secrets() -> None:
     assert out["list"] == [REDACTED, "plain"]
 
 
-def _guest(name: str, **kw) -> GuestLine:  # type: ignore[no-untyped-def]
+def _guest(name: str, **kw) -> GuestLine:
     base = dict(
         name=name,
         pid=1,
@@ -131,7 +131,7 @@ def _guest(name: str, **kw) -> GuestLine:  # type: ignore[no-untyped-def]
         missing=(),
         hazards=(),
     )
-    return GuestLine(**{**base, **kw})  # type: ignore[arg-type]
+    return GuestLine(**{**base, **kw})
 
 
 def test_problems_come_first_and_critical_before_warning() -> None:

@@ -55,7 +55,7 @@ def _seed_canary(state_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_landing_page_layout_in_chromium(start_daemon, qemu_guest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_landing_page_layout_in_chromium(start_daemon, qemu_guest, tmp_path: Path) -> None:
     state = tmp_path / "state"
     _seed_canary(state)
     long_guest = qemu_guest("-cpu", "qemu64", name=LONG_NAME)

@@ -120,7 +120,7 @@ def prometheus(tmp_path: Path) -> Any:
 
 
 @pytest.mark.slow
-def test_alerts_and_dashboards_against_real_prometheus(  # type: ignore[no-untyped-def]
+def test_alerts_and_dashboards_against_real_prometheus(
     tmp_path: Path, start_daemon, qemu_guest, prometheus
 ) -> None:
     daemon = start_daemon(
@@ -208,7 +208,7 @@ def test_alerts_and_dashboards_against_real_prometheus(  # type: ignore[no-untyp
     errors: list[str] = []
     titles: set[tuple[str, str]] = set()
     for dash in committed_dashboards().values():
-        values = {}
+        values: dict[str, str] = {}
         for var, definition in dashboard_variables(dash).items():
             promql, label = label_values_as_promql(substitute(definition, values))
             found = sorted({r["metric"].get(label, "") for r in prom.query(promql)})

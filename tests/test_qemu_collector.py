@@ -112,7 +112,7 @@ def test_real_probe() -> None:
 
 
 @pytest.mark.slow
-def test_daemon_serves_qemu_metrics(start_daemon, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_daemon_serves_qemu_metrics(start_daemon, tmp_path: Path) -> None:
     d = start_daemon(
         "--no-collector.cpu", "--no-collector.crypto", "--no-collector.guests", "--no-collector.canary",
         "--no-canary.enabled", f"--path.cache-dir={tmp_path / 'cache'}",

@@ -113,7 +113,7 @@ def test_missing_binary() -> None:
     assert isinstance(k.cached_failure("max", binary="/nonexistent/qemu"), QemuBinaryMissing)
 
 
-def test_expand_with_running_guest_binary(knowledge: QemuKnowledge, qemu_guest) -> None:  # type: ignore[no-untyped-def]
+def test_expand_with_running_guest_binary(knowledge: QemuKnowledge, qemu_guest) -> None:
     guest = qemu_guest("-cpu", "Westmere", name="knowledge-test")
     exe = f"/proc/{guest.pid}/exe"
     exp = knowledge.expand("Westmere", binary=exe)

@@ -40,7 +40,7 @@ def test_promtool_check_config_of_the_example() -> None:
 
 
 @pytest.mark.parametrize("test_file", RULE_TESTS, ids=lambda p: p.name)
-def test_promtool_test_rules(test_file) -> None:  # type: ignore[no-untyped-def]
+def test_promtool_test_rules(test_file) -> None:
     res = promtool("test", "rules", test_file.name, cwd=RULE_TESTS_DIR)
     assert res.returncode == 0, res.stdout + res.stderr
 

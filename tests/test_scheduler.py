@@ -61,7 +61,7 @@ class Harness:
         cfg: Config | None = None,
         behaviour=_success,
         knowledge: FakeKnowledge | None = None,
-    ) -> None:  # type: ignore[no-untyped-def]
+    ) -> None:
         self.cfg = cfg or _config(tmp_path)
         self.clock = FakeClock()
         self.store = CanaryStore.for_config(self.cfg, self.clock)

@@ -74,6 +74,6 @@ def test_build_info_always_present() -> None:
 def test_registration_table_generates_flags() -> None:
     from exporter.cli import build_parser
 
-    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
+    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr,index]
     for name in COLLECTORS:
         assert f"--collector.{name}" in help_text

@@ -221,7 +221,7 @@ def test_collector_exports_from_the_store(tmp_path: Path) -> None:
     )
     collector = CanarySelfcheckCollector(store, SelfCheck(tcg_knowledge(), WATCH))
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)  # type: ignore[arg-type]
+    registry.register(collector)
     m = parse_metrics(generate_latest(registry).decode())
     assert sample(m, "kvmcpu_canary_model_mismatches", profile="noaesni") == 0
     assert sample(m, "kvmcpu_canary_model_mismatches", profile="qemu64-aes") == 0
@@ -263,7 +263,7 @@ def image_dir() -> Iterator[Path]:
 
 
 @pytest.mark.slow
-def test_daemon_defaults_show_no_mismatch_and_a_hazardous_profile_is_predicted(  # type: ignore[no-untyped-def]
+def test_daemon_defaults_show_no_mismatch_and_a_hazardous_profile_is_predicted(
     start_daemon, qemu_guest, tmp_path: Path, image_dir: Path
 ) -> None:
     image = override_init(canary_image(), image_dir, INIT.read_text())
@@ -310,11 +310,11 @@ def test_daemon_defaults_show_no_mismatch_and_a_hazardous_profile_is_predicted( 
             for s in ("predicted", "guest", "glibc")
         }
         assert len(set(levels.values())) == 1 and None not in levels.values(), (p, levels)
-    assert sample(m, "kvmcpu_canary_runs_total", profile="aesni", result="success") >= 1
-    assert sample(m, "kvmcpu_canary_runs_total", profile="noaesni", result="success") >= 1
+    assert (sample(m, "kvmcpu_canary_runs_total", profile="aesni", result="success") or 0) >= 1
+    assert (sample(m, "kvmcpu_canary_runs_total", profile="noaesni", result="success") or 0) >= 1
     # issue 11 item 4: the hazardous profile panics, and the exporter predicted it both for the
     # canary and for the running guest with the same spec
-    assert sample(m, "kvmcpu_canary_runs_total", profile="qemu64-aes", result="guest_panic") >= 1
+    assert (sample(m, "kvmcpu_canary_runs_total", profile="qemu64-aes", result="guest_panic") or 0) >= 1
     assert (sample(m, "kvmcpu_canary_cpu_hazards", profile="qemu64-aes") or 0) >= 1
     assert sample(m, "kvmcpu_canary_cpu_hazards", profile="aesni") == 0
     assert (sample(m, "kvmcpu_guest_cpu_hazards", guest=twin) or 0) >= 1

@@ -106,7 +106,7 @@ def image_dir() -> Iterator[Path]:
 
 
 @pytest.mark.slow
-def test_canary_guests_agree_with_what_the_exporter_reports(qemu_guest, image_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_canary_guests_agree_with_what_the_exporter_reports(qemu_guest, image_dir: Path) -> None:
     watch = watchlist()
     tag = f"vt{os.getpid()}"
     names = {spec: f"{tag}-{i}" for i, spec in enumerate(SPECS)}

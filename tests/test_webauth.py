@@ -40,7 +40,12 @@ def test_verifications_are_cached_so_scrapes_stay_cheap(monkeypatch: pytest.Monk
 
 def test_wrong_passwords_never_evict_a_valid_entry(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bytes] = []
-    monkeypatch.setattr(webauth, "bcrypt_check", lambda p, h: calls.append(p) or p == b"s3cret")
+
+    def check(p: bytes, h: bytes) -> bool:
+        calls.append(p)
+        return p == b"s3cret"
+
+    monkeypatch.setattr(webauth, "bcrypt_check", check)
     auth = BasicAuth({"alice": HASH}, negative_size=8)
     assert auth.authorize(basic("alice", "s3cret"))
     for i in range(100):  # far more wrong passwords than the cache holds

@@ -16,6 +16,9 @@ run), once for the whole tick, so that a pair is never split by a guard; a skipp
 and logged; a scheduler whose thread is gone shows as ``kvmcpu_canary_scheduler_up 0`` and a log line.
 
 The runner runs outside the store's lock: a scrape never waits for a canary.
+
+About 360 lines, one job (when and in which order canaries boot); the guards are
+``exporter.canary.guard``, the boot itself ``exporter.canary.runner``, the results ``exporter.canary.store``.
 """
 
 from __future__ import annotations

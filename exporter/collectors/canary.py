@@ -12,7 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 
 from exporter.canary.model import RESULTS
-from exporter.canary.store import CanaryStore
+from exporter.canary.store import CanaryStore, StoreSnapshot
 
 
 class CanaryCollector:
@@ -49,9 +49,16 @@ class CanaryCollector:
 
     def collect(self) -> Iterator[Metric]:
         snap = self.store.snapshot()
+        yield from self._throughput(snap)
+        yield from self._speedup(snap)
+        yield from self._runs(snap)
+        yield from self._guest_view(snap)
+        yield from self._scheduler(snap)
+
+    def _throughput(self, snap: StoreSnapshot) -> Iterator[Metric]:
+        """Throughput histogram and the last run's mean, per profile, cipher and op."""
         state = snap.state
         names = snap.profile_names()
-
         throughput = HistogramMetricFamily(
             "kvmcpu_canary_throughput_bytes_per_second",
             "dm-crypt throughput measured inside the canary guest, one observation per dd round "
@@ -74,6 +81,8 @@ class CanaryCollector:
         yield throughput
         yield last_tp
 
+    def _speedup(self, snap: StoreSnapshot) -> Iterator[Metric]:
+        """The AES-NI speedup of the profile pair, with its confidence interval."""
         pair = f" ({snap.pair[0]} / {snap.pair[1]})" if snap.pair else ""
         speedup = GaugeMetricFamily(
             "kvmcpu_canary_aesni_speedup_ratio",
@@ -106,6 +115,10 @@ class CanaryCollector:
             speedup_at.add_metric([cipher, op], sp.at)
         yield from (speedup, lower, upper, speedup_at)
 
+    def _runs(self, snap: StoreSnapshot) -> Iterator[Metric]:
+        """Run outcomes and timings per profile."""
+        state = snap.state
+        names = snap.profile_names()
         runs = CounterMetricFamily(
             "kvmcpu_canary_runs",
             "Canary runs by result (kept across restarts).",
@@ -152,6 +165,10 @@ class CanaryCollector:
                 last_result.add_metric([name, stats.last.result], 1.0)
         yield from (runs, budget, duration, last_ok, last_run, last_result)
 
+    def _guest_view(self, snap: StoreSnapshot) -> Iterator[Metric]:
+        """What the canary guest saw: CPU features and crypto drivers."""
+        state = snap.state
+        names = snap.profile_names()
         feature = GaugeMetricFamily(
             "kvmcpu_canary_guest_cpu_feature",
             "Whether the canary guest of this profile saw the CPU feature in its /proc/cpuinfo "
@@ -182,6 +199,8 @@ class CanaryCollector:
                 aesni_used.add_metric([name, cipher], 1.0 if "aesni" in drv else 0.0)
         yield from (feature, driver, aesni_used)
 
+    def _scheduler(self, snap: StoreSnapshot) -> Iterator[Metric]:
+        """Duty cycle, scheduler health and state-file write errors."""
         duty = GaugeMetricFamily(
             "kvmcpu_canary_duty_cycle_ratio",
             f"Canary CPU seconds in the last hour over the duty-cycle budget "

@@ -41,6 +41,13 @@ xsaveopt with xsave off is 0). ``hidden`` is 1 where every host CPU has the feat
 (``kvmcpu_guest_cpu_feature{guest,feature}``, ``kvmcpu_guest_cpu_feature_hidden{guest,feature}``).
 Guests with a configured QMP socket are reported from the live check once it has answered (what
 the vCPU really has, after the accelerator's filtering); the others from the model expansion.
+
+About 490 lines and one job, the guests' exposition: a third is this docstring and the 16 family
+declarations with their help text; the rest are the per-configuration and per-guest sample caches
+that keep a 500-guest scrape in milliseconds, which share the collector's lock and pruning. The
+rules it applies live elsewhere (``exporter.guests.effective``, ``exporter.guests.live``,
+``exporter.hazards``, ``exporter.levels``), shared with ``inspect`` and the landing page
+(``exporter.guests.report``).
 """
 
 from __future__ import annotations
@@ -60,7 +67,6 @@ from exporter.errors import ExporterError
 from exporter.guests.cmdline import GuestSpec, parse_cmdline
 from exporter.guests.discovery import Guest, Scan, scan
 from exporter.guests.effective import (
-    KNOWN,
     EffectiveCpu,
     KnowledgeSource,
     cpu_config_id,
@@ -69,10 +75,10 @@ from exporter.guests.effective import (
     resolve,
     verdict,
 )
-from exporter.guests.live import LiveChecker, LiveResult
+from exporter.guests.live import LiveChecker, LiveResult, live_effective
 from exporter.hazards import usable_features
 from exporter.levels import level_of
-from exporter.procfs.cpuinfo import HOST_FLAGS_TTL
+from exporter.procfs.cpuinfo import HOST_FLAGS_TTL, host_flags
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +86,6 @@ SCAN_ERROR_REASONS: tuple[str, ...] = ("vanished", "permission_denied", "unknown
 _PARSE_CACHE_MAX = 4096
 #: per-guest prepared samples; cleared when full (guests churn, entries of gone guests are dead)
 _GUEST_CACHE_MAX = 8192
-
-
-def host_flags(procfs: Path) -> frozenset[str]:
-    """Flags present on every logical host CPU. The one place that reads the host's side, so that
-    the host collector's parser is reused rather than duplicated."""
-    from exporter.procfs.cpuinfo import read_cpuinfo
-
-    return read_cpuinfo(procfs).flags_everywhere()
 
 
 class GuestsCollector:
@@ -173,14 +171,10 @@ class GuestsCollector:
     ) -> tuple[str, EffectiveCpu]:
         """The guest's ``cpu_config`` id and effective CPU. ``memo`` lives for one scrape: hosts
         run hundreds of guests but a handful of CPU specs."""
-        if (
-            live is not None
-            and live.ok
-            and self.live is not None
-            and (self.clock() - live.at <= 3 * self.live.interval)
-        ):
-            cfg = cpu_config_id(guest.spec.cpu, guest.accel, guest.binary, live.features)
-            return cfg, EffectiveCpu(KNOWN, features=live.features, requested=live.features | live.filtered)
+        fresh = self.live.fresh(live, self.clock()) if self.live is not None else None
+        if fresh is not None:
+            cfg = cpu_config_id(guest.spec.cpu, guest.accel, guest.binary, fresh.features)
+            return cfg, live_effective(fresh)
         key = (guest.binary, guest.spec.cpu, guest.accel)
         hit = memo.get(key)
         if hit is None:
@@ -194,6 +188,20 @@ class GuestsCollector:
             )
         return hit
 
+    def _feature_matrix(
+        self, name: str, lab: dict[str, str], usable: frozenset[str], host: frozenset[str] | None
+    ) -> tuple[list[Sample], list[Sample]]:
+        """``name`` (1 when the guest OS can use the watched feature) and ``name_hidden`` (1 when
+        every host CPU has it and the guest does not; none while the host's flags are unknown),
+        for one CPU configuration or one guest."""
+        have = [Sample(name, {**lab, "feature": f}, 1.0 if f in usable else 0.0) for f in self.watch]
+        if host is None:
+            return have, []
+        hidden = set(hidden_features(self.watch, host, usable))
+        return have, [
+            Sample(f"{name}_hidden", {**lab, "feature": f}, 1.0 if f in hidden else 0.0) for f in self.watch
+        ]
+
     def _config_samples(
         self, cfg: str, features: frozenset[str], host: frozenset[str] | None
     ) -> tuple[list[Sample], ...]:
@@ -205,21 +213,7 @@ class GuestsCollector:
             return cached
         v = verdict(features)
         lab = {"cpu_config": cfg}
-        have = [
-            Sample("kvmcpu_guest_config_cpu_feature", {**lab, "feature": f}, 1.0 if f in v.usable else 0.0)
-            for f in self.watch
-        ]
-        hid: list[Sample] = []
-        if host is not None:
-            hidden = set(hidden_features(self.watch, host, v.usable))
-            hid = [
-                Sample(
-                    "kvmcpu_guest_config_cpu_feature_hidden",
-                    {**lab, "feature": f},
-                    1.0 if f in hidden else 0.0,
-                )
-                for f in self.watch
-            ]
+        have, hid = self._feature_matrix("kvmcpu_guest_config_cpu_feature", lab, v.usable, host)
         level = [Sample("kvmcpu_guest_config_x86_64_level", lab, float(v.level))]
         missing = [
             Sample("kvmcpu_guest_config_x86_64_level_missing", {**lab, "feature": f}, 1.0)
@@ -285,21 +279,7 @@ class GuestsCollector:
         cached = self._matrix_cache.get(key)
         if cached is not None:
             return cached[0], cached[1]
-        have = [
-            Sample("kvmcpu_guest_cpu_feature", {"guest": label, "feature": f}, 1.0 if f in usable else 0.0)
-            for f in self.watch
-        ]
-        hid: list[Sample] = []
-        if host is not None:
-            hidden = set(hidden_features(self.watch, host, usable))
-            hid = [
-                Sample(
-                    "kvmcpu_guest_cpu_feature_hidden",
-                    {"guest": label, "feature": f},
-                    1.0 if f in hidden else 0.0,
-                )
-                for f in self.watch
-            ]
+        have, hid = self._feature_matrix("kvmcpu_guest_cpu_feature", {"guest": label}, usable, host)
         if len(self._matrix_cache) >= _GUEST_CACHE_MAX:
             self._matrix_cache.clear()
         self._matrix_cache[key] = (have, hid)

@@ -21,6 +21,7 @@ from exporter.features import watchlist
 
 if TYPE_CHECKING:
     from exporter.canary.store import CanaryStore
+    from exporter.guests.live import LiveChecker
     from exporter.qemu.knowledge import QemuKnowledge
 
 
@@ -47,6 +48,9 @@ class Context:
     knowledge: QemuKnowledge | None = None
     canary_store: CanaryStore | None = None
     clock: Callable[[], float] = time.time
+    #: the opt-in live QMP checks (``guests.qmp_sockets``): the guests collector starts them, the
+    #: landing page reads the same answers
+    live: LiveChecker | None = None
 
     @property
     def watch(self) -> tuple[str, ...]:
@@ -95,6 +99,7 @@ def _guests(ctx: Context) -> Collector:
         watch=ctx.watch,
         config=ctx.config.guests,
         clock=ctx.clock,
+        live=ctx.live,
     )
 
 

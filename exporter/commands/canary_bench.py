@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,15 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from exporter.canary.compare import aggregate, compare, render_comparison, render_rates
 from exporter.commands.progress import Progress
-from exporter.config import Config, ProfileConfig
+from exporter.config import CIPHER_SPEC, Config, ProfileConfig
 from exporter.errors import ExporterError
 
 if TYPE_CHECKING:
     from exporter.canary.image import CanaryImage
     from exporter.canary.model import CanaryResult, Profile
     from exporter.canary.plot import PlotContext
-
-_CIPHER = re.compile(r"[a-z0-9]+(-[a-z0-9]+){1,3}")
 
 
 class UsageError(ExporterError):
@@ -37,7 +34,7 @@ class UsageError(ExporterError):
 
 def _ciphers(cfg: Config, args: argparse.Namespace) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(args.cipher_names or cfg.canary.ciphers))
-    bad = [c for c in names if not _CIPHER.fullmatch(c)]
+    bad = [c for c in names if not CIPHER_SPEC.fullmatch(c)]
     if bad:
         raise UsageError(f"{', '.join(map(repr, bad))}: not a cryptsetup cipher spec like aes-xts-plain")
     return names

@@ -71,12 +71,18 @@ class Daemon:
             from exporter.canary.store import CanaryStore
 
             self.store = CanaryStore.for_config(cfg)
+        live = None
+        if "guests" in names and cfg.guests.qmp_sockets:
+            from exporter.guests.live import LiveChecker
+
+            live = LiveChecker(cfg.guests.qmp_sockets)
         self.ctx = Context(
             config=cfg,
             procfs=Path(cfg.paths.procfs),
             sysfs=Path(cfg.paths.sysfs),
             knowledge=self.knowledge,
             canary_store=self.store,
+            live=live,
         )
         self.collectors = build_collectors(self.ctx, names)
         self.scrape = ScrapeCollector(self.collectors)

@@ -9,6 +9,9 @@ the plain ``ProfileConfig("aesni")`` construction the rest of the code and its t
 Every number is finite (``.nan``/``.inf`` in YAML and ``nan`` on the command line are refused) and
 bounded, so nothing downstream can meet an interval the scheduler cannot turn into a timestamp.
 Checks that depend on the host (files, CPUs, users) are in ``exporter.config.checks``.
+
+About 370 lines, one job: the schema is read as one document (the sections nest into ``Config``,
+the field helpers are shared), and most of its lines are field declarations with their help text.
 """
 
 from __future__ import annotations

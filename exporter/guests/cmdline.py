@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from exporter.qemu.cpuspec import CmdlineError, CpuSpec, parse_cpu, split_options
@@ -208,6 +208,87 @@ def default_accel(binary: str) -> str:
     return "kvm" if os.path.basename(binary) in ("qemu-kvm", "kvm") else "tcg"
 
 
+@dataclass
+class _Seen:
+    """What ``parse_argv`` has read so far; one ``_take_*`` function per option fills it."""
+
+    name: str | None = None
+    uuid: str | None = None
+    cpu: CpuSpec | None = None
+    accels: list[str] = field(default_factory=list)
+    machine_accels: list[str] = field(default_factory=list)
+    enable_kvm: bool = False
+    machine: str | None = None
+    vcpus: int | None = None
+    memory: float | None = None
+
+
+def _take_name(seen: _Seen, value: str) -> None:
+    for key, val in _keyvals(value, "guest"):
+        if key == "guest" and val:
+            seen.name = val
+
+
+def _take_uuid(seen: _Seen, value: str) -> None:
+    seen.uuid = value.strip() or None
+
+
+def _take_cpu(seen: _Seen, value: str) -> None:
+    seen.cpu = parse_cpu(value)
+
+
+def _take_accel(seen: _Seen, value: str) -> None:
+    for key, val in _keyvals(value, "accel"):
+        if key == "accel" and val:
+            seen.accels.extend(_parse_accels(val))
+
+
+def _take_machine(seen: _Seen, value: str) -> None:
+    for key, val in _keyvals(value, "type"):
+        if key == "type" and val:
+            seen.machine = val
+        elif key == "accel" and val:
+            seen.machine_accels.extend(_parse_accels(val))
+
+
+def _take_enable_kvm(seen: _Seen, value: str) -> None:
+    seen.enable_kvm = True
+
+
+def _take_smp(seen: _Seen, value: str) -> None:
+    seen.vcpus = _parse_smp(value)
+
+
+def _take_memory(seen: _Seen, value: str) -> None:
+    seen.memory = _parse_memory(value)
+
+
+#: the options the report interprets; every other one is skipped with its argument
+_OPTIONS: dict[str, Callable[[_Seen, str], None]] = {
+    "name": _take_name,
+    "uuid": _take_uuid,
+    "cpu": _take_cpu,
+    "accel": _take_accel,
+    "machine": _take_machine,
+    "M": _take_machine,
+    "enable-kvm": _take_enable_kvm,
+    "smp": _take_smp,
+    "m": _take_memory,
+}
+#: of those, the ones that need a value (a bare ``-cpu`` at the end of the line is an error)
+_NEED_VALUE = frozenset(_OPTIONS) - {"enable-kvm"}
+
+
+def _accel_order(seen: _Seen) -> list[str]:
+    """QEMU: -enable-kvm is -accel kvm; -accel and -machine accel= together are refused, but a
+    running process has already been accepted, so take them in the order QEMU would consider."""
+    order: list[str] = []
+    for a in (["kvm"] if seen.enable_kvm else []) + seen.accels + seen.machine_accels:
+        if a not in order:
+            order.append(a)
+    return order
+
+
 def parse_argv(argv: Sequence[str]) -> GuestSpec:
     """Parse a QEMU argv (``argv[0]`` is the program) into a ``GuestSpec``.
 
@@ -217,63 +298,24 @@ def parse_argv(argv: Sequence[str]) -> GuestSpec:
     if not argv:
         raise CmdlineError("empty command line")
     binary = argv[0]
-    name: str | None = None
-    uuid: str | None = None
-    cpu: CpuSpec | None = None
-    accels: list[str] = []
-    machine_accels: list[str] = []
-    enable_kvm = False
-    machine: str | None = None
-    vcpus: int | None = None
-    memory: float | None = None
+    seen = _Seen()
     for opt, value in _iter_options(argv):
-        if opt in ("name", "cpu", "uuid", "accel", "machine", "M", "smp", "m") and value is None:
+        if opt in _NEED_VALUE and value is None:
             raise CmdlineError(f"-{opt} without a value")
-        if opt == "name":
-            for key, val in _keyvals(value or "", "guest"):
-                if key == "guest" and val:
-                    name = val
-        elif opt == "uuid":
-            uuid = (value or "").strip() or None
-        elif opt == "cpu":
-            cpu = parse_cpu(value or "")
-        elif opt == "accel":
-            for key, val in _keyvals(value or "", "accel"):
-                if key == "accel" and val:
-                    accels.extend(_parse_accels(val))
-        elif opt in ("machine", "M"):
-            for key, val in _keyvals(value or "", "type"):
-                if key == "type" and val:
-                    machine = val
-                elif key == "accel" and val:
-                    machine_accels.extend(_parse_accels(val))
-        elif opt in ("enable-kvm",):
-            enable_kvm = True
-        elif opt == "smp":
-            vcpus = _parse_smp(value or "")
-        elif opt == "m":
-            memory = _parse_memory(value or "")
-    # QEMU: -enable-kvm is -accel kvm; -accel and -machine accel= together are refused, but a
-    # running process has already been accepted, so take them in the order QEMU would consider.
-    order: list[str] = []
-    for a in (["kvm"] if enable_kvm else []) + accels + machine_accels:
-        if a not in order:
-            order.append(a)
-    explicit = bool(order)
-    if not order:
-        order = [default_accel(binary)]
-    if cpu is None:
-        cpu = CpuSpec(default_model(binary), explicit=False)
+        take = _OPTIONS.get(opt)
+        if take is not None:
+            take(seen, value or "")
+    order = _accel_order(seen)
     return GuestSpec(
         binary=binary,
-        name=name,
-        uuid=uuid,
-        cpu=cpu,
-        accels=tuple(order),
-        accel_explicit=explicit,
-        machine=machine,
-        vcpus=vcpus,
-        memory_mib=memory,
+        name=seen.name,
+        uuid=seen.uuid,
+        cpu=seen.cpu if seen.cpu is not None else CpuSpec(default_model(binary), explicit=False),
+        accels=tuple(order or [default_accel(binary)]),
+        accel_explicit=bool(order),
+        machine=seen.machine,
+        vcpus=seen.vcpus,
+        memory_mib=seen.memory,
     )
 
 

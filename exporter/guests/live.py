@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from exporter.config import QmpSocketConfig
 from exporter.errors import QmpError
 from exporter.guests.cpuid import decode_feature_words
+from exporter.guests.effective import KNOWN, EffectiveCpu
 from exporter.logsetup import log_failure
 from exporter.qemu.qmp import QmpSession
 
@@ -99,6 +100,13 @@ class LiveChecker:
         with self._lock:
             return dict(self._results)
 
+    def fresh(self, result: LiveResult | None, now: float) -> LiveResult | None:
+        """``result`` when it answered recently enough (three check intervals) to stand for what
+        the guest's vCPU has; the one rule the collector, ``inspect`` and the landing page follow."""
+        if result is not None and result.ok and now - result.at <= 3 * self.interval:
+            return result
+        return None
+
     def check_all(self) -> bool:
         """One round over every socket; True when all answered."""
         all_ok = True
@@ -148,3 +156,8 @@ class LiveChecker:
         if self._thread is not None:
             self._thread.join(timeout=self.timeout + 1)
             self._thread = None
+
+
+def live_effective(result: LiveResult) -> EffectiveCpu:
+    """The effective CPU a (fresh) live answer gives: what the vCPU has, and what it asked for."""
+    return EffectiveCpu(KNOWN, features=result.features, requested=result.features | result.filtered)

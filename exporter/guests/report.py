@@ -4,7 +4,8 @@ to wait for QEMU (there is no scrape to keep fast)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,6 +22,7 @@ from exporter.guests.effective import (
     resolve,
     verdict,
 )
+from exporter.guests.live import LiveChecker, live_effective
 from exporter.hazards import Hazard, usable_features
 from exporter.levels import level_of, name, next_level_note
 
@@ -110,20 +112,31 @@ def guest_reports(
     process_names: Iterable[str] = (),
     *,
     prefill: bool = True,
+    live: LiveChecker | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> tuple[list[GuestReport], list[ScanIssue]]:
     """Every running guest with its effective features and the watched host features it misses.
 
     ``prefill`` asks QEMU (blocking) for models not yet known; without it (the landing page) a
     guest whose model is still being resolved in the background is reported as not known yet.
+    With ``live`` (the daemon's live QMP checks), a guest's fresh live answer wins over what its
+    command line resolves to, as in the collector.
     """
     result = scan(procfs, process_names)
     if prefill:
         _prefill(knowledge, result.guests)
     facts = knowledge.facts()
     host_level = None if facts is None else level_of(usable_features(facts.exposable))
+    answers = live.results() if live is not None else {}
+    now = clock()
     reports = []
     for g in result.guests:
-        eff = resolve(knowledge, g.spec.cpu, binary=g.binary, accel=g.accel)
+        fresh = live.fresh(answers.get(g.label), now) if live is not None else None
+        eff = (
+            live_effective(fresh)
+            if fresh is not None
+            else resolve(knowledge, g.spec.cpu, binary=g.binary, accel=g.accel)
+        )
         if eff.features is None:
             reports.append(GuestReport(g, eff, (), host_level=host_level))
             continue

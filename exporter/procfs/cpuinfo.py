@@ -98,18 +98,7 @@ def parse_cpuinfo(text: str, path: str = "/proc/cpuinfo") -> CpuInfo:
     tail = text.rstrip(" \t").rsplit("\n", 1)[-1]
     if not text.endswith(("\n", "\r")) and tail.strip().lower().startswith("flags"):
         raise ParseError(path, "file ends in the middle of a flags line (truncated)")
-    blocks: list[dict[str, str]] = []
-    for line in text.splitlines():
-        if not line.startswith(_WANTED):
-            continue
-        key, sep, value = line.partition(":")
-        key = key.rstrip()
-        if not sep or key not in _WANTED:
-            continue
-        if key == "processor":
-            blocks.append({"processor": value.strip()})
-        elif blocks:
-            blocks[-1].setdefault(key, value.strip())
+    blocks = _blocks(text)
     cpus: list[LogicalCpu] = []
     seen: set[int] = set()
     # Logical CPUs nearly always share flags and identity: build each distinct one once.
@@ -142,6 +131,23 @@ def parse_cpuinfo(text: str, path: str = "/proc/cpuinfo") -> CpuInfo:
     return CpuInfo(path=path, cpus=tuple(cpus))
 
 
+def _blocks(text: str) -> list[dict[str, str]]:
+    """The wanted ``key: value`` fields of each ``processor`` block, first occurrence wins."""
+    blocks: list[dict[str, str]] = []
+    for line in text.splitlines():
+        if not line.startswith(_WANTED):
+            continue
+        key, sep, value = line.partition(":")
+        key = key.rstrip()
+        if not sep or key not in _WANTED:
+            continue
+        if key == "processor":
+            blocks.append({"processor": value.strip()})
+        elif blocks:
+            blocks[-1].setdefault(key, value.strip())
+    return blocks
+
+
 def _clean(value: str) -> str:
     """Collapse whitespace; drop control characters so label values stay printable."""
     if not value.isprintable():
@@ -153,3 +159,9 @@ def read_cpuinfo(procfs: Path) -> CpuInfo:
     """Read and parse ``<procfs>/cpuinfo``."""
     path = procfs / "cpuinfo"
     return parse_cpuinfo(read_text(path), str(path))
+
+
+def host_flags(procfs: Path) -> frozenset[str]:
+    """Flags present on every logical host CPU: the host's side of "hidden features", read by the
+    guests collector and the landing page alike."""
+    return read_cpuinfo(procfs).flags_everywhere()
