@@ -429,7 +429,8 @@ def evaluate_rules(work: Path, rules: Path, rounds: int, label: str) -> tuple[fl
     print(
         f"[{label}] fleet rules ({rules}), all groups, medians summed: {total * 1000:.0f} ms (target < 1000 ms)"
     )
-    return total
+    print(f"[{label}] answers: {json.dumps(answers)}")
+    return total, answers
 
 
 def main() -> int:

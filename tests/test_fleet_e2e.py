@@ -379,9 +379,14 @@ def test_fleet_of_four_real_cpus(start_daemon: Any, qemu_guest: Any, tmp_path: P
             (x["metric"]["instance"], x["metric"]["cpu_config"]): float(x["value"][1])
             for x in prom.query("instance_cpu_config:kvmcpu_guest_config_fleet_migratable:bool")
         }
+        blocking = {
+            (x["metric"]["instance"], x["metric"]["cpu_config"]): float(x["value"][1])
+            for x in prom.query("instance_cpu_config:kvmcpu_guest_config_fleet_blocking_features:count")
+        }
         for g, e in exp["guests"].items():
             assert config_of[g][0] == instance[e["host"]], g
             assert migratable[config_of[g]] == (0.0 if e["blocking"] else 1.0), (g, e)
+            assert blocking.get(config_of[g], 0) == len(e["blocking"]), (g, e)
         stuck = [g for g, e in exp["guests"].items() if e["blocking"]]
         assert stuck and len(stuck) < len(exp["guests"]), "the guests were chosen so that some cannot move"
         unable = prom.query("job_cluster:kvmcpu_guest_fleet_migratable:unable")
