@@ -934,7 +934,7 @@ def migration() -> Dashboard:
                 "stat",
                 [
                     Query(
-                        f"sum(job_cluster:kvmcpu_guest_fleet_migratable:unable{{{F}, job=~\"$job\"}}) or vector(0)",
+                        f'sum(job_cluster:kvmcpu_guest_fleet_migratable:unable{{{F}, job=~"$job"}}) or vector(0)',
                         instant=True,
                     )
                 ],
