@@ -467,6 +467,9 @@ def test_fleet_of_four_real_cpus(start_daemon: Any, qemu_guest: Any, tmp_path: P
         assert f"Recommended CPU model (usable on every host): {exp['recommended']}" in text.stdout
         assert "Hosts holding the baseline back:" in text.stdout
         assert "The fleet mixes CPU vendors" in text.stdout
+        assert f"Guests that could not move to every host ({len(stuck)}):" in text.stdout
+        n_below = sum(1 for e in exp["guests"].values() if e["below"])
+        assert f"Guests below the recommended model {exp['recommended']} ({n_below}):" in text.stdout
 
         # clear errors: an empty selection, an unreachable Prometheus
         empty = subprocess.run(
