@@ -16,6 +16,11 @@ One sample per series is enough: Prometheus runs with a long ``--query.lookback-
 backfilled samples stay visible to instant queries and rule evaluations at "now".
 
     .venv/bin/python bench/fleet_scale.py [--hosts 1000] [--guests-per-host 50] [--keep DIR]
+        [--rules-before OLD_FLEET_YML]
+
+``--rules-before`` evaluates another version of fleet.yml (e.g. ``git show main:deploy/prometheus/
+rules/fleet.yml > /tmp/old.yml``) on the same TSDB in the same run, before the shipped one, and
+prints the ratio: rule changes are compared within one run, on one machine state.
 
 The generator (``synthetic_fleet``) and its ground truth are also used by tests/test_fleet_report.py
 on a small fleet.
@@ -380,6 +385,54 @@ class BackfilledPrometheus:
                 self.proc.wait()
 
 
+#: what both versions of the rules must answer alike (printed, compared by main)
+ANSWERS = {
+    "recommended": "job_cluster:kvmcpu_cpu_model_recommended:rank",
+    "per vendor": "job_cluster_vendor:kvmcpu_cpu_model_recommended:rank",
+    "level": "job_cluster:kvmcpu_host_x86_64_level:min",
+    "guests unable to move": "job_cluster:kvmcpu_guest_fleet_migratable:unable",
+    "stuck configurations": "count(instance_cpu_config:kvmcpu_guest_config_fleet_migratable:bool == 0)",
+    "alerts": 'count(ALERTS{alertname="KvmCpuGuestCannotMigrateInFleet"})',
+}
+
+
+def evaluate_rules(work: Path, rules: Path, rounds: int, label: str) -> tuple[float, dict[str, list[str]]]:
+    """Serve the TSDB with only ``rules`` loaded; print each group's evaluation times. Returns the
+    sum over groups of each group's median evaluation time (s) and the rules' answers."""
+    import urllib.parse
+
+    import yaml
+
+    groups = tuple(g["name"] for g in yaml.safe_load(rules.read_text())["groups"])
+    prom = BackfilledPrometheus(work, rules=[rules], eval_interval="30s")
+    prom.start()
+    answers: dict[str, list[str]] = {}
+    try:
+        evals = prom.wait_evaluated(groups, rounds=rounds, timeout=900)
+        for name, q in ANSWERS.items():
+            url = prom.url + "/api/v1/query?" + urllib.parse.urlencode({"query": q})
+            with urllib.request.urlopen(url, timeout=60) as r:
+                res = json.loads(r.read())["data"]["result"]
+            answers[name] = sorted(
+                ",".join(f"{k}={v}" for k, v in sorted(x["metric"].items()) if k not in ("job", "__name__"))
+                + f" {float(x['value'][1]):g}"
+                for x in res
+            )
+    finally:
+        prom.stop()
+    total = 0.0
+    for g, ts in evals.items():
+        shown = ", ".join(f"{x * 1000:.0f}" for x in ts)
+        median = sorted(ts)[len(ts) // 2] if ts else 0.0
+        total += median
+        print(f"[{label}] rule group {g}: evaluationTime ms [{shown}] (median {median * 1000:.0f})")
+    print(
+        f"[{label}] fleet rules ({rules}), all groups, medians summed: {total * 1000:.0f} ms (target < 1000 ms)"
+    )
+    print(f"[{label}] answers: {json.dumps(answers)}")
+    return total, answers
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hosts", type=int, default=1000)
@@ -387,6 +440,10 @@ def main() -> int:
     ap.add_argument("--reports", type=int, default=3, help="fleet reports to time")
     ap.add_argument("--rounds", type=int, default=3, help="rule evaluations to wait for per group")
     ap.add_argument("--keep", type=Path, help="work directory to keep and reuse (default: a temporary one)")
+    ap.add_argument(
+        "--rules-before", type=Path, help="another fleet.yml to evaluate first, for a before/after ratio"
+    )
+    ap.add_argument("--skip-report", action="store_true", help="only the rule evaluations (phase 2)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop Prometheus on the way out
 
@@ -412,53 +469,56 @@ def main() -> int:
         else:
             print(f"backfill (promtool create-blocks-from openmetrics): {prom.backfill(text):.1f} s")
         del text
-        # phase 1: the report alone (no rule evaluations competing for the 2 cores)
-        prom.start()
-        client = PrometheusClient(prom.url, timeout=300)
-        times = []
-        for _ in range(args.reports):
+        if not args.skip_report:
+            # phase 1: the report alone (no rule evaluations competing for the 2 cores)
+            prom.start()
+            client = PrometheusClient(prom.url, timeout=300)
+            times = []
+            for _ in range(args.reports):
+                t = time.monotonic()
+                report = fetch_report(client, f'job="{JOB}"')
+                render_text(report)
+                times.append(time.monotonic() - t)
+            print(
+                f"fleet report in-process: {', '.join(f'{t:.2f}' for t in times)} s "
+                f"(median {sorted(times)[len(times) // 2]:.2f} s, {client.queries // args.reports} queries; target < 5 s)"
+            )
             t = time.monotonic()
-            report = fetch_report(client, f'job="{JOB}"')
-            render_text(report)
-            times.append(time.monotonic() - t)
-        print(
-            f"fleet report in-process: {', '.join(f'{t:.2f}' for t in times)} s "
-            f"(median {sorted(times)[len(times) // 2]:.2f} s, {client.queries // args.reports} queries; target < 5 s)"
-        )
-        t = time.monotonic()
-        cli = subprocess.run(
-            [sys.executable, "-m", "exporter", "fleet", "--prometheus", prom.url, "--no-qemu"],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-        )
-        print(
-            f"fleet report CLI end to end: {time.monotonic() - t:.2f} s (exit {cli.returncode}, "
-            f"{len(cli.stdout.splitlines())} lines)"
-        )
-        exp = truth(fleet)
-        agree = (
-            report.recommended is not None
-            and report.recommended.name == exp["recommended"]
-            and report.level == exp["level"]
-            and {(g.guest, g.instance) for g in report.guests_above} == set(exp["above"])
-        )
-        print(
-            f"report agrees with the generator's ground truth: {agree} "
-            f"(recommended {exp['recommended']}, level {exp['level']}, {len(exp['above'])} guests above)"
-        )
-        prom.stop()
+            cli = subprocess.run(
+                [sys.executable, "-m", "exporter", "fleet", "--prometheus", prom.url, "--no-qemu"],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
+            print(
+                f"fleet report CLI end to end: {time.monotonic() - t:.2f} s (exit {cli.returncode}, "
+                f"{len(cli.stdout.splitlines())} lines)"
+            )
+            exp = truth(fleet)
+            agree = (
+                report.recommended is not None
+                and report.recommended.name == exp["recommended"]
+                and report.level == exp["level"]
+                and {(g.guest, g.instance) for g in report.guests_above} == set(exp["above"])
+            )
+            print(
+                f"report agrees with the generator's ground truth: {agree} "
+                f"(recommended {exp['recommended']}, level {exp['level']}, {len(exp['above'])} guests above)"
+            )
+            prom.stop()
 
-        # phase 2: the fleet rules alone, evaluated every 30 s
-        prom = BackfilledPrometheus(work, rules=[FLEET_RULES], eval_interval="30s")
-        prom.start()
-        groups = ("kvmcpu-fleet-baseline", "kvmcpu-fleet-guests", "kvmcpu-fleet-alerts")
-        evals = prom.wait_evaluated(groups, rounds=args.rounds, timeout=900)
-        for g, ts in evals.items():
-            shown = ", ".join(f"{x * 1000:.0f}" for x in ts)
-            print(f"rule group {g}: evaluationTime ms [{shown}]")
-        last = sum(ts[-1] for ts in evals.values() if ts)
-        print(f"fleet rules, all groups, last evaluation: {last * 1000:.0f} ms (target < 1000 ms)")
+        # phase 2: the fleet rules alone, evaluated every 30 s (each rule file on its own)
+        totals, answers = {}, {}
+        for label, rules in (("before", args.rules_before), ("shipped", FLEET_RULES)):
+            if rules is None:
+                continue
+            totals[label], answers[label] = evaluate_rules(work, rules, args.rounds, label)
+        if "before" in totals and totals["before"] > 0:
+            print(
+                f"fleet rules, all groups: shipped/before = {totals['shipped'] / totals['before']:.2f} "
+                f"(medians summed: {totals['before'] * 1000:.0f} -> {totals['shipped'] * 1000:.0f} ms); "
+                f"same answers: {answers['before'] == answers['shipped']}"
+            )
     finally:
         prom.stop()
         if not args.keep:

@@ -934,12 +934,11 @@ def migration() -> Dashboard:
                 "stat",
                 [
                     Query(
-                        f"count(kvmcpu_guest_info{{{I}}} and on (instance, job, cpu_config) "
-                        f"cpu_config:kvmcpu_guest_config_cpu_feature:missing_in_fleet{{{I}}}) or vector(0)",
+                        f'sum(job_cluster:kvmcpu_guest_fleet_migratable:unable{{{F}, job=~"$job"}}) or vector(0)',
                         instant=True,
                     )
                 ],
-                "Guests using a feature at least one host lacks: KvmCpuGuestFeatureMissingInFleet.",
+                "Guests using a feature at least one host of their fleet lacks: KvmCpuGuestCannotMigrateInFleet.",
                 w=6,
                 h=4,
                 thresholds=[(None, "green"), (1, "red")],
@@ -1102,33 +1101,20 @@ def migration() -> Dashboard:
                 "table",
                 [
                     Query(
-                        f"instance_cpu_config_feature:kvmcpu_guest_config_cpu_feature:missing_in_fleet{{{I}}}",
+                        f'(kvmcpu_guest_config_cpu_feature{{{I}, feature!="hypervisor"}} == 1) '
+                        f"and on (instance, job, feature) (kvmcpu_host_cpu_feature{{{I}}} == 1) "
+                        "and on (job, cluster, feature) (job_cluster_feature:kvmcpu_host_cpu_feature:min == 0)",
                         instant=True,
                         fmt="table",
                     )
                 ],
-                "Per host and guest CPU configuration: a feature it uses and how many hosts lack it (Value).",
-                w=12,
-                h=8,
-                columns=["instance", "cpu_config", "feature", "Value"],
-            ),
-            Row("Guests"),
-            Panel(
-                "Guests using features some host lacks",
-                "table",
-                [
-                    Query(
-                        f"cpu_config:kvmcpu_guest_config_cpu_feature:missing_in_fleet{{{I}}}",
-                        instant=True,
-                        fmt="table",
-                    )
-                ],
-                "Each row: a CPU configuration and a feature it uses that at least one host lacks; "
-                "the guests running it share its cpu_config (next table).",
+                "Per host and guest CPU configuration: a feature it uses that some host of its fleet lacks "
+                "(computed when shown: the rules record only the count per configuration).",
                 w=12,
                 h=8,
                 columns=["instance", "cpu_config", "feature"],
             ),
+            Row("Guests"),
             Panel(
                 "Guests: CPU model and migratability",
                 "table",

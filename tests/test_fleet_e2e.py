@@ -1,24 +1,29 @@
-"""End to end: four real exporter daemons on four real CPUs' /proc/cpuinfo, one real Prometheus
-with the shipped rules, and the ``fleet`` command, against an independent computation.
+"""End to end: four real exporter daemons on four real CPUs' /proc/cpuinfo, each hosting real
+paused TCG guests, one real Prometheus with the shipped rules, and the ``fleet`` command, against an
+independent computation.
 
 The hosts are tests/fixtures/procfs/{westmere-ex-e7-4870, broadwell-e5-2699v4,
-skylake-sp-gold-6148, epyc-rome-7502p} (real CPUs, sources in each README). Each daemon reads its
-fixture through ``--path.procfs`` and expands QEMU's models with the real QEMU in the background.
+skylake-sp-gold-6148, epyc-rome-7502p} (real CPUs, sources in each README). ``--path.procfs`` serves
+both the host CPU and guest discovery, so each daemon gets a procfs directory of its own: the
+fixture's files plus ``<pid> -> /proc/<pid>`` symlinks for the guests it "hosts" (discovery reads
+``<pid>/cmdline``, ``<pid>/exe`` and ``<pid>/fd``, all of which resolve through the link). Each
+daemon expands QEMU's models with the real QEMU in the background.
 
 The independent side asks QEMU itself over QMP on stdio (not through exporter.qemu), reads the
 fixtures' flags with a few lines of its own, and computes support, ranking, the recommendation
-(overall and per vendor), the fleet level and the hosts holding the baseline back. Only the
-documented rules of what counts (``NOT_CHECKED``, ``CPUINFO_NAME``: which features /proc/cpuinfo
-can confirm) and the psABI level table are shared with the code under test.
-
-Guests are not part of this test: the daemons read the fixture procfs, which has no QEMU
-processes, and the per-configuration guest series come from another branch. The guest answers
-are covered by deploy/prometheus/tests/fleet_test.yml and tests/test_fleet_report.py.
+(overall and per vendor), the fleet level, the hosts holding the baseline back, and for every
+guest (its -cpu model under TCG: the model's expansion within ``-cpu max``'s) which features stop
+it from moving (used on its own host, lacking on another), where it could still move, and what it
+would gain on the recommended model. Only the documented rules of what counts (``NOT_CHECKED``,
+``CPUINFO_NAME``: which features /proc/cpuinfo can confirm), the psABI level table and the watched
+feature list the daemons export are shared with the code under test.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -36,15 +41,30 @@ from exporter.qemu.models import CPUINFO_NAME, NOT_A_MODEL, NOT_CHECKED
 
 HOSTS = ("westmere-ex-e7-4870", "broadwell-e5-2699v4", "skylake-sp-gold-6148", "epyc-rome-7502p")
 JOB = "kvm-cpu-exporter"
+#: host -> {guest name: -cpu model}. qemu64 guests sit below any recommendation (the guide's
+#: default case); Haswell-noTSX and max use AVX & co., which the Westmere-EX host lacks; the max
+#: guest on the AMD host also keeps TCG's svm, which no Intel host has, so it can move nowhere;
+#: Westmere guests can move everywhere.
+GUESTS: dict[str, dict[str, str]] = {
+    "westmere-ex-e7-4870": {"fl-wsm-qemu64": "qemu64", "fl-wsm-westmere": "Westmere"},
+    "broadwell-e5-2699v4": {"fl-bdw-qemu64": "qemu64", "fl-bdw-haswell": "Haswell-noTSX"},
+    "skylake-sp-gold-6148": {"fl-skx-max": "max", "fl-skx-westmere": "Westmere"},
+    "epyc-rome-7502p": {
+        "fl-epyc-haswell": "Haswell-noTSX",
+        "fl-epyc-westmere": "Westmere",
+        "fl-epyc-max": "max",
+    },
+}
 
 
 # --------------------------------------------------------------------------- the independent side
 
 
 def qmp_models() -> dict[str, dict[str, Any]]:
-    """Every named model QEMU knows: {name: {"alias_of": str, "features": set (cpuinfo spelling)}}."""
+    """Every model QEMU knows under TCG: {name: {"alias_of": str, "props": {prop: value}}}, with
+    ``max`` (what TCG can give a guest at all) under its own name."""
     proc = subprocess.Popen(
-        [QEMU, "-machine", "none", "-nodefaults", "-display", "none", "-S", "-qmp", "stdio"],
+        [QEMU, "-machine", "none", "-accel", "tcg", "-nodefaults", "-display", "none", "-S", "-qmp", "stdio"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -66,7 +86,7 @@ def qmp_models() -> dict[str, dict[str, Any]]:
         out = {}
         for d in call("query-cpu-definitions"):
             name = d["name"]
-            if name in NOT_A_MODEL:
+            if name in NOT_A_MODEL and name != "max":
                 continue
             props = call("query-cpu-model-expansion", {"type": "full", "model": {"name": name}})["model"][
                 "props"
@@ -131,10 +151,16 @@ def vendor(model: str, feats: set[str]) -> str:
     return "GenuineIntel"
 
 
-def expected(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def on_features(props: dict[str, Any]) -> set[str]:
+    return {cpuinfo_spelling(k) for k, v in props.items() if v is True}
+
+
+def expected(models: dict[str, dict[str, Any]], watched: set[str]) -> dict[str, Any]:
     catalogue = {}
     for name, m in models.items():
-        on = {cpuinfo_spelling(k) for k, v in m["props"].items() if v is True}
+        if name in NOT_A_MODEL:
+            continue
+        on = on_features(m["props"])
         required = {CPUINFO_NAME.get(f, f) for f in on if f not in NOT_CHECKED}
         # QEMU switches and x- properties are not features; none of them is a cpuinfo flag either,
         # so a host can never "have" them: drop the known switches the way QEMU documents them
@@ -187,9 +213,35 @@ def expected(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
         lv_wo = min(level_of(flags[o]) for o in others)
         if (w and ranked[w]["key"] > ranked[rec]["key"]) or lv_wo > min(level_of(flags[x]) for x in HOSTS):
             holding[h] = w
+
+    # guests: under TCG a guest gets its model's features that TCG can provide at all (max)
+    tcg = on_features(models["max"]["props"])
+    lacking = {f for f in watched for h in HOSTS if f not in flags[h]}
+    baseline = watched - lacking
+    gets = {h: {f for f in watched if f in flags[h]} for h in HOSTS}
+    rec_gain = on_features(models[rec]["props"]) & baseline
+    guests: dict[str, dict[str, Any]] = {}
+    for h, hosted in GUESTS.items():
+        for g, model in hosted.items():
+            full = on_features(models[model]["props"]) & tcg
+            eff = full & watched
+            # what stops it: used on its own host (KVM could not give it otherwise), lacking elsewhere
+            blocking = sorted((eff & gets[h] & lacking) - {"hypervisor"})
+            level = level_of(full)
+            gain = sorted(rec_gain - eff)
+            guests[g] = {
+                "host": h,
+                "model": model,
+                "blocking": blocking,
+                "movable_to": sorted(o for o in HOSTS if set(blocking) <= flags[o]) if blocking else [],
+                "below": not blocking and (level < ranked[rec]["level"] or bool(gain)),
+                "gain": gain,
+                "level": level,
+            }
     return {
         "catalogue": catalogue,
         "support": support,
+        "guests": guests,
         "recommended": rec,
         "per_vendor": {
             v: best([h for h in HOSTS if host_vendor[h] == v], v) for v in set(host_vendor.values())
@@ -203,23 +255,46 @@ def expected(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the real side
 
 
+def host_procfs(root: Path, host: str, pids: list[int]) -> Path:
+    """The fixture's files plus ``<pid> -> /proc/<pid>`` for the guests this host runs."""
+    d = root / f"procfs-{host}"
+    d.mkdir()
+    for f in (FIXTURES / "procfs" / host).iterdir():
+        if f.name != "README.md":
+            shutil.copy(f, d / f.name)
+    for pid in pids:
+        os.symlink(f"/proc/{pid}", d / str(pid))
+    return d
+
+
 @pytest.mark.slow
-def test_fleet_of_four_real_cpus(start_daemon: Any, tmp_path: Path) -> None:
+def test_fleet_of_four_real_cpus(start_daemon: Any, qemu_guest: Any, tmp_path: Path) -> None:
     started = time.monotonic()
     cfg = tmp_path / "exporter.yml"
     cfg.write_text(yaml.safe_dump({"qemu": {"accelerators": ["tcg"]}}))
+    procs = {
+        h: {g: qemu_guest("-cpu", model, name=g).pid for g, model in hosted.items()}
+        for h, hosted in GUESTS.items()
+    }
     daemons = {}
     for h in HOSTS:
         daemons[h] = start_daemon(
             f"--config.file={cfg}",
-            f"--path.procfs={FIXTURES / 'procfs' / h}",
+            f"--path.procfs={host_procfs(tmp_path, h, list(procs[h].values()))}",
             f"--path.cache-dir={tmp_path / h}",
             "--no-canary.enabled",
             "--no-collector.canary",
-            "--no-collector.guests",
             "--no-collector.crypto",
         )
-    exp = expected(qmp_models())
+    models = qmp_models()
+    # the watched features, as every daemon exports them (zeros included)
+    watched = {
+        dict(k[1])["feature"]
+        for k in next(iter(daemons.values())).metrics()
+        if k[0] == "kvmcpu_host_cpu_feature"
+    }
+    assert {"aes", "avx2", "hypervisor"} <= watched
+    exp = expected(models, watched)
     # aliases ("Westmere" -> "Westmere-v1") are in kvmcpu_cpu_model_info only
     named = {n for n, c in exp["catalogue"].items() if not c["alias_of"]}
     by_port = {f"127.0.0.1:{d.port}": h for h, d in daemons.items()}
@@ -238,6 +313,28 @@ def test_fleet_of_four_real_cpus(start_daemon: Any, tmp_path: Path) -> None:
         got = wait_until(supported, 90, f"{h}: all {len(named)} models expanded")
         assert {m for m, v in got.items() if v == 1} == exp["support"][h] & named, h
 
+        # ... and reports exactly its own guests, their CPU models expanded
+        def guests_known(d: Any = d, h: str = h) -> dict[str, str] | None:
+            m = d.metrics()
+            known = {
+                dict(k[1])["guest"] for k, v in m.items() if k[0] == "kvmcpu_guest_cpu_model_known" and v == 1
+            }
+            if known != set(GUESTS[h]):
+                return None
+            return {dict(k[1])["guest"]: dict(k[1])["cpu_config"] for k in m if k[0] == "kvmcpu_guest_info"}
+
+        configs = wait_until(guests_known, 90, f"{h}: its guests {sorted(GUESTS[h])} known")
+        assert set(configs) == set(GUESTS[h])
+        m = d.metrics()
+        for g, c in configs.items():
+            assert (
+                m[("kvmcpu_guest_config_x86_64_level", (("cpu_config", c),))] == exp["guests"][g]["level"]
+            ), g
+            # no hazard could muddle the comparison: the exporter's "usable" is the whole set here
+            assert not any(
+                k[0] == "kvmcpu_guest_config_hazard" and dict(k[1])["cpu_config"] == c for k in m
+            ), g
+
     (tmp_path / "prom").mkdir()
     prom = PrometheusServer(tmp_path / "prom", free_port(), list(by_port), rule_files=RULE_FILES).start()
     try:
@@ -250,6 +347,7 @@ def test_fleet_of_four_real_cpus(start_daemon: Any, tmp_path: Path) -> None:
             return rec if ok else None
 
         rec = wait_until(recorded, 60, "the fleet rules over four hosts")
+        instance = {h: i for i, h in by_port.items()}
         assert [r["metric"]["model"] for r in rec] == [exp["recommended"]]
         per_vendor = {
             r["metric"]["vendor"]: r["metric"]["model"]
@@ -259,6 +357,51 @@ def test_fleet_of_four_real_cpus(start_daemon: Any, tmp_path: Path) -> None:
         (lv,) = prom.query("job_cluster:kvmcpu_host_x86_64_level:min")
         assert float(lv["value"][1]) == exp["level"]
         assert prom.rule_health() == []
+
+        # the guest rules: per host and CPU configuration, could every host run it?
+        def guest_rules() -> list[dict[str, Any]] | None:
+            info = prom.query("kvmcpu_guest_info")
+            configs = {(x["metric"]["instance"], x["metric"]["cpu_config"]) for x in info}
+            done = (
+                len(info) == sum(map(len, GUESTS.values()))
+                and len(prom.query("instance_cpu_config:kvmcpu_guest_config_fleet_migratable:bool"))
+                == len(configs)
+                and prom.query("job_cluster:kvmcpu_guest_fleet_migratable:unable")
+                and any(a["labels"]["alertname"] == "KvmCpuGuestCannotMigrateInFleet" for a in prom.alerts())
+            )
+            return info if done else None
+
+        guest_info = wait_until(guest_rules, 60, "the guest rules over every guest")
+        config_of = {
+            x["metric"]["guest"]: (x["metric"]["instance"], x["metric"]["cpu_config"]) for x in guest_info
+        }
+        migratable = {
+            (x["metric"]["instance"], x["metric"]["cpu_config"]): float(x["value"][1])
+            for x in prom.query("instance_cpu_config:kvmcpu_guest_config_fleet_migratable:bool")
+        }
+        blocking = {
+            (x["metric"]["instance"], x["metric"]["cpu_config"]): float(x["value"][1])
+            for x in prom.query("instance_cpu_config:kvmcpu_guest_config_fleet_blocking_features:count")
+        }
+        for g, e in exp["guests"].items():
+            assert config_of[g][0] == instance[e["host"]], g
+            assert migratable[config_of[g]] == (0.0 if e["blocking"] else 1.0), (g, e)
+            assert blocking.get(config_of[g], 0) == len(e["blocking"]), (g, e)
+        stuck = [g for g, e in exp["guests"].items() if e["blocking"]]
+        assert stuck and len(stuck) < len(exp["guests"]), "the guests were chosen so that some cannot move"
+        unable = prom.query("job_cluster:kvmcpu_guest_fleet_migratable:unable")
+        assert [float(x["value"][1]) for x in unable] == [len(stuck)]
+        # the alert (pending: its `for` is 30 min), one per host and CPU configuration
+        pending = {
+            (a["labels"]["instance"], a["labels"]["cpu_model"]): float(a["value"])
+            for a in prom.alerts()
+            if a["labels"]["alertname"] == "KvmCpuGuestCannotMigrateInFleet"
+        }
+        want: dict[tuple[str, str], float] = {}
+        for g in stuck:
+            key = (instance[exp["guests"][g]["host"]], exp["guests"][g]["model"])
+            want[key] = want.get(key, 0) + 1
+        assert pending == want
 
         # the command, as an operator runs it
         run = subprocess.run(
@@ -295,6 +438,24 @@ def test_fleet_of_four_real_cpus(start_daemon: Any, tmp_path: Path) -> None:
         groups = {g["model_name"]: g for g in doc["cpu_groups"]}
         assert set(groups) == {fixture_field(h, "model name") for h in HOSTS}
 
+        # the guests: who cannot move, because of what, and where it still could go
+        group_of = {h: fixture_field(h, "model name") for h in HOSTS}
+        above = {g["guest"]: g for g in doc["guests_above"]}
+        assert set(above) == set(stuck)
+        for g, row in above.items():
+            e = exp["guests"][g]
+            assert row["blocking_features"] == e["blocking"], g
+            assert sorted(row["movable_to"]) == sorted(group_of[o] for o in e["movable_to"]), g
+            assert group_of["westmere-ex-e7-4870"] not in row["movable_to"], g
+        assert above["fl-epyc-max"]["movable_to"] == [group_of["epyc-rome-7502p"]]
+        # below the recommendation, and what moving up to it would give them
+        below = {g["guest"]: g for g in doc["guests_below"]}
+        assert set(below) == {g for g, e in exp["guests"].items() if e["below"]}
+        assert {"fl-wsm-qemu64", "fl-bdw-qemu64"} <= set(below)
+        for g, row in below.items():
+            assert row["gain"] == exp["guests"][g]["gain"], g
+        assert doc["guests"] == len(exp["guests"])
+
         text = subprocess.run(
             [sys.executable, "-m", "exporter", "fleet", "--prometheus", prom.url, "--no-qemu"],
             capture_output=True,
@@ -306,6 +467,9 @@ def test_fleet_of_four_real_cpus(start_daemon: Any, tmp_path: Path) -> None:
         assert f"Recommended CPU model (usable on every host): {exp['recommended']}" in text.stdout
         assert "Hosts holding the baseline back:" in text.stdout
         assert "The fleet mixes CPU vendors" in text.stdout
+        assert f"Guests that could not move to every host ({len(stuck)}):" in text.stdout
+        n_below = sum(1 for e in exp["guests"].values() if e["below"])
+        assert f"Guests below the recommended model {exp['recommended']} ({n_below}):" in text.stdout
 
         # clear errors: an empty selection, an unreachable Prometheus
         empty = subprocess.run(

@@ -169,6 +169,9 @@ kvmcpu_host_cpus{{job="{OLD_JOB}",instance="old0:10437"}} 8 {time.time() - 120:.
         assert len(section) == 8
         for title, expr in panel_queries(dash):
             if title in section:
-                assert _query(prom.url, substitute(expr, {"instance": ".*", "datasource": ""})), title
+                assert _query(
+                    prom.url,
+                    substitute(expr, {"instance": ".*", "cluster": ".*", "job": ".*", "datasource": ""}),
+                ), title
     finally:
         prom.stop()
