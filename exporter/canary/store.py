@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING
 
 from exporter.canary.guard import DutyCycleBudget
 from exporter.canary.histogram import DURATION_BUCKETS, THROUGHPUT_BUCKETS, Histogram
-from exporter.canary.landing import landing_lines
 from exporter.canary.model import CanaryResult
 from exporter.canary.profiles import aesni_pair
 from exporter.canary.state import (
@@ -235,10 +234,6 @@ class CanaryStore:
         """The last scheduler tick recorded (0 before the first), kept across restarts."""
         with self._lock:
             return self._state.tick
-
-    def summary(self) -> dict[str, str]:
-        """One readable line per profile for the landing page."""
-        return landing_lines(self.snapshot())
 
     # ------------------------------------------------------------------ loading
 
