@@ -12,6 +12,10 @@ hash of their supported models that each exporter exports, and their missing wat
 each group's model support and the model catalogue are read from one representative host. Guests
 are read per CPU configuration (``cpu_config``), asking only for the features that some host lacks
 (those that can stop a guest from moving) and those the recommendation would add.
+
+One job, over ~350 lines: fetching and analysing are interleaved on purpose (which guest features to
+ask for depends on the host analysis), so the report's data model, its queries and its analysis stay
+together; the text and JSON rendering live in ``exporter/commands/fleet.py``.
 """
 
 from __future__ import annotations
