@@ -33,10 +33,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from exporter.canary.compare import compare, render_comparison
-from exporter.canary.image import CanaryImage, find_image, pack_override_cpio
+from exporter.canary.image.build import CanaryImage, find_image, pack_override_cpio
 from exporter.canary.model import MB, CanaryJob, CanaryResult, Profile
-from exporter.canary.runner import CanaryRunner, guest_memory_mib
+from exporter.canary.results.compare import compare, render_comparison
+from exporter.canary.run.runner import CanaryRunner, guest_memory_mib
 from exporter.config import SEED_CIPHERS
 
 NICE = 19

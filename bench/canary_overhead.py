@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from exporter.canary.image import find_image
+from exporter.canary.image.build import find_image
 from exporter.canary.model import CanaryJob, Profile
-from exporter.canary.runner import CanaryRunner
+from exporter.canary.run.runner import CanaryRunner
 
 CACHE_DIR = Path(os.environ.get("KVMCPU_CACHE_DIR", "/var/cache/kvm-cpu-exporter"))
 

@@ -25,10 +25,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from exporter.canary.image import find_image
+from exporter.canary.image.build import find_image
 from exporter.canary.model import OPS, CanaryJob, CanaryResult, Profile
-from exporter.canary.runner import CanaryRunner
-from exporter.canary.stats import speedup_interval
+from exporter.canary.results.stats import speedup_interval
+from exporter.canary.run.runner import CanaryRunner
 from exporter.config import SEED_CIPHERS
 
 CACHE_DIR = Path(os.environ.get("KVMCPU_CACHE_DIR", "/var/cache/kvm-cpu-exporter"))

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from exporter.canary.model import CanaryResult
+from exporter.canary.results.store import CanaryStore
 from exporter.canary.selfcheck import SelfCheck, predict
-from exporter.canary.store import CanaryStore
 from exporter.collectors.canary import CanaryCollector
 from exporter.collectors.canary_selfcheck import CanarySelfcheckCollector
 from exporter.features import watchlist

@@ -1,4 +1,4 @@
-"""Encoding cost of /metrics: prometheus_client's encoders vs exporter.exposition's, same registry, one run.
+"""Encoding cost of /metrics: prometheus_client's encoders vs exporter.web.exposition's, same registry, one run.
 
 Usage: python bench/exposition.py [--guests N] [--rounds R]
 A guests-heavy registry (N guests x 36 watched features x 2 families), as the guests collector
@@ -18,8 +18,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest as library_text
 from prometheus_client.openmetrics.exposition import generate_latest as library_openmetrics
 
-from exporter.exposition import openmetrics_text, text
 from exporter.features import DEFAULT_WATCHLIST
+from exporter.web.exposition import openmetrics_text, text
 
 
 class Guests:

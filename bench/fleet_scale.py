@@ -447,9 +447,9 @@ def main() -> int:
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop Prometheus on the way out
 
-    from exporter.commands.fleet import render_text
-    from exporter.fleet import fetch_report
-    from exporter.promapi import PrometheusClient
+    from exporter.app.fleet import render_text
+    from exporter.views.fleet import fetch_report
+    from exporter.views.promapi import PrometheusClient
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="fleet-bench-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ Builds a synthetic procfs tree per size (``<root>/<pid>/cmdline``, ``exe`` -> th
 an empty ``fd/``, plus non-QEMU processes the scan has to skip), fills a real ``QemuKnowledge``
 cache by expanding the models once with the real QEMU, then times ``GuestsCollector.collect()``
 (what the scrape pays on top of exposition) and, separately, a full exposition as /metrics serves it
-to Prometheus (OpenMetrics, exporter.exposition's encoder; collect included).
+to Prometheus (OpenMetrics, exporter.web.exposition's encoder; collect included).
 
 Prints median and p90 per size and the cost per guest; growth should be linear and 500 guests
 should stay well under 50 ms (median) for ``collect()``.
@@ -39,9 +39,9 @@ from prometheus_client import CollectorRegistry
 
 from exporter.collectors.guests import GuestsCollector
 from exporter.config import GuestsConfig
-from exporter.exposition import choose
 from exporter.features import DEFAULT_WATCHLIST
 from exporter.qemu.knowledge import QemuKnowledge
+from exporter.web.exposition import choose
 
 #: what /metrics serves to Prometheus 2.x (it asks for OpenMetrics first)
 SERVED = choose(

@@ -21,8 +21,8 @@ import bcrypt
 import yaml
 from prometheus_client import CollectorRegistry
 
-from exporter.http import ExporterHTTP
-from exporter.webconfig import load_web_config
+from exporter.web.server import ExporterHTTP
+from exporter.web.tls import load_web_config
 
 PASSWORD = "bench-password"
 

@@ -128,7 +128,7 @@ def test_progress_and_log_lines_never_interleave() -> None:
     import logging
     import threading
 
-    from exporter.commands.canary import Progress
+    from exporter.app.canary import Progress
     from exporter.logsetup import setup_logging
 
     class Chunky(io.StringIO):

@@ -14,7 +14,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from support.scheduling import MB, FakeClock, result
 
 from exporter.canary.model import RESULTS
-from exporter.canary.store import STATE_FILE, CanaryStore
+from exporter.canary.results.store import STATE_FILE, CanaryStore
 from exporter.collectors.canary import CanaryCollector
 from exporter.features import DEFAULT_WATCHLIST
 

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from support.canary import CACHE_DIR, canary_image
 
-from exporter.canary import image as image_mod
-from exporter.canary import initramfs, kernelsource, modules
-from exporter.canary.image import build_image, find_image, pack_override_cpio
+from exporter.canary.image import build as image_mod
+from exporter.canary.image import initramfs, modules
+from exporter.canary.image import kernel as kernelsource
+from exporter.canary.image.build import build_image, find_image, pack_override_cpio
 from exporter.errors import ImageBuildError, ImageMissing
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "canary"

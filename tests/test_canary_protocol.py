@@ -7,7 +7,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.canary.protocol import (
+from exporter.canary.run.protocol import (
     Done,
     Driver,
     GuestErrorRecord,

@@ -28,8 +28,8 @@ from support.canary import (
     wait_for_qemu,
 )
 
-from exporter.canary.image import CanaryImage
-from exporter.canary.runner import WORKDIR_PREFIX, CanaryRunner
+from exporter.canary.image.build import CanaryImage
+from exporter.canary.run.runner import WORKDIR_PREFIX, CanaryRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -139,9 +139,9 @@ def test_cancel_kills_the_guest_at_once(tmp_path: Path) -> None:
 _PARENT = """
 import sys
 from pathlib import Path
-from exporter.canary.image import CanaryImage
+from exporter.canary.image.build import CanaryImage
 from exporter.canary.model import CanaryJob, Profile
-from exporter.canary.runner import WORKDIR_PREFIX, CanaryRunner
+from exporter.canary.run.runner import WORKDIR_PREFIX, CanaryRunner
 image = CanaryImage(Path(sys.argv[1]), Path(sys.argv[2]), "test", "test")
 job = CanaryJob(Profile("orphan", "max", "tcg"), ("aes-xts-plain",), size_mib=8, rounds=1, timeout_seconds=300)
 res = CanaryRunner(image, qemu_binary=sys.argv[3], progress=lambda s: print(s, flush=True)).run(job)

@@ -11,8 +11,8 @@ import pytest
 from conftest import ROOT
 
 from exporter import __version__
-from exporter.cli import build_parser, main
-from exporter.collector import COLLECTORS
+from exporter.app.cli import build_parser, main
+from exporter.collectors.scrape import COLLECTORS
 from exporter.version import build_date, revision
 
 
@@ -93,7 +93,7 @@ def test_revision_from_the_environment_wins(monkeypatch: pytest.MonkeyPatch) -> 
 def test_build_info_carries_the_same_revision() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from exporter.collector import ScrapeCollector
+    from exporter.collectors.scrape import ScrapeCollector
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ScrapeCollector({}))
@@ -111,7 +111,7 @@ def test_nan_on_the_command_line_is_a_config_problem(capsys: pytest.CaptureFixtu
 
 
 def test_cli_and_commands_do_not_import_each_other() -> None:
-    """cli -> commands -> domain: nothing under exporter/commands imports exporter.cli."""
+    """cli -> commands -> domain: nothing under exporter/commands imports exporter.app.cli."""
     for path in (ROOT / "exporter" / "commands").glob("*.py"):
         assert not re.search(
             r"^\s*(from exporter\.cli\b|from exporter import cli\b|import exporter\.cli\b)",

@@ -1,4 +1,4 @@
-"""Aggregation and rendering of canary results (exporter.canary.compare) on constructed results."""
+"""Aggregation and rendering of canary results (exporter.canary.results.compare) on constructed results."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from exporter.canary.compare import aggregate, compare, render_comparison, render_rates
 from exporter.canary.model import MB, CanaryResult, Measurement
+from exporter.canary.results.compare import aggregate, compare, render_comparison, render_rates
 
 
 def result(
@@ -187,7 +187,7 @@ def test_stats_serialise_to_plain_json_values() -> None:
 def test_plot_writes_two_panel_png(tmp_path: Path) -> None:
     from PIL import Image
 
-    from exporter.canary.plot import plot_comparison
+    from exporter.render.plot import plot_comparison
 
     ciphers = ["aes-ecb-plain", "aes-cbc-plain", "aes-xts-plain"]
     w = result("aesni", {(c, op): [100.0 + i] for i, c in enumerate(ciphers) for op in ("read", "write")})
@@ -203,7 +203,7 @@ def test_plot_writes_two_panel_png(tmp_path: Path) -> None:
 
 
 def test_plot_unwritable_path_is_a_plot_error(tmp_path: Path) -> None:
-    from exporter.canary.plot import PlotError, check_available
+    from exporter.render.plot import PlotError, check_available
 
     with pytest.raises(PlotError, match="does not exist"):
         check_available(tmp_path / "missing-dir" / "chart.png")
@@ -240,7 +240,7 @@ def test_rows_carry_the_speedup_interval_in_json_and_text() -> None:
 def test_figure_has_error_bars_one_y_scale_and_says_what_it_measured(tmp_path: Path) -> None:
     from PIL import Image
 
-    from exporter.canary.plot import PlotContext, build_figure, plot_comparison
+    from exporter.render.plot import PlotContext, build_figure, plot_comparison
 
     comp = compare(_three_rounds(), "aesni", "noaesni")
     tcg = PlotContext("tcg", "AMD EPYC 7763", 64, 3)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.cli import build_parser, config_from_args
+from exporter.app.cli import build_parser, config_from_args
 from exporter.config import Config, load_file, parse_config, parse_listen_address, validate
 
 
@@ -135,7 +135,7 @@ def test_web_config_problems_listed_with_the_rest(tmp_path: Path) -> None:
 
 
 def test_every_serve_flag_maps_to_a_config_key() -> None:
-    from exporter.cli import FLAG_KEYS
+    from exporter.app.cli import FLAG_KEYS
     from exporter.config import Config
 
     serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr,index]
@@ -292,9 +292,9 @@ def test_web_config_is_loaded_once_and_kept(tmp_path: Path, monkeypatch: pytest.
     """The validated web config is the one that serves: its TLS context is built once."""
     from support.pki import make_pki
 
-    from exporter import webconfig
-    from exporter.collector import COLLECTORS
+    from exporter.collectors.scrape import COLLECTORS
     from exporter.config.settings import load_settings
+    from exporter.web import tls as webconfig
 
     pki = make_pki(tmp_path / "pki")
     web = tmp_path / "web.yml"
@@ -318,7 +318,7 @@ def test_world_readable_private_key_is_a_warning(tmp_path: Path) -> None:
 
     from support.pki import make_pki
 
-    from exporter.webconfig import check_web_config
+    from exporter.web.tls import check_web_config
 
     pki = make_pki(tmp_path / "pki")
     web = tmp_path / "web.yml"
@@ -331,7 +331,7 @@ def test_world_readable_private_key_is_a_warning(tmp_path: Path) -> None:
 
 
 def test_reload_names_what_needs_a_restart() -> None:
-    from exporter.commands.reload import restart_needed
+    from exporter.app.reload import restart_needed
 
     old = Config()
     new, problems = parse_config(

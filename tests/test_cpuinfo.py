@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from support.host import GARBLED, VALID, check_golden, cpuinfo_facts, exposition, fixture, registry_for
 
-from exporter.collector import ScrapeCollector
 from exporter.collectors.cpu import CpuCollector
+from exporter.collectors.scrape import ScrapeCollector
 from exporter.errors import ParseError, SourceError
 from exporter.features import DEFAULT_WATCHLIST
 from exporter.procfs.cpuinfo import parse_cpuinfo, read_cpuinfo

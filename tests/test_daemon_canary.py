@@ -16,7 +16,7 @@ from conftest import sample
 from support.canary import gone, qemu_descendants, wait_for_qemu
 
 from exporter.canary.model import OPS
-from exporter.canary.store import STATE_FILE
+from exporter.canary.results.store import STATE_FILE
 
 CIPHER = "aes-xts-plain"
 CANARY_FLAGS = (

@@ -24,7 +24,7 @@ from conftest import free_port
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from exporter.cli import build_parser
+from exporter.app.cli import build_parser
 from exporter.config import Config, load_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -372,7 +372,7 @@ def test_config_example_has_every_key_at_its_default() -> None:
     path = DEPLOY / "config.example.yml"
     cfg, problems = load_file(path)
     assert problems == []
-    from exporter.collector import COLLECTORS
+    from exporter.collectors.scrape import COLLECTORS
 
     expected = Config()
     expected.collectors = {n: s.default_enabled for n, s in COLLECTORS.items()}

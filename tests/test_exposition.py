@@ -19,13 +19,13 @@ from prometheus_client.exposition import generate_latest as library_text
 from prometheus_client.openmetrics.exposition import generate_latest as library_openmetrics
 from support.scheduling import FakeClock, result
 
-from exporter.canary.store import CanaryStore
-from exporter.collector import ScrapeCollector
+from exporter.canary.results.store import CanaryStore
 from exporter.collectors.canary import CanaryCollector
 from exporter.collectors.cpu import CpuCollector
 from exporter.collectors.crypto import CryptoCollector
-from exporter.exposition import choose, openmetrics_text, text
+from exporter.collectors.scrape import ScrapeCollector
 from exporter.features import DEFAULT_WATCHLIST
+from exporter.web.exposition import choose, openmetrics_text, text
 
 FIXTURES = Path(__file__).parent / "fixtures" / "procfs"
 PROMETHEUS_ACCEPT = (

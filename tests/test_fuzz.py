@@ -23,12 +23,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exporter import config as config_mod
-from exporter.canary import protocol
+from exporter.canary.run import protocol
 from exporter.config import load_file, parse_config, validate
 from exporter.errors import ConfigError, ExporterError
 from exporter.guests import cmdline
 from exporter.procfs import cpuinfo, crypto
-from exporter.webconfig import WebSecurity, load_web_config
+from exporter.web.tls import WebSecurity, load_web_config
 
 #: KVMCPU_FUZZ_EXAMPLES=5000 for a deeper run (e.g. nightly); 200 keeps the default suite quick
 FUZZ = settings(

@@ -371,9 +371,9 @@ def test_landing_page_guests_follow_the_same_live_answers(tmp_path: Path) -> Non
     live answer over the model expansion exactly as the collector does, and drop it when stale."""
     from exporter.config import QmpSocketConfig
     from exporter.guests.live import LiveChecker, LiveResult
-    from exporter.guests.report import guest_reports
     from exporter.procfs.cpuinfo import host_flags
-    from exporter.status import guest_line
+    from exporter.views.guests import guest_reports
+    from exporter.views.status import guest_line
 
     root = make_procfs(tmp_path / "proc")
     add_process(root, 91, [QEMU, "-name", "lab", "-cpu", "Westmere"])

@@ -20,9 +20,9 @@ from prometheus_client.metrics_core import Metric
 from support.host import registry_for
 from support.web import read_response, request, request_bytes
 
-from exporter.http import ExporterHTTP, Limits, Workers, gzip_accepted
-from exporter.status import CanaryProfileStatus, Status
-from exporter.webconfig import load_web_config
+from exporter.views.status import CanaryProfileStatus, Status
+from exporter.web.server import ExporterHTTP, Limits, Workers, gzip_accepted
+from exporter.web.tls import load_web_config
 
 
 @pytest.fixture

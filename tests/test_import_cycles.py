@@ -114,7 +114,7 @@ def test_the_checker_finds_a_cycle() -> None:
 def test_graph_sees_the_real_edges() -> None:
     graph = import_graph()
     assert "exporter.qemu.process" in graph["exporter.qemu.qmp"]
-    assert "exporter.canary.imagecache" in graph["exporter.canary.runner"]
+    assert "exporter.canary.image.cache" in graph["exporter.canary.run.runner"]
 
 
 def test_no_import_cycles_in_exporter() -> None:

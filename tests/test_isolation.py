@@ -18,8 +18,8 @@ from conftest import CACHE_DIR, QEMU, ROOT
 from pyroute2 import IPRoute, NetNS
 from pyroute2 import netns as pr_netns
 
-from exporter.canary import isolation
-from exporter.canary.isolation import BRIDGE, TAP, isolated_network
+from exporter.canary.run import isolation
+from exporter.canary.run.isolation import BRIDGE, TAP, isolated_network
 
 NOBODY = 65534
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import bcrypt
 from conftest import ROOT, RunningDaemon, free_port
 
-from exporter.landing import REDACTED, redact, render_landing
-from exporter.status import CanaryProfileStatus, GuestLine, HostStatus, QemuStatus, Status
+from exporter.render.landing import REDACTED, redact, render_landing
+from exporter.views.status import CanaryProfileStatus, GuestLine, HostStatus, QemuStatus, Status
 
 
 def _text(fragment: str) -> str:

@@ -13,7 +13,7 @@ import pytest
 from playwright.sync_api import sync_playwright
 from support.scheduling import MB, result
 
-from exporter.canary.store import CanaryStore
+from exporter.canary.results.store import CanaryStore
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("KVMCPU_ARTIFACTS", ROOT / "tmp" / "artifacts"))

@@ -11,8 +11,8 @@ from conftest import QEMU, sample
 from prometheus_client import CollectorRegistry, generate_latest
 from support.qemu import FIXTURES, fixture_knowledge, load_facts, processes_running
 
-from exporter.collector import ScrapeCollector
 from exporter.collectors.qemu import QemuCollector
+from exporter.collectors.scrape import ScrapeCollector
 from exporter.errors import QemuBinaryMissing
 from exporter.features import DEFAULT_WATCHLIST
 from exporter.qemu.knowledge import QemuKnowledge

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from support.scheduling import MB, FakeClock, FakeFacts, FakeKnowledge, FakeRunner, FakeSampler, result
 
-from exporter.canary.guard import BusyGuard, DutyCycleBudget, PsutilSampler
-from exporter.canary.image import CanaryImage
+from exporter.canary.image.build import CanaryImage
 from exporter.canary.model import OPS, CanaryJob, CanaryResult, Profile
-from exporter.canary.scheduler import CanaryScheduler, tick_order
-from exporter.canary.store import CanaryStore
+from exporter.canary.results.store import CanaryStore
+from exporter.canary.schedule.guard import BusyGuard, DutyCycleBudget, PsutilSampler
+from exporter.canary.schedule.scheduler import CanaryScheduler, tick_order
 from exporter.config import Config, ProfileConfig, default_profiles
 from exporter.errors import UnknownCpuModel
 
@@ -258,7 +258,7 @@ def test_unexpected_job_errors_are_logged_and_counted(
         raise RuntimeError("runner exploded")
 
     h = Harness(tmp_path, behaviour=boom)
-    with caplog.at_level(logging.ERROR, logger="exporter.canary.scheduler"):
+    with caplog.at_level(logging.ERROR, logger="exporter.canary.schedule.scheduler"):
         h.sched._run_job()
     assert h.store.snapshot().scheduler_errors == 1
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
@@ -339,7 +339,7 @@ def test_a_dead_scheduler_is_a_metric_and_a_log_line(
     try:
         assert registry.get_sample_value("kvmcpu_canary_scheduler_up") == 1
         h.sched._scheduler.shutdown(wait=False)  # the scheduler dies under the daemon's feet
-        with caplog.at_level(logging.ERROR, logger="exporter.canary.store"):
+        with caplog.at_level(logging.ERROR, logger="exporter.canary.results.store"):
             assert registry.get_sample_value("kvmcpu_canary_scheduler_up") == 0
             assert registry.get_sample_value("kvmcpu_canary_scheduler_up") == 0
         dead = [r for r in caplog.records if "scheduler is not running" in r.getMessage()]

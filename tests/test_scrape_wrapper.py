@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from exporter.collector import COLLECTORS, ScrapeCollector
+from exporter.collectors.scrape import COLLECTORS, ScrapeCollector
 from exporter.errors import ParseError
 
 
@@ -72,7 +72,7 @@ def test_build_info_always_present() -> None:
 
 
 def test_registration_table_generates_flags() -> None:
-    from exporter.cli import build_parser
+    from exporter.app.cli import build_parser
 
     help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr,index]
     for name in COLLECTORS:

@@ -24,8 +24,8 @@ from support.guests import TCG_QEMU64 as _TCG_QEMU64
 from support.guests import FakeFacts, FakeKnowledge
 
 from exporter.canary.model import CanaryResult
+from exporter.canary.results.store import CanaryStore
 from exporter.canary.selfcheck import Observation, SelfCheck, compare, predict
-from exporter.canary.store import CanaryStore
 from exporter.collectors.canary_selfcheck import CanarySelfcheckCollector
 from exporter.errors import UnknownCpuModel
 from exporter.features import watchlist

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from exporter.canary.stats import speedup_interval, t_cdf, t_quantile
+from exporter.canary.results.stats import speedup_interval, t_cdf, t_quantile
 
 
 @pytest.mark.parametrize(

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 from support.scheduling import MB, FakeClock, result
 
-from exporter.canary.landing import landing_lines
 from exporter.canary.model import Measurement
 from exporter.canary.profiles import aesni_pair
-from exporter.canary.store import (
+from exporter.canary.results.store import (
     DURATION_BUCKETS,
     STATE_FILE,
     THROUGHPUT_BUCKETS,
@@ -22,6 +21,7 @@ from exporter.canary.store import (
     Histogram,
 )
 from exporter.config import ProfileConfig
+from exporter.views.canary import landing_lines
 
 
 def test_round_trip_keeps_results_counters_and_original_timestamps(tmp_path: Path) -> None:
@@ -97,7 +97,7 @@ def test_corrupt_state_is_logged_moved_aside_and_store_starts_clean(
     tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     (tmp_path / STATE_FILE).write_bytes(content)
-    with caplog.at_level(logging.ERROR, logger="exporter.canary.store"):
+    with caplog.at_level(logging.ERROR, logger="exporter.canary.results.store"):
         store = CanaryStore(tmp_path, FakeClock(1234.0))
     assert store.snapshot().state.profiles == {}
     aside = tmp_path / f"{STATE_FILE}.corrupt-1234"
@@ -114,7 +114,7 @@ def test_state_path_is_a_directory_counts_write_errors_and_keeps_results(
 ) -> None:
     (tmp_path / STATE_FILE).mkdir()
     store = CanaryStore(tmp_path)  # unreadable state: logged, starts clean, does not raise
-    with caplog.at_level(logging.ERROR, logger="exporter.canary.store"):
+    with caplog.at_level(logging.ERROR, logger="exporter.canary.results.store"):
         store.record(result(at=500.0))
         store.record(result("noaesni", at=501.0))
     snap = store.snapshot()

@@ -27,7 +27,7 @@ from prometheus_client.metrics_core import Metric
 from support.canary import QEMU, canary_image, job, override_init
 
 from exporter.canary.model import CanaryResult
-from exporter.canary.runner import CanaryRunner
+from exporter.canary.run.runner import CanaryRunner
 from exporter.canary.selfcheck import Observation, SelfCheck
 from exporter.collectors.guests import GuestsCollector
 from exporter.config import GuestsConfig

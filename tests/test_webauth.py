@@ -9,8 +9,8 @@ import time
 import bcrypt
 import pytest
 
-from exporter import webauth
-from exporter.webauth import BasicAuth, Verdict
+from exporter.web import auth as webauth
+from exporter.web.auth import BasicAuth, Verdict
 
 # cost 4 keeps the unit tests fast; the format is the same as the operators' cost 10+
 HASH = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4)).decode()

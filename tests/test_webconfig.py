@@ -14,7 +14,7 @@ import yaml
 from support.pki import Pki, issue, make_pki
 
 from exporter.errors import ConfigError
-from exporter.webconfig import load_web_config
+from exporter.web.tls import load_web_config
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "deploy" / "web-config.example.yml"

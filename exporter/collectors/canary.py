@@ -12,7 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 
 from exporter.canary.model import RESULTS
-from exporter.canary.store import CanaryStore, StoreSnapshot
+from exporter.canary.results.store import CanaryStore, StoreSnapshot
 
 
 class CanaryCollector:

@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from exporter.canary.results.store import CanaryStore
 from exporter.canary.selfcheck import Comparison, SelfCheck
-from exporter.canary.store import CanaryStore
 
 
 class CanarySelfcheckCollector:

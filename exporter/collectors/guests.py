@@ -47,7 +47,7 @@ declarations with their help text; the rest are the per-configuration and per-gu
 that keep a 500-guest scrape in milliseconds, which share the collector's lock and pruning. The
 rules it applies live elsewhere (``exporter.guests.effective``, ``exporter.guests.live``,
 ``exporter.hazards``, ``exporter.levels``), shared with ``inspect`` and the landing page
-(``exporter.guests.report``).
+(``exporter.views.guests``).
 """
 
 from __future__ import annotations

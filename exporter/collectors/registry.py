@@ -20,7 +20,7 @@ from exporter.config import Config
 from exporter.features import watchlist
 
 if TYPE_CHECKING:
-    from exporter.canary.store import CanaryStore
+    from exporter.canary.results.store import CanaryStore
     from exporter.guests.live import LiveChecker
     from exporter.qemu.knowledge import QemuKnowledge
 

@@ -20,7 +20,7 @@ from exporter.config.yamlfile import read_yaml
 from exporter.errors import ConfigError
 
 if TYPE_CHECKING:
-    from exporter.webconfig import WebSecurity
+    from exporter.web.tls import WebSecurity
 
 
 @dataclasses.dataclass
@@ -52,7 +52,7 @@ def load_settings(args: argparse.Namespace, collectors: Iterable[str]) -> Settin
     problems += validate(cfg, known_collectors=names)
     settings = Settings(cfg, problems=problems)
     if cfg.web.config_file and not any(p.startswith("web.config_file:") for p in problems):
-        from exporter.webconfig import check_web_config
+        from exporter.web.tls import check_web_config
 
         try:
             loaded = check_web_config(cfg.web.config_file)

@@ -4,7 +4,7 @@ Shape, allowed values and per-field rules are pydantic models, so every problem 
 location (``tls_server_config.min_version: 'TLS99' is not one of TLS10, ...``) in one pass, like
 the config file. Rules that relate several keys or need the file system (a client CA without a
 verifying ``client_auth_type``, a missing ``key_file``) are ``tls_problems``; building the TLS
-context and checking passwords are ``exporter.webconfig``'s job.
+context and checking passwords are ``exporter.web.tls``'s job.
 
 Secrets never appear in a problem: ``basic_auth_users`` values and inline keys are not echoed.
 """

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from exporter.canary.image import CanaryImage, find_image, pack_override_cpio
+from exporter.canary.image.build import CanaryImage, find_image, pack_override_cpio
 from exporter.canary.model import CanaryJob, Profile
 
 CACHE_DIR = Path(os.environ.get("KVMCPU_CACHE_DIR", "/var/cache/kvm-cpu-exporter"))
