@@ -25,12 +25,12 @@ from exporter import __version__
 from exporter.config import Config
 from exporter.errors import ExporterError
 from exporter.features import watchlist
-from exporter.hazards import usable_features
 from exporter.levels import level_of, name
 from exporter.logsetup import setup_logging
 from exporter.procfs.cpuinfo import CpuInfo, read_cpuinfo
 from exporter.procfs.crypto import WATCHED_AES_ALGORITHMS, aesni_active, read_crypto, select_watched
 from exporter.procfs.modules import WATCHED_MODULES, loaded_modules, module_present
+from exporter.views.host import exposable_level as host_exposable_level
 
 if TYPE_CHECKING:
     from exporter.qemu.knowledge import HostQemuFacts, QemuKnowledge
@@ -132,7 +132,8 @@ def _qemu_section(cfg: Config, knowledge: QemuKnowledge) -> tuple[Section, HostQ
         msg = _describe(err)
         return Section("qemu", "QEMU", _empty_qemu(cfg, msg), error=msg, ok=False), None
     usable = sorted(model for model, m in facts.models.items() if m.usable)
-    exposable_level = level_of(usable_features(facts.exposable))
+    exposable_level = host_exposable_level(facts)
+    assert exposable_level is not None
     accels = {
         accel: {"usable": bool(ok), "error": None if ok else facts.accelerator_errors.get(accel)}
         for accel, ok in facts.accelerators.items()
