@@ -55,7 +55,9 @@ def _report(knowledge: QemuKnowledge, live: LiveChecker | None, name: str):  # t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cpu", ["qemu64,+aes", "SandyBridge,avx2=on,xsave=off", "max"])
-def test_live_verdict_equals_the_command_line_verdict(qemu_guest, knowledge, sock_dir: Path, cpu: str) -> None:
+def test_live_verdict_equals_the_command_line_verdict(
+    qemu_guest, knowledge, sock_dir: Path, cpu: str
+) -> None:
     qmp = sock_dir / "q.sock"
     qemu_guest("-cpu", cpu, "-smp", "2", "-qmp", f"unix:{qmp},server=on,wait=off", name="kvl-live")
     qemu_guest("-cpu", cpu, "-smp", "2", name="kvl-cmdline")
@@ -162,9 +164,11 @@ def test_metrics_inspect_and_landing_agree_on_one_snapshot(qemu_guest, knowledge
             for s in samples
             if s.name == "kvmcpu_guest_config_hazard" and s.labels["cpu_config"] == cfg
         }
-        assert hazards == {h["feature"]: h["requires"] for h in d["hazards"]} == {
-            f: list(r) for f, r in line.hazards
-        }, name
+        assert (
+            hazards
+            == {h["feature"]: h["requires"] for h in d["hazards"]}
+            == {f: list(r) for f, r in line.hazards}
+        ), name
         hidden = {
             s.labels["feature"]
             for s in samples
@@ -172,4 +176,7 @@ def test_metrics_inspect_and_landing_agree_on_one_snapshot(qemu_guest, knowledge
         }
         assert hidden == set(d["hidden"]) == set(line.missing), name
     assert by_name["kva-live"].source == "live"
-    assert reg.get_sample_value("kvmcpu_guest_cpu_feature_filtered", {"guest": "kva-live", "feature": "avx512f"}) == 1
+    assert (
+        reg.get_sample_value("kvmcpu_guest_cpu_feature_filtered", {"guest": "kva-live", "feature": "avx512f"})
+        == 1
+    )
