@@ -20,7 +20,7 @@ from exporter.features import DEFAULT_WATCHLIST
 from exporter.guests.live import LiveChecker
 from exporter.procfs.cpuinfo import host_flags
 from exporter.qemu.knowledge import QemuKnowledge
-from exporter.views.guests import guest_reports, read_guests
+from exporter.views.guests import GuestReport, guest_reports, read_guests
 from exporter.views.status import guest_line
 
 QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
@@ -48,7 +48,7 @@ def _wait_for(path: Path) -> None:
         time.sleep(0.05)
 
 
-def _report(knowledge: QemuKnowledge, live: LiveChecker | None, name: str):  # type: ignore[no-untyped-def]
+def _report(knowledge: QemuKnowledge, live: LiveChecker | None, name: str) -> GuestReport:
     snap = read_guests(PROC, knowledge, DEFAULT_WATCHLIST, host_flags(PROC), live=live)
     return {r.guest.label: r for r in snap.guests}[name]
 

@@ -281,7 +281,9 @@ class GuestsCollector:
         pids = {r.guest.pid for r in snap.guests} | {i.pid for i in snap.issues}
         self._counted = {k for k in self._counted if k[0] in pids}
 
-        yield GaugeMetricFamily("kvmcpu_guests", "Running QEMU guests found on this host.", len(snap.guests))
+        yield GaugeMetricFamily(
+            "kvmcpu_guests", "Running QEMU guests found on this host.", value=float(len(snap.guests))
+        )
         yield from per_guest
         yield from per_config
         if self.config.full_feature_matrix:
