@@ -36,7 +36,11 @@ boot and run, their hazards stay latent (any other code trusting the flag still 
 :func:`aesni_crash` tells apart.
 
 So :func:`usable_features` is the guest's /proc/cpuinfo (QEMU's expansion minus what QEMU hides)
-and :func:`hazards` are the shown features whose prerequisites (transitively) are missing.
+and :func:`hazards` are the shown features whose prerequisites (transitively) are missing *under
+the guest's accelerator*: all of the above under TCG, which checks every instruction's CPUID bit;
+under KVM only what the hardware refuses because the guest's CPUID did not let the OS enable it
+(XSAVE-managed AVX/AVX-512 state), see :data:`RULES`. The canary kernel proves the TCG side; the
+KVM side rests on the Intel SDM, the AMD APM and KVM's own checks, cited there.
 """
 
 from __future__ import annotations

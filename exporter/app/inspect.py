@@ -243,6 +243,15 @@ def _crypto_section(procfs: Path, sysfs: Path) -> Section:
 # --------------------------------------------------------------------------- guests
 
 
+#: how a verdict was reached when it is not the guest's own accelerator (exporter.guests.effective)
+_SOURCE_NOTES = {
+    "qemu_definition": "QEMU's definition under TCG: the guest's accelerator cannot be used here, "
+    "so what the host's KVM filters out is unknown",
+    "host_cpuinfo": "the host's /proc/cpuinfo: -cpu host under a KVM the exporter cannot use",
+    "live": "the guest's own QEMU (live QMP check)",
+}
+
+
 def _guest_section(
     cfg: Config, knowledge: QemuKnowledge, info: CpuInfo | None, watch: tuple[str, ...]
 ) -> Section:
@@ -267,12 +276,14 @@ def _guest_section(
             lines.append(f"    missing: {', '.join(d['missing']) if d['missing'] else 'nothing watched'}")
         if d["filtered"]:
             lines.append(f"    asked for but filtered by {d['accel']}: {', '.join(d['filtered'])}")
+        if d["source"] in _SOURCE_NOTES:
+            lines.append(f"    verdict from {_SOURCE_NOTES[d['source']]}")
         if r.level is not None:
             lines.append(f"    level: {r.level_note or name(r.level)}")
         for h in r.hazards:
             lines.append(
                 f"    HAZARD: shows {h.feature} without {', '.join(h.requires)}"
-                " (code trusting the flag gets invalid opcode)"
+                f" (code trusting the flag gets invalid opcode; under {d['accel']}: {h.consequence})"
             )
     for issue in issues:
         lines.append(f"  pid {issue.pid}: not inspected ({issue.reason}: {issue.detail})")
