@@ -94,3 +94,14 @@ def test_decode_words() -> None:
         {"garbage": True},
     ]
     assert decode_feature_words(words) == {"xsave", "pclmulqdq", "vaes"}
+
+
+def test_live_words_decode_every_level_feature() -> None:
+    """A live answer must have a level: the decoder knows cmov, cx8, popcnt, lahf_lm, syscall, ..."""
+    from exporter.guests.cpuid import decodable
+    from exporter.hazards import RULES
+    from exporter.levels import LEVEL_WATCH
+
+    assert set(LEVEL_WATCH) <= decodable()
+    assert {f for pair in RULES for f in pair} <= decodable()
+    assert set(DEFAULT_WATCHLIST) <= decodable()
