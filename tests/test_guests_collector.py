@@ -288,7 +288,7 @@ def test_process_vanishing_mid_scan(tmp_path: Path) -> None:
     add_process(root, 30, [QEMU, "-name", "gone", "-cpu", "max"])
     add_process(root, 31, [QEMU, "-name", "stays", "-cpu", "max"])
     collector = _collector(root, tcg_knowledge())
-    parse = collector._parse
+    parse = collector.view._parse
 
     def parse_then_exit(raw: bytes):
         spec = parse(raw)
@@ -296,7 +296,7 @@ def test_process_vanishing_mid_scan(tmp_path: Path) -> None:
             shutil.rmtree(root / "30")  # the process exits right after we read its command line
         return spec
 
-    collector._parse = parse_then_exit  # type: ignore[method-assign]
+    collector.view._parse = parse_then_exit  # type: ignore[method-assign]
     g = _getter(_registry(collector))
     assert g("kvmcpu_guests") == 1
     assert g("kvmcpu_guest_cpu_model_known", {"guest": "stays"}) == 1

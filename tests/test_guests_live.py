@@ -180,3 +180,26 @@ def test_metrics_inspect_and_landing_agree_on_one_snapshot(qemu_guest, knowledge
         reg.get_sample_value("kvmcpu_guest_cpu_feature_filtered", {"guest": "kva-live", "feature": "avx512f"})
         == 1
     )
+
+
+@pytest.mark.slow
+def test_landing_page_shares_the_scrapes_snapshot(qemu_guest, knowledge) -> None:
+    """In the daemon the guests collector and the landing page hold one read model
+    (``Context.guests_view``): a page loaded with a scrape renders that scrape's snapshot."""
+    from exporter.collectors.registry import Context, build_collectors
+    from exporter.config import Config
+    from exporter.views.status import read_status
+
+    qemu_guest("-cpu", "qemu64,+aes", name="kvs-shared")
+    ctx = Context(config=Config(), procfs=PROC, sysfs=Path("/sys"), knowledge=knowledge)
+    collector = build_collectors(ctx, ["guests"])["guests"]
+    assert isinstance(collector, GuestsCollector) and ctx.guests_view is collector.view
+    list(collector.collect())
+    assert ctx.guests_view.latest() is collector.last  # no second computation
+    status = read_status(ctx, {})
+    assert status.guests is not None
+    assert collector.last is not None
+    lines = {g.name: g for g in status.guests}
+    for r in collector.last.guests:
+        assert lines[r.guest.label] == guest_line(r)
+    assert lines["kvs-shared"].hazards == (("aes", ("ssse3", "pclmulqdq", "sse4_1")),)

@@ -58,17 +58,14 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
 from exporter.config import GuestsConfig
-from exporter.errors import ExporterError
-from exporter.guests.cmdline import GuestSpec, parse_cmdline
 from exporter.guests.effective import KnowledgeSource, hidden_features, migratable
 from exporter.guests.live import LiveChecker, LiveResult
-from exporter.procfs.cpuinfo import HOST_FLAGS_TTL, host_flags
-from exporter.views.guests import ConfigVerdict, GuestReport, GuestsSnapshot, Memo, read_guests
+from exporter.procfs.cpuinfo import host_flags
+from exporter.views.guests import ConfigVerdict, GuestReport, GuestsSnapshot, GuestsView
 
 log = logging.getLogger(__name__)
 
 SCAN_ERROR_REASONS: tuple[str, ...] = ("vanished", "permission_denied", "unknown_cpu_model", "parse_error")
-_PARSE_CACHE_MAX = 4096
 #: prepared samples per configuration / guest; cleared when full (entries of gone guests are dead)
 _CACHE_MAX = 8192
 
@@ -88,6 +85,7 @@ class GuestsCollector:
         *,
         live: LiveChecker | None = None,
         host_flags_source: Callable[[Path], frozenset[str]] = host_flags,
+        view: GuestsView | None = None,
     ) -> None:
         self.procfs = Path(procfs)
         self.knowledge = knowledge
@@ -97,47 +95,26 @@ class GuestsCollector:
         self.live = live
         if self.live is None and config.qmp_sockets:
             self.live = LiveChecker(config.qmp_sockets, clock=clock, procfs=self.procfs)
-        self._host_flags_source = host_flags_source
-        self._host_flags: frozenset[str] | None = None
-        self._host_flags_at = float("-inf")
+        #: the guest read model (shared with the landing page when the daemon passes one)
+        self.view = view or GuestsView(
+            self.procfs,
+            knowledge,
+            self.watch,
+            config.process_names,
+            live=self.live,
+            clock=clock,
+            host_flags_source=host_flags_source,
+        )
         self._host_flags_failed = False
         self._lock = threading.Lock()
-        self._parse_cache: dict[bytes, GuestSpec] = {}
         self._errors: dict[str, int] = dict.fromkeys(SCAN_ERROR_REASONS, 0)
         self._counted: set[tuple[int, str]] = set()
-        self._memo = Memo()
         self._config_cache: dict[_ConfigKey, tuple[list[Sample], ...]] = {}
         self._guest_cache: dict[tuple[object, ...], tuple[tuple[int, Sample], ...]] = {}
         #: the last snapshot rendered (tests and views compare against it)
         self.last: GuestsSnapshot | None = None
 
     # ------------------------------------------------------------------ helpers
-
-    def _parse(self, raw: bytes) -> GuestSpec:
-        spec = self._parse_cache.get(raw)
-        if spec is None:
-            spec = parse_cmdline(raw)  # CmdlineError propagates to scan(), which records it
-            if len(self._parse_cache) >= _PARSE_CACHE_MAX:
-                self._parse_cache.clear()
-            self._parse_cache[raw] = spec
-        return spec
-
-    def _host(self) -> frozenset[str] | None:
-        now = self.clock()
-        if self._host_flags is None or now - self._host_flags_at > HOST_FLAGS_TTL:
-            try:
-                self._host_flags = self._host_flags_source(self.procfs)
-                self._host_flags_at = now
-            except ExporterError as err:
-                if not self._host_flags_failed:
-                    log.warning(
-                        "cannot read host CPU flags; hidden features not exported",
-                        extra={"fields": {"err": str(err)}},
-                    )
-                self._host_flags_failed = True
-                return self._host_flags
-            self._host_flags_failed = False
-        return self._host_flags
 
     def _count(self, pid: int, reason: str, detail: str, level: int = logging.WARNING) -> None:
         """Count a problem once per process (a guest stuck on a bad model is one problem, not one
@@ -151,18 +128,16 @@ class GuestsCollector:
         )
 
     def snapshot(self) -> GuestsSnapshot:
-        """The read model of this scrape (also what the landing page would show now)."""
-        return read_guests(
-            self.procfs,
-            self.knowledge,
-            self.watch,
-            self._host(),
-            self.config.process_names,
-            live=self.live,
-            clock=self.clock,
-            parse=self._parse,
-            memo=self._memo,
-        )
+        """The read model of this scrape (what the landing page shows with it)."""
+        snap = self.view.refresh()
+        err = self.view.host_flags_error
+        if err is not None and not self._host_flags_failed:
+            log.warning(
+                "cannot read host CPU flags; hidden features not exported",
+                extra={"fields": {"err": str(err)}},
+            )
+        self._host_flags_failed = err is not None
+        return snap
 
     def _config_samples(self, c: ConfigVerdict, snap: GuestsSnapshot) -> tuple[list[Sample], ...]:
         """The per-configuration series, reused while the configuration, the host's flags and

@@ -15,13 +15,14 @@ about are ``pending``); ``inspect`` with ``prefill=True`` (asks QEMU, blocking, 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from exporter.errors import QemuError
+from exporter.errors import ExporterError, QemuError
 from exporter.features import full_cpu_model
 from exporter.guests.cmdline import GuestSpec, parse_cmdline
 from exporter.guests.discovery import Guest, ScanIssue, scan
@@ -40,6 +41,8 @@ from exporter.guests.live import LiveChecker, LiveResult, live_effective, proces
 from exporter.hazards import Hazard
 from exporter.levels import name, next_level_note
 from exporter.views.host import exposable_level
+
+_PARSE_CACHE_MAX = 4096
 
 
 class BlockingKnowledge(KnowledgeSource, Protocol):
@@ -292,3 +295,91 @@ def guest_reports(
     """The snapshot's guests and scan issues (what the landing page and ``inspect`` list)."""
     snap = read_guests(procfs, knowledge, watch, host, process_names, prefill=prefill, live=live, clock=clock)
     return list(snap.guests), list(snap.issues)
+
+
+class GuestsView:
+    """The guest read model of one daemon: the snapshot the last scrape computed, shared.
+
+    The guests collector calls :meth:`refresh` once per scrape and renders the result; the landing
+    page calls :meth:`latest`, which returns that same snapshot while it is at most ``max_age``
+    seconds old and computes a fresh one otherwise, through the same caches. It also keeps what makes a snapshot cheap between scrapes: the parsed command lines
+    (keyed by the raw bytes), the per-configuration verdicts and the host's flags (re-read every
+    ``HOST_FLAGS_TTL``).
+    """
+
+    def __init__(
+        self,
+        procfs: Path,
+        knowledge: KnowledgeSource,
+        watch: Sequence[str],
+        process_names: Iterable[str] = (),
+        *,
+        live: LiveChecker | None = None,
+        clock: Callable[[], float] = time.time,
+        host_flags_source: Callable[[Path], frozenset[str]] | None = None,
+    ) -> None:
+        from exporter.procfs.cpuinfo import host_flags
+
+        self.procfs = Path(procfs)
+        self.knowledge = knowledge
+        self.watch = tuple(watch)
+        self.process_names = tuple(process_names)
+        self.live = live
+        self.clock = clock
+        self._host_flags_source = host_flags_source or host_flags
+        self._host_flags: frozenset[str] | None = None
+        self._host_flags_at = float("-inf")
+        #: set when reading the host's flags failed (cleared on the next success); the caller logs
+        self.host_flags_error: ExporterError | None = None
+        self._parse_cache: dict[bytes, GuestSpec] = {}
+        self._memo = Memo()
+        self._lock = threading.Lock()
+        self._last: GuestsSnapshot | None = None
+        self._last_at = float("-inf")
+
+    def _parse(self, raw: bytes) -> GuestSpec:
+        spec = self._parse_cache.get(raw)
+        if spec is None:
+            spec = parse_cmdline(raw)  # CmdlineError propagates to scan(), which records it
+            if len(self._parse_cache) >= _PARSE_CACHE_MAX:
+                self._parse_cache.clear()
+            self._parse_cache[raw] = spec
+        return spec
+
+    def _host(self) -> frozenset[str] | None:
+        from exporter.procfs.cpuinfo import HOST_FLAGS_TTL
+
+        now = self.clock()
+        if self._host_flags is None or now - self._host_flags_at > HOST_FLAGS_TTL:
+            try:
+                self._host_flags = self._host_flags_source(self.procfs)
+                self._host_flags_at = now
+                self.host_flags_error = None
+            except ExporterError as err:
+                self.host_flags_error = err
+        return self._host_flags
+
+    def refresh(self) -> GuestsSnapshot:
+        """Compute the snapshot now (the scrape) and keep it for :meth:`latest`."""
+        with self._lock:
+            snap = read_guests(
+                self.procfs,
+                self.knowledge,
+                self.watch,
+                self._host(),
+                self.process_names,
+                live=self.live,
+                clock=self.clock,
+                parse=self._parse,
+                memo=self._memo,
+            )
+            self._last, self._last_at = snap, time.monotonic()
+            return snap
+
+    def latest(self, max_age: float = 1.0) -> GuestsSnapshot:
+        """The last snapshot while at most ``max_age`` seconds old (a page loaded with a scrape
+        shares its computation), else a fresh one: the landing page never shows a stale guest list."""
+        with self._lock:
+            if self._last is not None and time.monotonic() - self._last_at <= max_age:
+                return self._last
+        return self.refresh()

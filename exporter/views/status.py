@@ -229,6 +229,8 @@ def _guests(ctx: Context) -> tuple[GuestLine, ...]:
     from exporter.views.guests import read_guests
 
     assert ctx.knowledge is not None
+    if ctx.guests_view is not None:  # the daemon's read model: shares the scrape's computation
+        return tuple(guest_line(r) for r in ctx.guests_view.latest().guests)
     snapshot = read_guests(
         ctx.procfs,
         ctx.knowledge,
