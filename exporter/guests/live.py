@@ -11,7 +11,8 @@ Rules this module keeps, each once:
   are contacted, and never one that *is* a libvirt monitor: a QMP monitor serves one client at a
   time, so talking to libvirt's would stall libvirt. "Is" means the same device and inode as one of
   libvirt's monitor sockets (:data:`LIBVIRT_MONITORS`), so a hard link or a bind mount elsewhere is
-  refused as well as a path under libvirt's directories.
+  refused as well as a path under libvirt's directories. An exporter that may not list libvirt's
+  domain directories cannot compare identities and falls back to the path check alone.
 * **An answer belongs to one process.** The QEMU behind the socket is identified by the socket's
   peer credentials (``SO_PEERCRED``) and that process's start time (``/proc/PID/stat`` field 22);
   the guest read model applies an answer only to the guest with that PID and start time, so a
