@@ -78,6 +78,14 @@ def main() -> int:
                 f"full_feature_matrix={full!s:5}  total {len(samples):5}  per guest {per_guest:4.1f}  "
                 f"per configuration {per_config / 5:5.1f}  (guests known: {known}/50)"
             )
+            families: dict[str, int] = {}
+            for s in samples:
+                if "cpu_config" in s.labels and "guest" not in s.labels:
+                    families[s.name] = families.get(s.name, 0) + 1
+            print(
+                "    per configuration, by family: "
+                + ", ".join(f"{n} {c / 5:.1f}" for n, c in sorted(families.items()))
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0
