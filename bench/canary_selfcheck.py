@@ -61,7 +61,9 @@ def main() -> None:
             spec = SPECS[i % len(SPECS)]
             shown = predict(knowledge, spec, accel="tcg", binary=None)
             assert shown is not None
-            crash = aesni_crash(shown.usable)  # the hazardous profiles end as their guests do
+            crash = aesni_crash(
+                shown.usable, accel=shown.accel
+            )  # the hazardous profiles end as their guests do
             store.record(
                 CanaryResult(
                     name,

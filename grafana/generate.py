@@ -367,7 +367,7 @@ def exposure() -> Dashboard:
                 [
                     Query(
                         f"count(kvmcpu_guest_info{{{I}}} and on (instance, job, cpu_config) "
-                        f'(kvmcpu_guest_config_cpu_feature_hidden{{{I}, feature="aes"}} == 1)) or vector(0)',
+                        f'(kvmcpu_guest_config_cpu_feature{{{I}, feature="aes"}} == 0)) or vector(0)',
                         instant=True,
                     )
                 ],
@@ -546,7 +546,7 @@ def exposure() -> Dashboard:
                 "matrix",
                 [
                     Query(
-                        f"(kvmcpu_guest_config_cpu_feature{{{I}}} + 2 * kvmcpu_guest_config_cpu_feature_hidden{{{I}}}) "
+                        f"(kvmcpu_guest_config_cpu_feature{{{I}}} + 2 * (kvmcpu_guest_config_cpu_feature{{{I}}} == bool 0)) "
                         f"and on (instance, job, cpu_config) kvmcpu_guest_info{{{G}}}",
                         instant=True,
                         fmt="table",
@@ -563,7 +563,14 @@ def exposure() -> Dashboard:
             Panel(
                 "Guest x86-64 level",
                 "table",
-                [Query(f"kvmcpu_guest_x86_64_level{{{G}}}", instant=True, fmt="table")],
+                [
+                    Query(
+                        f"max by (instance, guest) (kvmcpu_guest_info{{{G}}} * on (instance, job, cpu_config) "
+                        f"group_left () kvmcpu_guest_config_x86_64_level{{{I}}})",
+                        instant=True,
+                        fmt="table",
+                    )
+                ],
                 "psABI level of what each guest OS sees (RHEL 9 needs 2, RHEL 10 needs 3). "
                 "Alert: KvmCpuGuestX86LevelTooLow.",
                 w=8,

@@ -57,12 +57,19 @@ def test_host_under_tcg_is_invalid() -> None:
 
 
 def test_host_under_kvm_is_the_exposable_set() -> None:
-    k = FakeKnowledge(host_facts=FakeFacts(frozenset({"aes", "avx", "avx512f"}), "host"))
+    kvm = {"kvm": True, "tcg": True}
+    k = FakeKnowledge(host_facts=FakeFacts(frozenset({"aes", "avx", "avx512f"}), "host", kvm))
     eff = resolve(k, parse_cpu("host,-avx512f"), binary=None, accel="kvm")
-    assert eff.features == frozenset({"aes", "avx"})
-    # facts from a TCG-only probe do not describe -cpu host: KVM's answer is asked for instead
+    assert eff.features == frozenset({"aes", "avx"}) and eff.source == "accelerator"
+    # facts from a TCG-only probe do not describe -cpu host: the host's own flags (that the
+    # exporter can name) stand in, and say so
     k = FakeKnowledge(host_facts=FakeFacts(TCG_MAX, "max"))
-    assert resolve(k, parse_cpu("host"), binary=None, accel="kvm").state == "pending"
+    host = frozenset({"aes", "avx", "avx512f", "constant_tsc", "fpu"})
+    eff = resolve(k, parse_cpu("host,-avx512f"), binary=None, accel="kvm", host=host)
+    assert eff.features == frozenset({"aes", "avx", "fpu"}) and eff.source == "host_cpuinfo"
+    assert resolve(k, parse_cpu("host"), binary=None, accel="kvm").state == "unknown"  # no host flags
+    # before the first probe it is not known whether KVM can be asked: pending
+    assert resolve(FakeKnowledge(), parse_cpu("host"), binary=None, accel="kvm").state == "pending"
 
 
 def test_migratable() -> None:
@@ -87,3 +94,14 @@ def test_decode_words() -> None:
         {"garbage": True},
     ]
     assert decode_feature_words(words) == {"xsave", "pclmulqdq", "vaes"}
+
+
+def test_live_words_decode_every_level_feature() -> None:
+    """A live answer must have a level: the decoder knows cmov, cx8, popcnt, lahf_lm, syscall, ..."""
+    from exporter.guests.cpuid import decodable
+    from exporter.hazards import RULES
+    from exporter.levels import LEVEL_WATCH
+
+    assert set(LEVEL_WATCH) <= decodable()
+    assert {f for pair in RULES for f in pair} <= decodable()
+    assert set(DEFAULT_WATCHLIST) <= decodable()

@@ -174,10 +174,10 @@ def test_usable_features_follow_what_the_guest_listed() -> None:
     ],
 )
 def test_hazards_of_canary_specs(spec: str, features: set[str], expected: set[Hazard], crash: bool) -> None:
-    found = hazards(features)
+    found = hazards(features, accel="tcg")
     assert set(found) == expected, spec
     assert list(found) == sorted(found, key=lambda h: h.feature)
-    assert aesni_crash(features) is crash, spec
+    assert aesni_crash(features, accel="tcg") is crash, spec
 
 
 def test_hazard_levels_match_glibc() -> None:
@@ -190,6 +190,41 @@ def test_hazard_levels_match_glibc() -> None:
 
 def test_baseline_is_never_reported_missing() -> None:
     # a live check that reports only watched features has no fpu/fxsr/sse: no false hazard
-    assert hazards({"avx", "xsave", "aes", "ssse3", "pclmulqdq", "sse4_1"}) == ()
+    assert hazards({"avx", "xsave", "aes", "ssse3", "pclmulqdq", "sse4_1"}, accel="tcg") == ()
     assert {"fpu", "fxsr", "sse", "sse2"} <= BASELINE
     assert str(Hazard("avx", ("xsave",))) == "avx without xsave"
+
+
+#: Proxmox VE's default CPU type x86-64-v2-AES (qemu64 plus flags, PVE/QemuServer/CPUConfig.pm)
+PVE_V2_AES = V1 | set(LEVEL_FEATURES[2]) | {"aes"}
+
+
+def test_what_faults_depends_on_the_accelerator() -> None:
+    """TCG checks every instruction's CPUID bit; on KVM the hardware runs ordinary instructions
+    whatever CPUID says and only XSAVE-enabled state faults (exporter.hazards.RULES)."""
+    assert hazards(PVE_V2_AES, accel="kvm") == ()
+    (h,) = hazards(PVE_V2_AES, accel="tcg")
+    assert (h.feature, h.requires, h.consequence) == ("aes", ("pclmulqdq",), "guest_crash")
+    assert not aesni_crash(PVE_V2_AES, accel="kvm") and aesni_crash(PVE_V2_AES, accel="tcg")
+    # XSAVE-managed state faults on both: the OS cannot enable YMM without avx/xsave in CPUID
+    no_avx = HASWELL - {"avx"}
+    assert hazards(no_avx, accel="kvm") == hazards(no_avx, accel="tcg") != ()
+    no_xsave = (SANDYBRIDGE | {"avx2"}) - {"xsave"}
+    assert {h.feature for h in hazards(no_xsave, accel="kvm")} == {"avx", "avx2"}
+    assert all(h.consequence == "guest_crash" for h in hazards(no_xsave, accel="kvm"))  # aesni's AVX path
+    # AVX-512 sub-extensions run once ZMM state is on (avx512f): TCG-only hazards
+    zmm = HASWELL | {"avx512f", "avx512_vbmi2"}
+    assert hazards(zmm, accel="kvm") == ()
+    assert [h.feature for h in hazards(zmm, accel="tcg")] == ["avx512_vbmi2"]
+    # other hardware accelerators are judged like KVM
+    assert hazards(PVE_V2_AES, accel="hvf") == ()
+
+
+def test_every_rule_cites_an_accelerator_and_covers_only_known_rows() -> None:
+    from exporter.hazards import ACCELS, RULES, VEX_DEPS
+
+    rows = set(CPUID_DEPS) | set(DRIVER_DEPS) | set(VEX_DEPS)
+    assert set(RULES) <= rows
+    assert all(accels and set(accels) <= set(ACCELS) for accels in RULES.values())
+    # every non-baseline row is classified explicitly
+    assert {r for r in rows if r[1] not in BASELINE and r[0] not in HIDDEN_WITHOUT} <= set(RULES)

@@ -74,19 +74,19 @@ def _result(
 
 def _shown(features: frozenset[str]) -> frozenset[str]:
     """What a guest with these effective features shows, per the model (the agreeing case)."""
-    return verdict(features).usable
+    return verdict(features, "tcg").usable
 
 
 # ---------------------------------------------------------------------- compare
 
 
 def test_agreeing_guest_has_no_mismatches() -> None:
-    prediction = verdict(TCG_MAX)
+    prediction = verdict(TCG_MAX, "tcg")
     assert compare(prediction, Observation(_shown(TCG_MAX), prediction.level, "success"), WATCH) == ()
 
 
 def test_feature_and_level_mismatches() -> None:
-    prediction = verdict(TCG_MAX)
+    prediction = verdict(TCG_MAX, "tcg")
     seen = (_shown(TCG_MAX) - {"xsaveopt"}) | {"avx512f"}
     out = compare(prediction, Observation(seen, prediction.level + 1, "success"), WATCH)
     assert {(m.kind, m.subject, m.predicted, m.observed) for m in out} == {
@@ -102,20 +102,20 @@ def test_hazards_are_compared_through_the_guests_flags() -> None:
     """QEMU hides xsaveopt without xsave; a model that forgot it would predict no hazard but the
     guest's flags (through the same table) would still show avx without xsave."""
     no_xsave = TCG_MAX - {"xsave"}
-    prediction = verdict(no_xsave)
+    prediction = verdict(no_xsave, "tcg")
     assert {h.feature for h in prediction.hazards} >= {"avx", "avx2"}
     agree = compare(
         prediction, Observation(_shown(no_xsave), None, "guest_panic", "invalid opcode: 0000"), WATCH
     )
     assert agree == ()
-    healthy = verdict(TCG_MAX)
+    healthy = verdict(TCG_MAX, "tcg")
     out = compare(healthy, Observation(_shown(no_xsave), None, "success"), WATCH)
     assert ("hazard", "avx") in {(m.kind, m.subject) for m in out}
 
 
 def test_crash_verdict() -> None:
     aes = TCG_QEMU64 | {"aes"}  # qemu64,+aes: aesni-intel runs SSSE3 code
-    crashing = verdict(aes)
+    crashing = verdict(aes, "tcg")
     panic = "guest kernel crashed: invalid opcode: 0000 [#1] PREEMPT SMP NOPTI"
     assert compare(crashing, Observation(_shown(aes), None, "guest_panic", panic), WATCH) == ()
     ran = compare(crashing, Observation(_shown(aes), None, "success"), WATCH)
@@ -123,7 +123,7 @@ def test_crash_verdict() -> None:
     # a timeout decides nothing
     assert compare(crashing, Observation(_shown(aes), None, "timeout"), WATCH) == ()
 
-    healthy = verdict(TCG_MAX)
+    healthy = verdict(TCG_MAX, "tcg")
     out = compare(healthy, Observation(_shown(TCG_MAX), None, "guest_panic", panic), WATCH)
     assert [(m.kind, m.subject) for m in out] == [("crash", "aesni-intel")]
     oom = "guest kernel crashed: Kernel panic - not syncing: Out of memory"
@@ -133,7 +133,7 @@ def test_crash_verdict() -> None:
 def test_latent_hazard_without_aes_is_not_a_crash_prediction() -> None:
     """max,-xsave,-aes: avx without xsave, but the canary's workload never loads aesni-intel."""
     latent = TCG_MAX - {"xsave", "aes"}
-    prediction = verdict(latent)
+    prediction = verdict(latent, "tcg")
     assert prediction.hazards
     assert compare(prediction, Observation(_shown(latent), None, "success"), WATCH) == ()
 
@@ -161,7 +161,7 @@ def test_selfcheck_compares_once_and_logs_each_mismatch_once(caplog: pytest.LogC
     k = tcg_knowledge()
     check = SelfCheck(k, WATCH)
     features = TCG_MAX - {"aes"}
-    good = _result(flags=_shown(features), glibc=verdict(features).level)
+    good = _result(flags=_shown(features), glibc=verdict(features, "tcg").level)
     first = check.check(good)
     assert first is not None and first.mismatches == ()
     asked = len(k.asked)
@@ -169,11 +169,11 @@ def test_selfcheck_compares_once_and_logs_each_mismatch_once(caplog: pytest.LogC
 
     caplog.set_level(logging.WARNING, logger="exporter.canary.selfcheck")
     bad = _result(
-        flags=_shown(features) - {"xsaveopt"}, glibc=verdict(features).level, at=good.finished_at + 900
+        flags=_shown(features) - {"xsaveopt"}, glibc=verdict(features, "tcg").level, at=good.finished_at + 900
     )
     assert [str(m) for m in check.check(bad).mismatches] == ["feature xsaveopt: predicted 1, guest 0"]  # type: ignore[union-attr]
     again = _result(
-        flags=_shown(features) - {"xsaveopt"}, glibc=verdict(features).level, at=bad.finished_at + 900
+        flags=_shown(features) - {"xsaveopt"}, glibc=verdict(features, "tcg").level, at=bad.finished_at + 900
     )
     assert check.check(again).mismatches  # type: ignore[union-attr]
     logged = [r for r in caplog.records if "contradicts" in r.getMessage()]
@@ -207,7 +207,7 @@ def test_glibc_level_from_a_damaged_state_is_ignored() -> None:
 def test_collector_exports_from_the_store(tmp_path: Path) -> None:
     store = CanaryStore(tmp_path, profiles=["aesni", "noaesni", "qemu64-aes"])
     features = TCG_MAX - {"aes"}
-    store.record(_result(flags=_shown(features), glibc=verdict(features).level))
+    store.record(_result(flags=_shown(features), glibc=verdict(features, "tcg").level))
     aes = TCG_QEMU64 | {"aes"}
     store.record(
         _result(
@@ -226,11 +226,12 @@ def test_collector_exports_from_the_store(tmp_path: Path) -> None:
     assert sample(m, "kvmcpu_canary_model_mismatches", profile="noaesni") == 0
     assert sample(m, "kvmcpu_canary_model_mismatches", profile="qemu64-aes") == 0
     assert sample(m, "kvmcpu_canary_model_mismatches", profile="aesni") is None  # never ran
-    level = verdict(features).level
+    level = verdict(features, "tcg").level
     for source in ("predicted", "guest", "glibc"):
         assert sample(m, "kvmcpu_canary_x86_64_level", profile="noaesni", source=source) == level
         assert (
-            sample(m, "kvmcpu_canary_x86_64_level", profile="qemu64-aes", source=source) == verdict(aes).level
+            sample(m, "kvmcpu_canary_x86_64_level", profile="qemu64-aes", source=source)
+            == verdict(aes, "tcg").level
         )
     assert sample(m, "kvmcpu_canary_cpu_hazards", profile="noaesni") == 0
     assert (sample(m, "kvmcpu_canary_cpu_hazards", profile="qemu64-aes") or 0) >= 1

@@ -25,12 +25,12 @@ from exporter import __version__
 from exporter.config import Config
 from exporter.errors import ExporterError
 from exporter.features import watchlist
-from exporter.hazards import usable_features
 from exporter.levels import level_of, name
 from exporter.logsetup import setup_logging
 from exporter.procfs.cpuinfo import CpuInfo, read_cpuinfo
 from exporter.procfs.crypto import WATCHED_AES_ALGORITHMS, aesni_active, read_crypto, select_watched
 from exporter.procfs.modules import WATCHED_MODULES, loaded_modules, module_present
+from exporter.views.host import exposable_level as host_exposable_level
 
 if TYPE_CHECKING:
     from exporter.qemu.knowledge import HostQemuFacts, QemuKnowledge
@@ -132,7 +132,8 @@ def _qemu_section(cfg: Config, knowledge: QemuKnowledge) -> tuple[Section, HostQ
         msg = _describe(err)
         return Section("qemu", "QEMU", _empty_qemu(cfg, msg), error=msg, ok=False), None
     usable = sorted(model for model, m in facts.models.items() if m.usable)
-    exposable_level = level_of(usable_features(facts.exposable))
+    exposable_level = host_exposable_level(facts)
+    assert exposable_level is not None
     accels = {
         accel: {"usable": bool(ok), "error": None if ok else facts.accelerator_errors.get(accel)}
         for accel, ok in facts.accelerators.items()
@@ -242,6 +243,15 @@ def _crypto_section(procfs: Path, sysfs: Path) -> Section:
 # --------------------------------------------------------------------------- guests
 
 
+#: how a verdict was reached when it is not the guest's own accelerator (exporter.guests.effective)
+_SOURCE_NOTES = {
+    "qemu_definition": "QEMU's definition under TCG: the guest's accelerator cannot be used here, "
+    "so what the host's KVM filters out is unknown",
+    "host_cpuinfo": "the host's /proc/cpuinfo: -cpu host under a KVM the exporter cannot use",
+    "live": "the guest's own QEMU (live QMP check)",
+}
+
+
 def _guest_section(
     cfg: Config, knowledge: QemuKnowledge, info: CpuInfo | None, watch: tuple[str, ...]
 ) -> Section:
@@ -266,12 +276,14 @@ def _guest_section(
             lines.append(f"    missing: {', '.join(d['missing']) if d['missing'] else 'nothing watched'}")
         if d["filtered"]:
             lines.append(f"    asked for but filtered by {d['accel']}: {', '.join(d['filtered'])}")
+        if d["source"] in _SOURCE_NOTES:
+            lines.append(f"    verdict from {_SOURCE_NOTES[d['source']]}")
         if r.level is not None:
             lines.append(f"    level: {r.level_note or name(r.level)}")
         for h in r.hazards:
             lines.append(
                 f"    HAZARD: shows {h.feature} without {', '.join(h.requires)}"
-                " (code trusting the flag gets invalid opcode)"
+                f" (code trusting the flag gets invalid opcode; under {d['accel']}: {h.consequence})"
             )
     for issue in issues:
         lines.append(f"  pid {issue.pid}: not inspected ({issue.reason}: {issue.detail})")

@@ -75,7 +75,7 @@ class Daemon:
         if "guests" in names and cfg.guests.qmp_sockets:
             from exporter.guests.live import LiveChecker
 
-            live = LiveChecker(cfg.guests.qmp_sockets)
+            live = LiveChecker(cfg.guests.qmp_sockets, procfs=Path(cfg.paths.procfs))
         self.ctx = Context(
             config=cfg,
             procfs=Path(cfg.paths.procfs),

@@ -125,7 +125,7 @@ def predict(knowledge: KnowledgeSource, cpu: str, *, accel: str, binary: str | N
         raise eff.error
     if eff.features is None:
         return None
-    return verdict(eff.features)
+    return verdict(eff.features, accel)
 
 
 def compare(prediction: Verdict, observation: Observation, watch: Sequence[str]) -> tuple[Mismatch, ...]:
@@ -138,12 +138,12 @@ def compare(prediction: Verdict, observation: Observation, watch: Sequence[str])
     if observation.glibc_level is not None and observation.glibc_level != prediction.level:
         out.append(Mismatch("level", "glibc", str(prediction.level), str(observation.glibc_level)))
     predicted = {h.feature: h for h in prediction.hazards}
-    observed = {h.feature: h for h in hazards(observation.flags)}
+    observed = {h.feature: h for h in hazards(observation.flags, accel=prediction.accel)}
     for feature in sorted(predicted.keys() | observed.keys()):
         p, o = predicted.get(feature), observed.get(feature)
         if p != o:
             out.append(Mismatch("hazard", feature, str(p) if p else "none", str(o) if o else "none"))
-    crash = aesni_crash(prediction.usable)
+    crash = aesni_crash(prediction.usable, accel=prediction.accel)
     if crash and observation.result == "success":
         out.append(Mismatch("crash", CRASH_SUBJECT, "crash", "ran cleanly"))
     elif not crash and observation.crashed_on_opcode:

@@ -18,6 +18,7 @@ from exporter.errors import SourceError
 from exporter.procfs.cpuinfo import HOST_FLAGS_TTL, read_cpuinfo
 from exporter.qemu.knowledge import ACCELERATORS, Expansion, HostQemuFacts, QemuKnowledge
 from exporter.qemu.models import NOT_A_MODEL, ModelFacts, model_facts, support_hash
+from exporter.views.host import exposable_level
 
 log = logging.getLogger(__name__)
 #: expansions for the per-model answers are asked under TCG: for a named model they describe the
@@ -38,6 +39,8 @@ class QemuCollector:
         # TYPE kvmcpu_host_exposable_cpu_feature gauge
         kvmcpu_host_exposable_cpu_feature{feature="aes"} 1.0
         kvmcpu_host_exposable_cpu_feature{feature="avx512f"} 0.0
+        # TYPE kvmcpu_host_exposable_x86_64_level gauge
+        kvmcpu_host_exposable_x86_64_level 3.0
         # TYPE kvmcpu_qemu_info gauge
         kvmcpu_qemu_info{binary="/usr/bin/qemu-system-x86_64",version="7.2.22"} 1.0
         # TYPE kvmcpu_qemu_probe_timestamp_seconds gauge
@@ -115,6 +118,11 @@ class QemuCollector:
         for feature in self.watch:
             exposable.add_metric([feature], 1.0 if feature in facts.exposable else 0.0)
         yield exposable
+        yield GaugeMetricFamily(
+            "kvmcpu_host_exposable_x86_64_level",
+            "x86-64 psABI level a guest gets with the full CPU model (-cpu host under KVM, max under TCG).",
+            value=float(exposable_level(facts) or 0),
+        )
 
         info = GaugeMetricFamily(
             "kvmcpu_qemu_info",

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from exporter.canary.results.store import CanaryStore
     from exporter.guests.live import LiveChecker
     from exporter.qemu.knowledge import QemuKnowledge
+    from exporter.views.guests import GuestsView
 
 
 class Collector(Protocol):
@@ -51,6 +52,9 @@ class Context:
     #: the opt-in live QMP checks (``guests.qmp_sockets``): the guests collector starts them, the
     #: landing page reads the same answers
     live: LiveChecker | None = None
+    #: the guest read model, set by the guests collector's factory: /metrics and the landing page
+    #: render its snapshots
+    guests_view: GuestsView | None = None
 
     @property
     def watch(self) -> tuple[str, ...]:
@@ -91,8 +95,12 @@ def _qemu(ctx: Context) -> Collector:
 
 def _guests(ctx: Context) -> Collector:
     from exporter.collectors.guests import GuestsCollector
+    from exporter.views.guests import GuestsView
 
     assert ctx.knowledge is not None
+    ctx.guests_view = GuestsView(
+        ctx.procfs, ctx.knowledge, ctx.watch, ctx.config.guests.process_names, live=ctx.live, clock=ctx.clock
+    )
     return GuestsCollector(
         procfs=ctx.procfs,
         knowledge=ctx.knowledge,
@@ -100,6 +108,7 @@ def _guests(ctx: Context) -> Collector:
         config=ctx.config.guests,
         clock=ctx.clock,
         live=ctx.live,
+        view=ctx.guests_view,
     )
 
 

@@ -224,21 +224,23 @@ def guest_line(r: GuestReport) -> GuestLine:
 
 
 def _guests(ctx: Context) -> tuple[GuestLine, ...]:
+    """The guest read model's snapshot (the one /metrics renders), as landing-page lines."""
     from exporter.procfs.cpuinfo import host_flags
-    from exporter.views.guests import guest_reports
+    from exporter.views.guests import read_guests
 
     assert ctx.knowledge is not None
-    reports, _ = guest_reports(
+    if ctx.guests_view is not None:  # the daemon's read model: shares the scrape's computation
+        return tuple(guest_line(r) for r in ctx.guests_view.latest().guests)
+    snapshot = read_guests(
         ctx.procfs,
         ctx.knowledge,
         ctx.watch,
         host_flags(ctx.procfs),
         ctx.config.guests.process_names,
-        prefill=False,
         live=ctx.live,
         clock=ctx.clock,
     )
-    return tuple(guest_line(r) for r in reports)
+    return tuple(guest_line(r) for r in snapshot.guests)
 
 
 def _qemu(ctx: Context) -> tuple[QemuStatus | None, str | None]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +61,8 @@ class FakeExpansion:
 class FakeFacts:
     exposable: frozenset[str]
     exposable_model: str = "max"
+    #: as on these machines: KVM not usable (pass {"kvm": True, ...} for a KVM host)
+    accelerators: Mapping[str, bool] = field(default_factory=lambda: {"kvm": False, "tcg": True})
 
 
 @dataclass
