@@ -68,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_common(serve)
     add_serve_flags(serve, {name: (spec.help, spec.default_enabled) for name, spec in COLLECTORS.items()})
-    inspect = sub.add_parser("inspect", help="one-shot report of host, QEMU and guests")
+    inspect = sub.add_parser(
+        "inspect",
+        help="one-shot report of host, QEMU and guests",
+        description="One-shot report: host CPU features, kernel crypto drivers, QEMU's accelerators and "
+        "usable CPU models, and every running guest with the features it misses. Starts no daemon.",
+    )
     add_common(inspect)
     from exporter.app import inspect as inspect_cmd
 
@@ -77,7 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     from exporter.app import canary as canary_cmd
 
     canary_cmd.add_arguments(canary, add_common)
-    fleet = sub.add_parser("fleet", help="the fleet's CPU baseline, from Prometheus")
+    fleet = sub.add_parser(
+        "fleet",
+        help="the fleet's CPU baseline, from Prometheus",
+        description="The fleet's CPU baseline, read from a Prometheus that scrapes every host's exporter: "
+        "hosts by CPU, the fleet's x86-64 level, the recommended named CPU model per vendor, guests that "
+        "could not move and where they still could, and the hosts holding the baseline back.",
+    )
     add_common(fleet)
     from exporter.app import fleet as fleet_cmd
 
