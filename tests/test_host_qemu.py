@@ -167,3 +167,19 @@ def test_daemon_answers_about_a_host_guest_with_the_hosts_qemu(tmp_path, fake_ho
     runs = fake_host.runs.read_text()
     assert "-machine none" in runs and "fd=" in runs, runs  # QMP over an inherited socket
     assert os.path.exists(fake_host.root / "runs")
+
+
+def test_qemu_user_gets_the_group_of_the_kvm_device_node(tmp_path, monkeypatch) -> None:
+    """In a container /dev/kvm carries the node's GID, whatever the image's /etc/group says: the
+    unprivileged QEMU gets that group, so no manifest has to hard-code it."""
+    from exporter.qemu import process
+
+    device = tmp_path / "kvm"
+    device.touch()
+    os.chown(device, 0, 4321)
+    monkeypatch.setattr(process, "KVM_DEVICE", str(device))
+    assert 4321 in process.lookup_user("nobody").groups
+    os.chown(device, 0, 0)  # root-only: no group to give
+    assert 0 not in process.lookup_user("nobody").groups
+    monkeypatch.setattr(process, "KVM_DEVICE", str(tmp_path / "absent"))
+    assert 4321 not in process.lookup_user("nobody").groups
