@@ -30,7 +30,7 @@ COPY requirements.lock /src/requirements.lock
 RUN python3 -m venv /opt/kvm-cpu-exporter \
  && /opt/kvm-cpu-exporter/bin/pip install --require-hashes --no-deps -r /src/requirements.lock
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY exporter ./exporter
 # --no-deps: everything the package needs is already installed, from the lock, with hashes checked
 RUN python3 -m pip wheel --no-deps --wheel-dir /wheels . \
