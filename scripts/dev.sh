@@ -79,7 +79,7 @@ setup_image() {
 # `kvm-cpu-exporter` on PATH, as README and docs write it: a link to the dev venv's entry point
 # (never over a real file, e.g. an installed package's)
 setup_path() {
-  local link=/usr/local/bin/kvm-cpu-exporter
+  local link=${KVMCPU_PATH_LINK:-/usr/local/bin/kvm-cpu-exporter}
   if [ ! -e "$link" ] || [ -L "$link" ]; then
     ln -sfn "$VENV/bin/kvm-cpu-exporter" "$link"
   fi

@@ -78,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     from exporter.app import inspect as inspect_cmd
 
     inspect_cmd.add_arguments(inspect)
-    canary = sub.add_parser("canary", help="build the canary image, run or compare canary benchmarks")
+    canary = sub.add_parser(
+        "canary",
+        help="build the canary image, run or compare canary benchmarks",
+        description="The canary guest: a small QEMU guest that measures dm-crypt throughput with and "
+        "without AES-NI. Build its image once, run a benchmark, or compare two profiles.",
+    )
     from exporter.app import canary as canary_cmd
 
     canary_cmd.add_arguments(canary, add_common)
