@@ -109,18 +109,23 @@ package() {
     echo "debian/changelog is at $deb_version but the exporter is $version: add a changelog entry (dch -v $version-1)" >&2
     exit 1
   fi
-  # the revision and date --version reports (exporter/version.py); removed again so that the
-  # checkout keeps reporting git's answer
-  printf 'revision=%s\ndate=%s\n' "$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
-    "$(git log -1 --format=%cI 2>/dev/null || date -u +%Y-%m-%dT%H:%M:%SZ)" > exporter/BUILD_INFO
-  trap 'rm -f "$ROOT/exporter/BUILD_INFO"' EXIT
-  rm -f "$out"/kvm_cpu_exporter-"$version"* "$out"/kvm-cpu-exporter_"$version"*
-  log "building the sdist and the wheel into $out"
-  "$python" -m build --outdir "$out" . >/dev/null
-  rm -f exporter/BUILD_INFO
   local work
   mkdir -p "$ROOT/tmp"
-  work=$(mktemp -d "$ROOT/tmp/deb-build.XXXXXX")
+  work=$(mktemp -d "$ROOT/tmp/package.XXXXXX")
+  # built from a copy of the tree (tracked and new files, not ignored ones such as .venv): the
+  # checkout gets no egg-info and no BUILD_INFO, and keeps reporting git's revision
+  mkdir "$work/tree"
+  if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -xf - -C "$work/tree"
+  else
+    tar --exclude=./.venv --exclude=./tmp --exclude=./dist -cf - . | tar -xf - -C "$work/tree"
+  fi
+  # the revision and date --version reports (exporter/version.py)
+  printf 'revision=%s\ndate=%s\n' "$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
+    "$(git log -1 --format=%cI 2>/dev/null || date -u +%Y-%m-%dT%H:%M:%SZ)" > "$work/tree/exporter/BUILD_INFO"
+  rm -f "$out"/kvm_cpu_exporter-"$version"* "$out"/kvm-cpu-exporter_"$version"*
+  log "building the sdist and the wheel into $out"
+  (cd "$work/tree" && "$python" -m build --outdir "$out" .)
   tar -xzf "$out/kvm_cpu_exporter-$version.tar.gz" -C "$work"
   local src=$work/kvm_cpu_exporter-$version
   mkdir -p "$src/dist"

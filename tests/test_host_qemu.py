@@ -183,3 +183,33 @@ def test_qemu_user_gets_the_group_of_the_kvm_device_node(tmp_path, monkeypatch) 
     assert 0 not in process.lookup_user("nobody").groups
     monkeypatch.setattr(process, "KVM_DEVICE", str(tmp_path / "absent"))
     assert 4321 not in process.lookup_user("nobody").groups
+
+
+def test_an_unreadable_guest_root_is_reported_once(tmp_path) -> None:
+    """Without the privileges to follow /proc/PID/root (the image's non-root user), the guest keeps
+    its own spelling, answered by this root's QEMU: the log says so, once, where the host's /proc
+    is mounted elsewhere (a container); with the exporter's own /proc it stays quiet."""
+    hostproc = tmp_path / "hostproc"
+    hostproc.symlink_to("/proc")
+    tmp_path.chmod(0o755)
+    code = (
+        "import logging; logging.basicConfig(format='%(levelname)s %(message)s')\n"
+        "from exporter.qemu.binary import guest_binary\n"
+        f"print(guest_binary({str(hostproc)!r}, 1, ['/sbin/init']), guest_binary({str(hostproc)!r}, 1, ['/sbin/init']))\n"
+    )
+    quiet = code.replace(str(hostproc), "/proc")
+    runs = [
+        subprocess.run(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3", "-c", c],
+            env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PATH": "/usr/bin:/bin"},
+            cwd="/",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        for c in (code, quiet)
+    ]
+    for run in runs:
+        assert run.returncode == 0 and run.stdout == "None None\n", run.stderr
+    assert runs[0].stderr.count("cannot read the root of guest processes") == 1, runs[0].stderr
+    assert runs[1].stderr == ""

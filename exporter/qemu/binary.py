@@ -15,6 +15,7 @@ libraries, modules and firmware; the one launcher (``exporter.qemu.process.spawn
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -23,6 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from exporter.errors import QemuBinaryMissing
+
+log = logging.getLogger(__name__)
 
 
 def identity_key(path: str, st: os.stat_result) -> str:
@@ -68,6 +71,25 @@ def rooted(root: str, path: str) -> str:
     return f"{root}{path}"
 
 
+_warned_unreachable = False
+
+
+def _warn_unreachable(procfs: str, pid: int) -> None:
+    """Say once that guests may be answered by another QEMU than their own: with the host's /proc
+    mounted elsewhere (a container), an unreadable root means the exporter lacks the privileges to
+    run the guests' binaries, and the path a guest wrote may name this root's QEMU instead."""
+    global _warned_unreachable
+    if _warned_unreachable or os.path.normpath(procfs) == "/proc":
+        return
+    _warned_unreachable = True
+    log.warning(
+        "cannot read the root of guest processes: their CPU models are answered by this root's QEMU, "
+        "which may be another version than theirs; give the exporter root with CAP_SYS_PTRACE and "
+        "CAP_SYS_CHROOT (docs/deploy.md)",
+        extra={"fields": {"procfs": procfs, "pid": pid}},
+    )
+
+
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
@@ -87,6 +109,9 @@ def guest_binary(procfs: str, pid: int, candidates: Sequence[str]) -> str | None
         if _same_file(guest_root, os.stat("/")):
             return None
         exe = os.stat(f"{procfs}/{pid}/exe")
+    except PermissionError:
+        _warn_unreachable(procfs, pid)
+        return None
     except OSError:
         return None
     try:
