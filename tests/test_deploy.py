@@ -248,7 +248,7 @@ def test_image_labels_and_tags_name_this_version() -> None:
     labels = " ".join(a for k, a in final if k == "LABEL")
     for key in ("title", "description", "version", "revision", "created", "source", "licenses", "base.name"):
         assert f"org.opencontainers.image.{key}=" in labels, key
-    assert f'org.opencontainers.image.licenses="{pyproject()["project"]["license"]["text"]}"' in labels
+    assert f'org.opencontainers.image.licenses="{pyproject()["project"]["license"]}"' in labels  # SPDX string
     env = " ".join(a for k, a in final if k == "ENV")
     assert "KVMCPU_BUILD_REVISION=${REVISION}" in env and "KVMCPU_BUILD_DATE=${CREATED}" in env
 
