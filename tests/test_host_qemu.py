@@ -213,3 +213,36 @@ def test_an_unreadable_guest_root_is_reported_once(tmp_path) -> None:
         assert run.returncode == 0 and run.stdout == "None None\n", run.stderr
     assert runs[0].stderr.count("cannot read the root of guest processes") == 1, runs[0].stderr
     assert runs[1].stderr == ""
+
+
+def test_a_real_guest_in_another_root_is_reached_through_the_kernels_root_link(fake_host) -> None:
+    """The same with the kernel's own /proc: a paused guest started chrooted into the fake host is
+    found in /proc and spelt through its /proc/PID/root, and that binary answers as the fake host's."""
+    for firmware in ("/usr/share/qemu", "/usr/share/seabios"):  # what a "-machine pc" guest loads
+        if Path(firmware).is_dir() and not (fake_host.root / firmware.lstrip("/")).exists():
+            shutil.copytree(firmware, fake_host.root / firmware.lstrip("/"), symlinks=False)
+    guest = subprocess.Popen(
+        [
+            *("chroot", str(fake_host.root), REAL, "-S", "-nodefaults", "-display", "none", "-m", "32"),
+            *("-accel", "tcg", "-name", "guest=chrooted-h5", "-cpu", "Westmere"),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert guest.poll() is None, guest.stderr.read().decode() if guest.stderr else ""
+            found = [g for g in scan(Path("/proc")).guests if g.pid == guest.pid]
+            if found:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        (g,) = found
+        assert g.binary == rooted(f"/proc/{guest.pid}/root", REAL), g.binary
+        with ScratchQemu(resolve_binary(g.binary), timeout=30) as q:
+            assert q.execute("query-version")["package"] == fake_host.package
+    finally:
+        guest.kill()
+        guest.wait()
