@@ -42,7 +42,8 @@ for d in proc sys dev; do mount --rbind "/$d" "$T/root/$d"; done
 mount -t tmpfs -o mode=1777 tmpfs "$T/root/tmp"
 mount -t tmpfs tmpfs "$T/root/run"
 echo ready
-exec sleep infinity
+# held open by the test: when it ends (or dies), stdin closes and the namespace with its mounts goes
+read -r _ || true
 """
 
 
@@ -55,6 +56,7 @@ class OverlayRoot:
         self.root = base / "root"
         self.holder = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "bash", "-c", _OVERLAY, "overlay", str(base)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -104,6 +106,9 @@ class OverlayRoot:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+        for pipe in (self.holder.stdin, self.holder.stdout, self.holder.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 @pytest.fixture(scope="module")
