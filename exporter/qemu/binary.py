@@ -15,6 +15,7 @@ libraries, modules and firmware; the one launcher (``exporter.qemu.process.spawn
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -90,6 +91,12 @@ def _warn_unreachable(procfs: str, pid: int) -> None:
     )
 
 
+@functools.cache
+def _own_root() -> os.stat_result:
+    """The exporter's root directory (it does not chroot itself): stat'ed once, not per guest."""
+    return os.stat("/")
+
+
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
@@ -106,7 +113,7 @@ def guest_binary(procfs: str, pid: int, candidates: Sequence[str]) -> str | None
     root = f"{procfs}/{pid}/root"
     try:
         guest_root = os.stat(root + "/")
-        if _same_file(guest_root, os.stat("/")):
+        if _same_file(guest_root, _own_root()):
             return None
         exe = os.stat(f"{procfs}/{pid}/exe")
     except PermissionError:
