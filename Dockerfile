@@ -9,6 +9,8 @@
 #     --group-add "$(getent group kvm | cut -d: -f3)" \
 #     -v /proc:/host/proc:ro -v /sys:/host/sys:ro -v kvm-cpu-exporter:/var/lib/kvm-cpu-exporter \
 #     -p 10437:10437 ghcr.io/kvm-cpu-exporter/kvm-cpu-exporter:0.1.0 --path.procfs=/host/proc --path.sysfs=/host/sys
+# Run as root with eight capabilities instead (--user 0:0 --cap-drop ALL --cap-add SYS_PTRACE ...), it asks
+# each guest with the guest's own (the host's) QEMU inside the host's root: docs/deploy.md, "The host's QEMU".
 #
 # Reproducible: the base is an exact Debian point release (pin its digest too where your registry
 # allows: debian:12.11-slim@sha256:...), and the Python dependencies come from requirements.lock
@@ -30,7 +32,7 @@ COPY requirements.lock /src/requirements.lock
 RUN python3 -m venv /opt/kvm-cpu-exporter \
  && /opt/kvm-cpu-exporter/bin/pip install --require-hashes --no-deps -r /src/requirements.lock
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY exporter ./exporter
 # --no-deps: everything the package needs is already installed, from the lock, with hashes checked
 RUN python3 -m pip wheel --no-deps --wheel-dir /wheels . \

@@ -16,6 +16,7 @@ several fleets behind federation, Thanos or Mimir) and Grafana's ``$__rate_inter
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import dataclass, field
@@ -1165,8 +1166,19 @@ def generate() -> dict[str, str]:
 
 
 def main(argv: list[str]) -> int:
+    """Rewrite the dashboards, or with ``--check`` only compare them. argparse, so that ``--help`` or a
+    mistyped flag prints the usage and exits instead of silently rewriting the committed JSON."""
+    parser = argparse.ArgumentParser(
+        prog="grafana/generate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only check that the committed JSON is up to date (exit 1 if not)",
+    )
+    args = parser.parse_args(argv)
     files = generate()
-    if "--check" in argv:
+    if args.check:
         stale = [
             n for n, text in files.items() if not (OUT_DIR / n).is_file() or (OUT_DIR / n).read_text() != text
         ]

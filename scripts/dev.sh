@@ -4,6 +4,7 @@
 #   scripts/dev.sh test   set up, then run the whole test suite (ruff check + format --check, mypy, pytest)
 #   scripts/dev.sh setup  only set up
 #   scripts/dev.sh lock   regenerate requirements.lock (with hashes) after a dependency change in pyproject.toml
+#   scripts/dev.sh package [OUTDIR]  build the sdist, the wheel and the Debian package into OUTDIR (dist/)
 # Idempotent: a second run installs nothing new and reuses the built canary image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,7 @@ APT_PACKAGES=(
   prometheus prometheus-node-exporter prometheus-alertmanager
   iproute2 openssl ca-certificates procps systemd
   chromium
+  dh-virtualenv debhelper dpkg-dev
 )
 #: the one command that regenerates requirements.lock; its header repeats it (tests/test_deploy.py checks)
 LOCK_COMMAND=(pip-compile --allow-unsafe --generate-hashes --no-emit-find-links --no-emit-index-url
@@ -74,13 +76,80 @@ setup_image() {
   fi
 }
 
-setup() { setup_apt; setup_venv; setup_image; }
+# `kvm-cpu-exporter` on PATH, as README and docs write it: a link to the dev venv's entry point
+# (never over a real file, e.g. an installed package's)
+setup_path() {
+  local link=${KVMCPU_PATH_LINK:-/usr/local/bin/kvm-cpu-exporter}
+  if [ ! -e "$link" ] || [ -L "$link" ]; then
+    ln -sfn "$VENV/bin/kvm-cpu-exporter" "$link"
+  fi
+}
+
+setup() { setup_apt; setup_venv; setup_path; setup_image; }
+
+# The sdist and the wheel (python -m build: the wheel is built from the sdist, which proves the sdist
+# complete), then the Debian package, built by dpkg-buildpackage in the unpacked sdist: dh-virtualenv
+# installs requirements.lock plus that very wheel, every file hash-checked (debian/rules).
+# KVMCPU_DEV_PYTHON=PYTHON uses that interpreter (with `build` installed) instead of setting up .venv.
+package() {
+  local out=${1:-$ROOT/dist}
+  local python=${KVMCPU_DEV_PYTHON:-}
+  setup_apt
+  if [ -z "$python" ]; then
+    setup_venv
+    python=$VENV/bin/python
+  fi
+  mkdir -p "$out"
+  out=$(cd "$out" && pwd)
+  local version
+  version=$("$python" -c 'import re,sys; print(re.search(r"__version__ = \"(.+)\"", open("exporter/__init__.py").read())[1])')
+  local deb_version
+  deb_version=$(dpkg-parsechangelog -S Version)
+  if [ "${deb_version%-*}" != "$version" ]; then
+    echo "debian/changelog is at $deb_version but the exporter is $version: add a changelog entry (dch -v $version-1)" >&2
+    exit 1
+  fi
+  local work
+  mkdir -p "$ROOT/tmp"
+  work=$(mktemp -d "$ROOT/tmp/package.XXXXXX")
+  # built from a copy of the tree (tracked and new files, not ignored ones such as .venv): the
+  # checkout gets no egg-info and no BUILD_INFO, and keeps reporting git's revision
+  mkdir "$work/tree"
+  if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -xf - -C "$work/tree"
+  else
+    tar --exclude=./.venv --exclude=./tmp --exclude=./dist -cf - . | tar -xf - -C "$work/tree"
+  fi
+  # the revision and date --version reports (exporter/version.py)
+  printf 'revision=%s\ndate=%s\n' "$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
+    "$(git log -1 --format=%cI 2>/dev/null || date -u +%Y-%m-%dT%H:%M:%SZ)" > "$work/tree/exporter/BUILD_INFO"
+  rm -f "$out"/kvm_cpu_exporter-"$version"* "$out"/kvm-cpu-exporter_"$version"*
+  log "building the sdist and the wheel into $out"
+  (cd "$work/tree" && "$python" -m build --outdir "$out" .)
+  tar -xzf "$out/kvm_cpu_exporter-$version.tar.gz" -C "$work"
+  local src=$work/kvm_cpu_exporter-$version
+  mkdir -p "$src/dist"
+  cp "$out/kvm_cpu_exporter-$version-py3-none-any.whl" "$src/dist/"
+  log "building the Debian package (dh-virtualenv, from requirements.lock)"
+  if ! (cd "$src" && dpkg-buildpackage -us -uc -b >"$work/build.log" 2>&1); then
+    tail -40 "$work/build.log" >&2
+    echo "dpkg-buildpackage failed; full log: $work/build.log" >&2
+    exit 1
+  fi
+  mv "$work"/*.deb "$out/"
+  rm -rf "$work"
+  ls -1 "$out"/kvm_cpu_exporter-"$version"* "$out"/kvm-cpu-exporter_"$version"*
+}
 
 case "${1:-}" in
   setup) setup ;;
   lock)
     shift
     lock "$@"
+    ;;
+  package)
+    shift
+    package "$@"
     ;;
   run)
     setup
@@ -100,7 +169,7 @@ case "${1:-}" in
     exec "$VENV/bin/pytest" "$@"
     ;;
   *)
-    echo "usage: $0 run|test|setup|lock" >&2
+    echo "usage: $0 run|test|setup|lock|package [OUTDIR]" >&2
     exit 2
     ;;
 esac

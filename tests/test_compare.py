@@ -276,3 +276,27 @@ def test_figure_has_error_bars_one_y_scale_and_says_what_it_measured(tmp_path: P
         import matplotlib.pyplot as plt
 
         plt.close(kvm)
+
+
+@pytest.mark.parametrize("accelerator", ["tcg", "kvm,tcg"])
+def test_tcg_warning_fits_the_figure_between_title_and_axes(accelerator: str) -> None:
+    """The warning box was wrapped on a character-count guess and clipped at both edges of the PNG:
+    the drawn box (text plus padding) must lie inside the figure, below the title, above the axes."""
+    from exporter.render.plot import PlotContext, build_figure
+
+    comp = compare(_three_rounds(), "aesni", "noaesni")
+    fig = build_figure(comp, PlotContext(accelerator, "AMD EPYC 7763", 64, 3))
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        (warning,) = [t for t in fig.texts if t.get_gid() == "tcg-warning"]
+        box = warning.get_bbox_patch().get_window_extent(renderer)
+        assert 0 <= box.x0 < box.x1 <= fig.bbox.width, (box, fig.bbox)
+        title = fig._suptitle.get_window_extent(renderer)
+        assert box.y1 <= title.y0, (box, title)
+        for ax in fig.axes[:2]:
+            assert ax.get_tightbbox(renderer).y1 <= box.y0, (ax.get_tightbbox(renderer), box)
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)

@@ -248,7 +248,7 @@ def test_image_labels_and_tags_name_this_version() -> None:
     labels = " ".join(a for k, a in final if k == "LABEL")
     for key in ("title", "description", "version", "revision", "created", "source", "licenses", "base.name"):
         assert f"org.opencontainers.image.{key}=" in labels, key
-    assert f'org.opencontainers.image.licenses="{pyproject()["project"]["license"]["text"]}"' in labels
+    assert f'org.opencontainers.image.licenses="{pyproject()["project"]["license"]}"' in labels  # SPDX string
     env = " ".join(a for k, a in final if k == "ENV")
     assert "KVMCPU_BUILD_REVISION=${REVISION}" in env and "KVMCPU_BUILD_DATE=${CREATED}" in env
 
@@ -407,16 +407,36 @@ def test_kubernetes_daemonset() -> None:
     assert selector.items() <= pod["metadata"]["labels"].items()
     spec = pod["spec"]
     assert spec["hostPID"] is True and spec["nodeSelector"]
-    assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["automountServiceAccountToken"] is False
+    # no kvm GID written down anywhere: QEMU gets the group of the node's /dev/kvm at run time
+    assert "supplementalGroups" not in yaml.safe_dump(ds)
     volumes = {v["name"]: v for v in spec["volumes"]}
     for c in spec.get("initContainers", []) + spec["containers"]:
         assert c["image"] and c["name"]
         for m in c.get("volumeMounts", []):
             assert m["name"] in volumes, f"{c['name']} mounts undefined volume {m['name']}"
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    for init in spec.get("initContainers", []):
+        assert init["securityContext"]["runAsNonRoot"] is True
     (main,) = spec["containers"]
     assert main["securityContext"]["privileged"] is False
+    # root, to run a guest's own QEMU in the guest's root; only these capabilities (why: daemonset.yaml)
+    caps = main["securityContext"]["capabilities"]
+    assert main["securityContext"]["runAsUser"] == 0 and caps["drop"] == ["ALL"]
+    assert set(caps["add"]) == {
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "FOWNER",
+        "KILL",
+        "SETGID",
+        "SETUID",
+        "SYS_CHROOT",
+        "SYS_PTRACE",
+    }
+    assert main["securityContext"]["readOnlyRootFilesystem"] is True
+    # /dev/kvm is a device grant of a device plugin, not a bare hostPath the device cgroup blocks
+    assert main["resources"]["limits"]["devices.kubevirt.io/kvm"] == "1"
+    assert not [v for v in spec["volumes"] if v.get("hostPath", {}).get("path") == "/dev/kvm"]
     assert main["resources"]["limits"]["memory"] and main["resources"]["requests"]["cpu"]
     ports = {p["name"]: p["containerPort"] for p in main["ports"]}
     assert ports == {"metrics": 10437}
@@ -431,8 +451,66 @@ def test_kubernetes_daemonset() -> None:
         ]
         assert mount.get("readOnly") is True
         assert f"{flag}={mount['mountPath']}" in main["args"]
-    assert volumes[mounts["/dev/kvm"]["name"]]["hostPath"]["type"] == "CharDevice"
+    assert "/dev/kvm" not in mounts
     cli_accepts(main["args"])
+
+
+def _json_patch(doc: Any, ops: list[dict[str, Any]]) -> Any:
+    """The two RFC 6902 operations the overlays use (add, remove), as kustomize applies them."""
+    for op in ops:
+        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
+        target = doc
+        for p in parents:
+            target = target[int(p)] if isinstance(target, list) else target[p]
+        if op["op"] == "remove":
+            del target[int(last) if isinstance(target, list) else last]
+        elif isinstance(target, list):
+            target.append(op["value"]) if last == "-" else target.insert(int(last), op["value"])
+        else:
+            target[last] = op["value"]
+    return doc
+
+
+def test_kubernetes_overlay_without_device_plugin() -> None:
+    """Clusters without a KVM device plugin: the overlay trades the grant for a hostPath device and
+    still gives a DaemonSet the API server accepts."""
+    import kubernetes_validate
+
+    overlay = K8S.parent / "kubernetes-overlays" / "without-device-plugin"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    assert [(overlay / r).resolve() for r in kustomization["resources"]] == [K8S.resolve()]
+    (patch,) = kustomization["patches"]
+    assert patch["target"] == {"kind": "DaemonSet", "name": "kvm-cpu-exporter"}
+    ds = _json_patch(k8s_docs()["DaemonSet/kvm-cpu-exporter"], yaml.safe_load(patch["patch"]))
+    spec = ds["spec"]["template"]["spec"]
+    (main,) = spec["containers"]
+    assert "devices.kubevirt.io/kvm" not in main["resources"]["limits"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    (mount,) = [m for m in main["volumeMounts"] if m["mountPath"] == "/dev/kvm"]
+    assert volumes[mount["name"]]["hostPath"] == {"path": "/dev/kvm", "type": "CharDevice"}
+    kubernetes_validate.validate(ds, K8S_VERSION, strict=True)
+
+
+def test_kube_prometheus_stack_selects_the_monitor_and_the_rules() -> None:
+    """kube-prometheus-stack's Prometheus picks ServiceMonitors and PrometheusRules by the label
+    release=<its Helm release>; kustomization.yaml shows the patch for another release name."""
+    operator = [d for d in k8s_docs().values() if d["apiVersion"].startswith("monitoring.coreos.com/")]
+    assert {d["kind"] for d in operator} == {"ServiceMonitor", "PrometheusRule"}
+    for d in operator:
+        assert d["metadata"]["labels"]["release"] == "kube-prometheus-stack", d["metadata"]["name"]
+    commented = "\n".join(
+        line.removeprefix("# ")
+        for line in (K8S / "kustomization.yaml").read_text().splitlines()
+        if line.startswith("# ") and not line.startswith("# kubectl")
+    )
+    example = yaml.safe_load(commented[commented.index("patches:") :])
+    (patch,) = example["patches"]
+    assert patch["target"] == {"group": "monitoring.coreos.com"}
+    for d in operator:
+        assert (
+            _json_patch(d, yaml.safe_load(patch["patch"]))["metadata"]["labels"]["release"]
+            == "my-prometheus-release"
+        )
 
 
 #: oldest Kubernetes minor the manifests must validate against (strict: unknown fields are errors)

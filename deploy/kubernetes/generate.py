@@ -62,7 +62,12 @@ def render(rules_dir: Path = RULES_DIR) -> str:
                 "metadata": {
                     "name": f"kvm-cpu-exporter-{path.stem}",
                     "namespace": "kvm-cpu-exporter",
-                    "labels": {"app.kubernetes.io/name": "kvm-cpu-exporter"},
+                    # kube-prometheus-stack's ruleSelector: its Helm release name (kustomization.yaml
+                    # shows how to change it)
+                    "labels": {
+                        "app.kubernetes.io/name": "kvm-cpu-exporter",
+                        "release": "kube-prometheus-stack",
+                    },
                     "annotations": {"kvm-cpu-exporter.io/source": f"deploy/prometheus/rules/{path.name}"},
                 },
                 "spec": {"groups": groups},

@@ -68,16 +68,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_common(serve)
     add_serve_flags(serve, {name: (spec.help, spec.default_enabled) for name, spec in COLLECTORS.items()})
-    inspect = sub.add_parser("inspect", help="one-shot report of host, QEMU and guests")
+    inspect = sub.add_parser(
+        "inspect",
+        help="one-shot report of host, QEMU and guests",
+        description="One-shot report: host CPU features, kernel crypto drivers, QEMU's accelerators and "
+        "usable CPU models, and every running guest with the features it misses. Starts no daemon.",
+    )
     add_common(inspect)
     from exporter.app import inspect as inspect_cmd
 
     inspect_cmd.add_arguments(inspect)
-    canary = sub.add_parser("canary", help="build the canary image, run or compare canary benchmarks")
+    canary = sub.add_parser(
+        "canary",
+        help="build the canary image, run or compare canary benchmarks",
+        description="The canary guest: a small QEMU guest that measures dm-crypt throughput with and "
+        "without AES-NI. Build its image once, run a benchmark, or compare two profiles.",
+    )
     from exporter.app import canary as canary_cmd
 
     canary_cmd.add_arguments(canary, add_common)
-    fleet = sub.add_parser("fleet", help="the fleet's CPU baseline, from Prometheus")
+    fleet = sub.add_parser(
+        "fleet",
+        help="the fleet's CPU baseline, from Prometheus",
+        description="The fleet's CPU baseline, read from a Prometheus that scrapes every host's exporter: "
+        "hosts by CPU, the fleet's x86-64 level, the recommended named CPU model per vendor, guests that "
+        "could not move and where they still could, and the hosts holding the baseline back.",
+    )
     add_common(fleet)
     from exporter.app import fleet as fleet_cmd
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from exporter.errors import SourceError
 from exporter.features import OWN_GUEST_PREFIX
 from exporter.guests.cmdline import CmdlineError, GuestSpec, parse_cmdline
+from exporter.qemu.binary import guest_binary
 
 #: argv[0] basenames always treated as QEMU system emulators (besides the configured names)
 BUILTIN_PATTERNS: tuple[str, ...] = ("qemu-system-*",)
@@ -94,7 +95,8 @@ def _read_binary(procfs: str, pid: int, argv0: str) -> str | None:
         return argv0 if os.path.isabs(argv0) else None
     if target.endswith(" (deleted)"):
         return link
-    return target
+    # a guest of another root (the host's, seen from a container) is asked with its own QEMU
+    return guest_binary(procfs, pid, (target, argv0)) or target
 
 
 def _runs_kvm(procfs: str, pid: int) -> bool | None:

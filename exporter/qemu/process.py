@@ -42,6 +42,8 @@ from typing import IO
 from exporter.errors import QemuError
 
 PR_SET_PDEATHSIG = 1
+#: the device whose group an unprivileged QEMU needs (see ``lookup_user``)
+KVM_DEVICE = "/dev/kvm"
 #: every per-run directory of the exporter starts with this, in ``tempfile.gettempdir()``
 TEMP_PREFIX = "kvm-cpu-exporter-"
 _TEMP_NAME = re.compile(rf"^{re.escape(TEMP_PREFIX)}([a-z]+)-(\d+)-")
@@ -72,11 +74,17 @@ class Credentials:
 def lookup_user(name: str) -> Credentials:
     """Uid/gid of ``name`` plus the kvm group (so an unprivileged QEMU can still open /dev/kvm).
 
+    The kvm group is the group of ``/dev/kvm`` itself, besides the one named "kvm": in a container
+    the device node carries the *node's* GID, which no name in the image's /etc/group need match.
     Raises KeyError for an unknown user (the caller reports it in its own terms)."""
     pw = pwd.getpwnam(name)
     groups = {pw.pw_gid}
     with contextlib.suppress(KeyError):
         groups.add(grp.getgrnam("kvm").gr_gid)
+    with contextlib.suppress(OSError):
+        kvm = os.stat(KVM_DEVICE)
+        if kvm.st_gid != 0:  # a root-only device grants nothing to a group
+            groups.add(kvm.st_gid)
     return Credentials(pw.pw_uid, pw.pw_gid, tuple(sorted(groups)), name)
 
 

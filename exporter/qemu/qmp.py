@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -218,18 +219,42 @@ class ScratchQemu(_Closing):
     def _start(self) -> None:
         assert self._dir is not None
         sock = self._dir / "qmp.sock"
+        qmp = ["-qmp", f"unix:{sock},server=on,wait=off"]
+        listener = None
+        if self.binary.root:
+            # A binary run in a root of its own (a guest's, see exporter.qemu.binary) cannot see this
+            # work dir: it gets the listening socket as a descriptor, the way libvirt hands it over.
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(str(sock))
+            listener.listen(1)
+            fd = listener.fileno()
+            qmp = [
+                "-chardev",
+                f"socket,id=kvmcpu-qmp,fd={fd},server=on,wait=off",
+                "-mon",
+                "chardev=kvmcpu-qmp,mode=control",
+            ]
         cmd = [
             self.binary.exec_path,
             "-machine", "none",
             "-nodefaults", "-nographic", "-display", "none", "-S",
-            "-qmp", f"unix:{sock},server=on,wait=off",
+            *qmp,
             "-accel", self.accel,
         ]  # fmt: skip
         with open(self._dir / "stderr", "wb") as err:
             try:
-                self._proc = process.spawn(cmd, stderr=err, credentials=self.credentials)
+                self._proc = process.spawn(
+                    cmd,
+                    stderr=err,
+                    credentials=self.credentials,
+                    before_drop=self.binary.enter_root(),
+                    pass_fds=(listener.fileno(),) if listener is not None else (),
+                )
             except OSError as e:
                 raise QemuBinaryMissing(f"{self.binary.exec_path}: cannot execute: {e.strerror or e}") from e
+            finally:
+                if listener is not None:
+                    listener.close()  # QEMU holds it now; a QEMU that dies closes the last copy
         if self._on_spawn is not None:
             self._on_spawn(self._proc)
         while not sock.exists():

@@ -121,6 +121,39 @@ def _speedup_label(comp: Comparison, cipher: str, op: str) -> str:
     return f"{pct:+.0f}%" + (f"\n[{span[0]:+.0f}%, {span[1]:+.0f}%]" if span else "")
 
 
+def _place_warning(fig: Any, text: str) -> float:
+    """Draw the TCG warning box below the title, wrapped so that the box (text plus its padding)
+    fits the figure's width; returns the top of the area left for the axes (figure fraction).
+
+    The wrap width is measured, not guessed from a character count: bold text is wider than the
+    title's, and a guess clipped the box at both edges of the PNG."""
+    renderer = fig.canvas.get_renderer()
+    width = fig.bbox.width
+    box = None
+    for chars in range(len(text), 10, -4):
+        if box is not None:
+            box.remove()
+        box = fig.text(
+            0.5,
+            0.855,
+            textwrap.fill(text, chars),
+            ha="center",
+            va="center",
+            fontsize=9,
+            fontweight="bold",
+            color="#b00020",
+            gid="tcg-warning",
+            bbox={"facecolor": "#fff0f0", "edgecolor": "#b00020", "boxstyle": "round"},
+        )
+        box.update_bbox_position_size(renderer)
+        extent = box.get_bbox_patch().get_window_extent(renderer)
+        if extent.x0 >= 0.02 * width and extent.x1 <= 0.98 * width:
+            break
+    assert box is not None
+    extent = box.get_bbox_patch().get_window_extent(renderer)
+    return float(extent.y0 / fig.bbox.height) - 0.01
+
+
 def build_figure(comp: Comparison, context: PlotContext | None = None, title: str = "") -> Any:
     """The chart as a matplotlib Figure (the caller closes it); ``plot_comparison`` saves it."""
     plt = _pyplot()
@@ -184,23 +217,12 @@ def build_figure(comp: Comparison, context: PlotContext | None = None, title: st
     width_chars = int(fig.get_figwidth() * 100 / 7)  # ~7 px per character at fontsize 10
     heading = title or f"dm-crypt throughput in the canary guest\n{comp.summary()}"
     fig.suptitle("\n".join(textwrap.fill(line, width_chars) for line in heading.splitlines()), fontsize=10)
-    bottom = 0.12
+    bottom, top = 0.12, 0.9
     if context is not None:
         fig.text(0.5, 0.035, context.footer(), ha="center", va="center", fontsize=8, gid="context")
         if context.warning():
-            fig.text(
-                0.5,
-                0.855,
-                textwrap.fill(context.warning(), width_chars),
-                ha="center",
-                va="center",
-                fontsize=9,
-                fontweight="bold",
-                color="#b00020",
-                gid="tcg-warning",
-                bbox={"facecolor": "#fff0f0", "edgecolor": "#b00020", "boxstyle": "round"},
-            )
-    fig.tight_layout(rect=(0, bottom, 1, 0.82 if context is not None and context.warning() else 0.9))
+            top = _place_warning(fig, context.warning())
+    fig.tight_layout(rect=(0, bottom, 1, top))
     return fig
 
 
