@@ -156,13 +156,14 @@ def test_problems_come_first_and_critical_before_warning() -> None:
         ("critical", "AES-NI is not used by the host kernel"),
         ("critical", "guest db01 gets features without their prerequisites"),
         ("critical", "canary noaesni failed: timeout"),
-        ("warning", "KVM is not usable: guests run under software emulation (TCG)"),
+        ("warning", "1 guest does not get AES-NI"),
         ("warning", "1 guest misses host CPU features"),
+        ("warning", "KVM is not usable: guests run under software emulation (TCG)"),
         ("warning", "collector crypto failed"),
     ]
     page = render_landing(status)
     text = _text(page.split("</style>", 1)[1])
-    assert text.index("Problems (6)") < text.index("Host")
+    assert text.index("Problems (7)") < text.index("Host")
     assert "missing aes, avx2 + 2 more" in text
     assert "avx without xsave" in text and "x86-64-v2" in text
     assert "new01" in text and "not known yet" in text  # never "missing every feature"

@@ -6,6 +6,12 @@ Nothing here blocks on QEMU: guest models still being resolved in the background
 "not known yet", never as missing every feature. :mod:`exporter.render.landing` renders it; keeping the
 two apart lets tests assert on verdicts (``problems``) without parsing HTML.
 
+What the page leads with is what an operator acts on, each naming the guests concerned: the host
+not using AES-NI, guests exposed to features without their prerequisites, failed canaries (critical);
+guests that do not get AES-NI, guests below the x86-64 level an OS needs although their host could
+give it, other hidden host features (warnings, by feature, rarest first: under TCG every guest
+misses avx512, which must not drown the one guest without AES-NI).
+
 The canary section is the canary's own read model (``exporter.views.canary``), re-exported here.
 """
 
@@ -14,11 +20,14 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from exporter import __version__
+from exporter.canary.results.compare import Comparison
 from exporter.errors import ExporterError
-from exporter.views.canary import CanaryProfileStatus, Comparison, ComparisonBar, canary_status
+from exporter.levels import OS_BASELINES, missing_for
+from exporter.views.canary import CanaryProfileStatus, canary_view
 
 if TYPE_CHECKING:
     from exporter.collectors.scrape import CollectorStatus, Context
@@ -69,6 +78,16 @@ class GuestLine:
     error: str | None = None
     #: where the guest is below what the host could give: which OS needs more and what is missing
     level_note: str | None = None
+    #: the full ``-cpu`` value (model and net switches, e.g. ``Haswell-noTSX,-aes``); ``model`` if unset
+    cpu: str = ""
+    #: which operating systems' x86-64 baselines the guest meets ("... 10: needs v3 (missing avx)")
+    os_line: str = ""
+    #: the level the guest is below although its host could give it (the OS needing it is in ``os_line``)
+    below_level: int | None = None
+
+    @property
+    def cpu_text(self) -> str:
+        return self.cpu or self.model
 
 
 @dataclass(frozen=True)
@@ -108,9 +127,9 @@ class Status:
         """What needs attention, most severe first (the page shows these before anything else)."""
         out = [
             *self._host_problems(),
-            *self._qemu_problems(),
             *self._guest_problems(),
             *self._canary_problems(),
+            *self._qemu_problems(),
         ]
         for name, (ok, _, err) in sorted(self.collectors.items()):
             if not ok:
@@ -153,39 +172,98 @@ class Status:
         return out
 
     def _guest_problems(self) -> list[Problem]:
-        out: list[Problem] = []
-        for g in self.guests or ():
-            if g.hazards:
-                out.append(
-                    Problem(
-                        "critical",
-                        f"guest {g.name} gets features without their prerequisites",
-                        "; ".join(f"{f} without {', '.join(r)}" for f, r in g.hazards)
-                        + " (the guest OS may crash on them)",
-                    )
-                )
-        hidden = [g for g in self.guests or () if g.missing]
-        if hidden:
+        guests = self.guests or ()
+        out = [
+            Problem(
+                "critical",
+                f"guest {g.name} gets features without their prerequisites",
+                "; ".join(f"{f} without {', '.join(r)}" for f, r in g.hazards)
+                + " (the guest OS may crash on them)",
+            )
+            for g in guests
+            if g.hazards
+        ]
+        no_aes = [g for g in guests if "aes" in g.missing]
+        if no_aes:
             out.append(
                 Problem(
                     "warning",
-                    f"{len(hidden)} guests miss host CPU features"
-                    if len(hidden) != 1
-                    else "1 guest misses host CPU features",
-                    ", ".join(g.name for g in hidden[:5])
-                    + (f" + {len(hidden) - 5} more" if len(hidden) > 5 else ""),
+                    _count(len(no_aes), "guest does not", "guests do not") + " get AES-NI",
+                    _names(no_aes, cpu=True) + ": the host has it; dm-crypt and TLS in them run without it",
                 )
             )
+        for level in sorted({g.below_level for g in guests if g.below_level is not None}):
+            below = [g for g in guests if g.below_level == level]
+            who = OS_BASELINES.get(level, ("",))[0]
+            out.append(
+                Problem(
+                    "warning",
+                    _count(len(below), "guest is", "guests are")
+                    + f" below x86-64-v{level}"
+                    + (f" ({who} needs it)" if who else ""),
+                    _names(below, cpu=True) + ": the host could give it",
+                )
+            )
+        out += self._hidden_problems(guests)
         if self.guests_error:
             out.append(Problem("warning", "guests could not be listed", self.guests_error))
         return out
+
+    @staticmethod
+    def _hidden_problems(guests: tuple[GuestLine, ...]) -> list[Problem]:
+        """Guests missing host features other than AES-NI: one line, by feature, rarest first."""
+        by_feature: dict[str, list[GuestLine]] = {}
+        for g in guests:
+            for f in g.missing:
+                if f != "aes":
+                    by_feature.setdefault(f, []).append(g)
+        if not by_feature:
+            return []
+        hidden = {g.name for gs in by_feature.values() for g in gs}
+        parts = [
+            f"{f}: {_names(gs) if len(gs) <= _NAMED else f'{len(gs)} guests'}"
+            for f, gs in sorted(by_feature.items(), key=lambda kv: (len(kv[1]), kv[0]))
+        ]
+        title = _count(len(hidden), "guest misses", "guests miss") + " host CPU features"
+        return [Problem("warning", title, "; ".join(parts))]
 
     def _canary_problems(self) -> list[Problem]:
         return [
             Problem("critical", f"canary {p.name} failed: {p.result}", p.message or "")
             for p in self.canary or ()
-            if p.result is not None and p.result not in _NOT_FAILURES
+            if p.result is not None and p.result not in _NOT_FAILURES and not p.superseded
         ]
+
+
+#: how many guests a problem names before "+ N more"
+_NAMED = 12
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"1 {one}" if n == 1 else f"{n} {many}"
+
+
+def _names(guests: list[GuestLine], cpu: bool = False) -> str:
+    """The guests concerned, by name (with their -cpu when it explains the problem)."""
+    shown = [f"{g.name} (-cpu {g.cpu_text})" if cpu else g.name for g in guests[:_NAMED]]
+    rest = len(guests) - _NAMED
+    return ", ".join(shown) + (f" + {rest} more" if rest > 0 else "")
+
+
+def os_line(level: int | None, usable: frozenset[str] | None) -> str:
+    """Every guest's OS line: for each distribution baseline above x86-64-v1, ``ok`` or what it
+    needs (``RHEL/CentOS Stream/Rocky/Alma/Oracle 9: ok; RHEL/CentOS Stream/Rocky/Oracle 10: needs
+    v3 (missing avx, avx2)``). Empty while the guest's features are not known."""
+    if level is None or usable is None:
+        return ""
+    parts = []
+    for need in sorted(n for n in OS_BASELINES if n >= 2 or level < n):
+        who = OS_BASELINES[need][0]
+        if level >= need:
+            parts.append(f"{who}: ok")
+        else:
+            parts.append(f"{who}: needs v{need} (missing {', '.join(missing_for(need, usable))})")
+    return "; ".join(parts)
 
 
 def _host(ctx: Context) -> HostStatus:
@@ -205,9 +283,13 @@ def _host(ctx: Context) -> HostStatus:
 
 
 def guest_line(r: GuestReport) -> GuestLine:
-    from exporter.guests.effective import migratable
+    from exporter.guests.effective import migratable, verdict
 
     g = r.guest
+    usable = None if r.effective.features is None else verdict(r.effective.features).usable
+    below = None
+    if r.level is not None and r.host_level is not None and r.level < r.host_level:
+        below = r.level + 1
     return GuestLine(
         name=g.label,
         pid=g.pid,
@@ -220,6 +302,9 @@ def guest_line(r: GuestReport) -> GuestLine:
         hazards=tuple((h.feature, tuple(h.requires)) for h in r.hazards),
         error=None if r.effective.error is None else str(r.effective.error),
         level_note=r.level_note,
+        cpu=g.spec.cpu.text,
+        os_line=os_line(r.level, None if usable is None else frozenset(usable)),
+        below_level=below,
     )
 
 
@@ -263,8 +348,16 @@ def _qemu(ctx: Context) -> tuple[QemuStatus | None, str | None]:
 
 
 def _canary(ctx: Context) -> tuple[tuple[CanaryProfileStatus, ...], Comparison | None]:
+    from exporter.canary.image.cache import find_image
+
     assert ctx.canary_store is not None
-    return canary_status(ctx.canary_store.snapshot())
+    try:
+        find_image(Path(ctx.config.paths.cache_dir))
+        image_ready = True
+    except ExporterError:
+        image_ready = False
+    view = canary_view(ctx.canary_store.snapshot(), image_ready)
+    return view.profiles, view.comparison
 
 
 def read_status(ctx: Context, collectors: Mapping[str, CollectorStatus]) -> Status:
@@ -303,12 +396,12 @@ def read_status(ctx: Context, collectors: Mapping[str, CollectorStatus]) -> Stat
 __all__ = [
     "CanaryProfileStatus",
     "Comparison",
-    "ComparisonBar",
     "GuestLine",
     "HostStatus",
     "Problem",
     "QemuStatus",
     "Status",
     "guest_line",
+    "os_line",
     "read_status",
 ]

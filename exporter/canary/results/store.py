@@ -334,6 +334,9 @@ def _update_speedups(state: StoreState, pair: tuple[str, str], profile: str, at:
         fast, slow = with_p.throughput.get(key), without_p.throughput.get(key)
         if fast is None or slow is None or fast.tick != slow.tick:
             continue
-        iv = speedup_interval(fast.rounds or [fast.last], slow.rounds or [slow.last])
+        fast_rates, slow_rates = fast.rounds or [fast.last], slow.rounds or [slow.last]
+        iv = speedup_interval(fast_rates, slow_rates)
         if iv is not None:
-            state.speedups[key] = SpeedupStats(iv.ratio, iv.lower, iv.upper, at, iv.n_with, iv.n_without)
+            state.speedups[key] = SpeedupStats(
+                iv.ratio, iv.lower, iv.upper, at, iv.n_with, iv.n_without, list(fast_rates), list(slow_rates)
+            )
