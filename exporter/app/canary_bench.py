@@ -211,7 +211,30 @@ def _plot_context(cfg: Config, results: Sequence[CanaryResult]) -> PlotContext:
     return PlotContext(accels, _host_cpu(cfg), cfg.canary.size_mib, cfg.canary.rounds)
 
 
+def last_comparison(cfg: Config, args: argparse.Namespace) -> int:
+    """``canary compare --last``: the canary read model of the daemon's state file, rendered like
+    a fresh comparison (nothing is computed again: the speedups are the store's)."""
+    from exporter.canary.results.store import CanaryStore
+    from exporter.views.canary import comparison
+
+    snap = CanaryStore.for_config(cfg).snapshot()
+    comp = comparison(snap)
+    if comp is None:
+        pair = " / ".join(snap.pair) if snap.pair else "no profile pair configured"
+        raise ExporterError(
+            f"no complete comparison in {cfg.paths.state_dir} yet ({pair}): "
+            "both profiles must succeed in one canary tick"
+        )
+    if args.json:
+        _emit_json({"comparison": comp.to_dict()})
+    else:
+        print(render_comparison(comp))
+    return 0
+
+
 def compare_command(cfg: Config, args: argparse.Namespace, progress: Progress) -> int:
+    if getattr(args, "last", False):
+        return last_comparison(cfg, args)
     with_name = args.with_profile or _default_side(cfg, True, "--with")
     without_name = args.without_profile or _default_side(cfg, False, "--without")
     if with_name == without_name:
