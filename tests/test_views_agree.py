@@ -25,12 +25,12 @@ from exporter.views.canary import canary_view
 
 CIPHERS = ("aes-xts-plain", "aes-cbc-plain")
 #: per cipher: (aesni rounds, noaesni rounds) of tick 1, both complete
-TICK1 = {
+TICK1: dict[str, tuple[list[float], list[float]]] = {
     "aes-xts-plain": ([100 * MB, 104 * MB, 98 * MB], [40 * MB, 42 * MB, 39 * MB]),
     "aes-cbc-plain": ([90 * MB, 91 * MB, 89 * MB], [30 * MB, 31 * MB, 29 * MB]),
 }
 #: tick 2: aesni is measured (much faster), noaesni times out
-TICK2_AESNI = [200 * MB, 210 * MB, 190 * MB]
+TICK2_AESNI: list[float] = [200 * MB, 210 * MB, 190 * MB]
 
 
 def _seed(state: Path) -> tuple[CanaryStore, list]:  # type: ignore[type-arg]
