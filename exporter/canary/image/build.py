@@ -41,8 +41,7 @@ from exporter.canary.image.initramfs import (
     pack_override_cpio,
 )
 from exporter.canary.image.kernel import SOURCES, KernelSource, fetch_apt_kernel, resolve_kernel_source
-from exporter.canary.image.modules import NEEDED_MODULES
-from exporter.canary.image.tools import sha256_file
+from exporter.canary.image.modules import NEEDED_MODULES, sha256_file
 from exporter.canary.model import CanaryJob, Profile
 from exporter.canary.run.runner import CanaryRunner
 from exporter.errors import ImageBuildError
