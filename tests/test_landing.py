@@ -174,3 +174,10 @@ def test_no_problems_says_so() -> None:
     status = Status(host=HostStatus("AMD EPYC", 2, 2, "aes-aesni", aesni_active=True), guests=())
     assert status.problems == ()
     assert "No problems found." in render_landing(status)
+
+
+def test_a_guest_name_that_is_not_utf8_is_shown_not_fatal() -> None:
+    """/proc gives a -name of arbitrary bytes as surrogate escapes; the page must still encode."""
+    name = b"vm-\xff\xfe-x".decode("utf-8", "surrogateescape")
+    page = render_landing(Status(guests=(_guest(name, missing=("aes",)),)))
+    assert "vm-\ufffd\ufffd-x" in page.encode("utf-8").decode()

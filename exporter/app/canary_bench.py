@@ -65,11 +65,11 @@ def _kvm_usable(cfg: Config, profiles: Sequence[ProfileConfig], progress: Callab
     """
     if not _needs_kvm_verdict(profiles) or "kvm" not in cfg.qemu.accelerators:
         return False
-    from exporter.qemu.knowledge import QemuKnowledge
+    from exporter.app.settings import qemu_knowledge
 
     progress("probing QEMU accelerators (is KVM proven usable?)")
     try:
-        facts = QemuKnowledge.for_config(cfg).probe()
+        facts = qemu_knowledge(cfg).probe()
     except ExporterError as err:
         progress(f"QEMU probe failed ({err}); assuming KVM is not usable, guests run under TCG")
         return False

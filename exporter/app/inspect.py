@@ -313,10 +313,10 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     watch = watchlist(cfg.features.include, cfg.features.exclude)
     cpu, info = _cpu_section(procfs)
     crypto = _crypto_section(procfs, sysfs)
-    from exporter.qemu.knowledge import QemuKnowledge
+    from exporter.app.settings import qemu_knowledge
 
     # one knowledge source for the whole report, so guests reuse the probe's cached expansions
-    knowledge = QemuKnowledge.for_config(cfg)
+    knowledge = qemu_knowledge(cfg)
     qemu, facts = _qemu_section(cfg, knowledge)
     features = _features_section(info, facts, watch)
     try:

@@ -39,7 +39,15 @@ _SECRET_VALUE = re.compile(r"^\$2[abxy]?\$|-----BEGIN ")
 
 
 def e(value: object) -> str:
-    return html.escape(str(value), quote=True)
+    """``value`` as HTML text. A guest name is any bytes a user passed to ``-name``: bytes that are
+    not UTF-8 (kept as surrogate escapes when read from /proc) are shown as U+FFFD instead of
+    failing the whole page."""
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return html.escape(text, quote=True)
 
 
 @functools.cache

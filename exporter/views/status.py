@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from exporter import __version__
 from exporter.canary.results.compare import Comparison
@@ -30,10 +30,44 @@ from exporter.levels import OS_BASELINES, missing_for
 from exporter.views.canary import CanaryProfileStatus, canary_view
 
 if TYPE_CHECKING:
-    from exporter.collectors.scrape import CollectorStatus, Context
+    from exporter.canary.results.store import CanaryStore
+    from exporter.config import Config
+    from exporter.guests.live import LiveChecker
+    from exporter.qemu.knowledge import QemuKnowledge
     from exporter.views.guests import GuestReport
 
 Severity = Literal["critical", "warning"]
+
+
+class Sources(Protocol):
+    """What the landing page reads: the daemon's collector context has all of it (the page is a
+    view, below the collectors, so it names what it needs instead of importing their context)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def procfs(self) -> Path: ...
+    @property
+    def knowledge(self) -> QemuKnowledge | None: ...
+    @property
+    def canary_store(self) -> CanaryStore | None: ...
+    @property
+    def live(self) -> LiveChecker | None: ...
+    @property
+    def watch(self) -> tuple[str, ...]: ...
+    def clock(self) -> float: ...
+
+
+class Outcome(Protocol):
+    """One collector's outcome in the last scrape (``exporter.collectors.scrape.CollectorStatus``)."""
+
+    @property
+    def success(self) -> bool: ...
+    @property
+    def duration(self) -> float: ...
+    @property
+    def error(self) -> str | None: ...
+
 
 #: canary outcomes that are not a failure of the canary (the host was busy, by design)
 _NOT_FAILURES = frozenset({"success", "skipped_busy"})
@@ -266,7 +300,7 @@ def os_line(level: int | None, usable: frozenset[str] | None) -> str:
     return "; ".join(parts)
 
 
-def _host(ctx: Context) -> HostStatus:
+def _host(ctx: Sources) -> HostStatus:
     from exporter.procfs.cpuinfo import read_cpuinfo
     from exporter.procfs.crypto import aesni_active, read_crypto, select_watched
 
@@ -308,7 +342,7 @@ def guest_line(r: GuestReport) -> GuestLine:
     )
 
 
-def _guests(ctx: Context) -> tuple[GuestLine, ...]:
+def _guests(ctx: Sources) -> tuple[GuestLine, ...]:
     from exporter.procfs.cpuinfo import host_flags
     from exporter.views.guests import guest_reports
 
@@ -326,7 +360,7 @@ def _guests(ctx: Context) -> tuple[GuestLine, ...]:
     return tuple(guest_line(r) for r in reports)
 
 
-def _qemu(ctx: Context) -> tuple[QemuStatus | None, str | None]:
+def _qemu(ctx: Sources) -> tuple[QemuStatus | None, str | None]:
     assert ctx.knowledge is not None
     facts = ctx.knowledge.facts()
     if facts is None:
@@ -347,7 +381,7 @@ def _qemu(ctx: Context) -> tuple[QemuStatus | None, str | None]:
     )
 
 
-def _canary(ctx: Context) -> tuple[tuple[CanaryProfileStatus, ...], Comparison | None]:
+def _canary(ctx: Sources) -> tuple[tuple[CanaryProfileStatus, ...], Comparison | None]:
     from exporter.canary.image.cache import find_image
 
     assert ctx.canary_store is not None
@@ -360,7 +394,7 @@ def _canary(ctx: Context) -> tuple[tuple[CanaryProfileStatus, ...], Comparison |
     return view.profiles, view.comparison
 
 
-def read_status(ctx: Context, collectors: Mapping[str, CollectorStatus]) -> Status:
+def read_status(ctx: Sources, collectors: Mapping[str, Outcome]) -> Status:
     """Build the landing page's status from ``ctx`` and the last scrape's collector outcomes.
 
     Each section fails on its own: an unreadable /proc leaves the canary results visible.
