@@ -154,7 +154,7 @@ def _guests(status: Status) -> str:
         hazards = "".join(
             f'<br><span class="no">{e(f)} without {e(", ".join(r))}</span>' for f, r in g.hazards
         )
-        note = "" if not g.os_line else f'<br><span class="muted">{_os_line(g.os_line)}</span>'
+        note = "" if not g.os_line else _os_line(g.os_line)
         migr = "" if g.migratable else ' <span class="unknown">not migratable</span>'
         rows.append(
             f'<tr><td class="name">{e(g.name)}</td><td class="mono">{g.pid}</td>'
@@ -171,12 +171,12 @@ def _guests(status: Status) -> str:
 
 
 def _os_line(line: str) -> str:
-    """``OS: ... ok; ... needs v3 (...)``: what does not run in red, what does in green."""
-    parts = []
-    for part in line.split("; "):
-        cls = "yes" if part.endswith(": ok") else "no"
-        parts.append(f'<span class="{cls}">{e(part)}</span>')
-    return "OS: " + "; ".join(parts)
+    """``OS: ... ok; ... needs v3 (...)``: what runs in green, what does not in red."""
+    parts = [
+        f'<span class="{"ok" if part.endswith(": ok") else "need"}">{e(part)}</span>'
+        for part in line.split("; ")
+    ]
+    return '<div class="os">OS: ' + "; ".join(parts) + "</div>"
 
 
 def comparison_svg(c: Comparison) -> str:

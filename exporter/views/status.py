@@ -245,7 +245,8 @@ class Status:
 
     @staticmethod
     def _hidden_problems(guests: tuple[GuestLine, ...]) -> list[Problem]:
-        """Guests missing host features other than AES-NI: one line, by feature, rarest first."""
+        """Guests missing host features other than AES-NI: one line, features grouped by the
+        guests that miss them, the rarest first (a feature every guest misses comes last)."""
         by_feature: dict[str, list[GuestLine]] = {}
         for g in guests:
             for f in g.missing:
@@ -253,11 +254,14 @@ class Status:
                     by_feature.setdefault(f, []).append(g)
         if not by_feature:
             return []
-        hidden = {g.name for gs in by_feature.values() for g in gs}
-        parts = [
-            f"{f}: {_names(gs) if len(gs) <= _NAMED else f'{len(gs)} guests'}"
-            for f, gs in sorted(by_feature.items(), key=lambda kv: (len(kv[1]), kv[0]))
-        ]
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for f, gs in by_feature.items():
+            groups.setdefault(tuple(g.name for g in gs), []).append(f)
+        parts = []
+        for names, feats in sorted(groups.items(), key=lambda kv: (len(kv[0]), kv[1])):
+            who = "every guest" if len(names) == len(guests) > 1 else _names_of(list(names))
+            parts.append(f"{', '.join(feats)}: {who}")
+        hidden = {n for names in groups for n in names}
         title = _count(len(hidden), "guest misses", "guests miss") + " host CPU features"
         return [Problem("warning", title, "; ".join(parts))]
 
@@ -279,9 +283,12 @@ def _count(n: int, one: str, many: str) -> str:
 
 def _names(guests: list[GuestLine], cpu: bool = False) -> str:
     """The guests concerned, by name (with their -cpu when it explains the problem)."""
-    shown = [f"{g.name} (-cpu {g.cpu_text})" if cpu else g.name for g in guests[:_NAMED]]
-    rest = len(guests) - _NAMED
-    return ", ".join(shown) + (f" + {rest} more" if rest > 0 else "")
+    return _names_of([f"{g.name} (-cpu {g.cpu_text})" if cpu else g.name for g in guests])
+
+
+def _names_of(names: list[str]) -> str:
+    rest = len(names) - _NAMED
+    return ", ".join(names[:_NAMED]) + (f" + {rest} more" if rest > 0 else "")
 
 
 def os_line(level: int | None, usable: frozenset[str] | None) -> str:
@@ -295,8 +302,10 @@ def os_line(level: int | None, usable: frozenset[str] | None) -> str:
         who = OS_BASELINES[need][0]
         if level >= need:
             parts.append(f"{who}: ok")
-        else:
+        elif need == level + 1:  # the next level: what exactly is missing
             parts.append(f"{who}: needs v{need} (missing {', '.join(missing_for(need, usable))})")
+        else:
+            parts.append(f"{who}: needs v{need}")
     return "; ".join(parts)
 
 
