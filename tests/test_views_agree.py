@@ -9,6 +9,7 @@ The state is written by the real store, then read by the real daemon over HTTP a
 from __future__ import annotations
 
 import html
+import json
 import re
 import subprocess
 import sys
@@ -29,6 +30,8 @@ TICK1: dict[str, tuple[list[float], list[float]]] = {
     "aes-xts-plain": ([100 * MB, 104 * MB, 98 * MB], [40 * MB, 42 * MB, 39 * MB]),
     "aes-cbc-plain": ([90 * MB, 91 * MB, 89 * MB], [30 * MB, 31 * MB, 29 * MB]),
 }
+#: the canary views only: the machine's other guests (other tests' included) are not this test's subject
+CANARY_ONLY = ("--no-canary.enabled", "--collector.disable-defaults", "--collector.canary")
 #: tick 2: aesni is measured (much faster), noaesni times out
 TICK2_AESNI: list[float] = [200 * MB, 210 * MB, 190 * MB]
 
@@ -111,7 +114,7 @@ def test_metrics_landing_page_and_compare_last_agree_after_a_partial_tick(
 ) -> None:
     state = tmp_path / "state"
     _seed(state)
-    d = start_daemon("--no-canary.enabled", state_dir=state)
+    d = start_daemon(*CANARY_ONLY, state_dir=state)
     _, metrics = d.get("/metrics")
     _, page = d.get("/")
     cli = subprocess.run(
@@ -149,7 +152,7 @@ def test_image_missing_from_before_the_build_is_superseded_not_a_problem(
     store.record(result("aesni", "image_missing", at=now - 10, message="run `kvm-cpu-exporter canary build`"))
     # the shared cache holds a built image (conftest's CACHE_DIR, built by scripts/dev.sh)
     assert any(CACHE_DIR.glob("**/initrd.img")), f"no canary image under {CACHE_DIR}"
-    d = start_daemon("--no-canary.enabled", state_dir=state)
+    d = start_daemon(*CANARY_ONLY, state_dir=state)
     _, page = d.get("/")
     _, metrics = d.get("/metrics")
     text = html.unescape(re.sub(r"<[^>]+>", " ", page))
@@ -159,3 +162,65 @@ def test_image_missing_from_before_the_build_is_superseded_not_a_problem(
     # nothing measured is lost: the run is counted and the comparison is still there
     assert 'kvmcpu_canary_runs_total{profile="aesni",result="image_missing"} 1.0' in metrics
     assert _page_speedups(page)
+
+
+@pytest.mark.parametrize("fixture", ["heterogeneous", "aesni-defeature", "broadwell-e5-2699v4"])
+def test_host_facts_agree_on_metrics_landing_page_and_inspect(
+    start_daemon, tmp_path: Path, fixture: str
+) -> None:
+    """The host read model (exporter/views/host.py) behind the cpu and crypto collectors, the
+    landing page's host section and ``inspect``: one /proc tree, one set of answers."""
+    procfs = ROOT / "tests" / "fixtures" / "procfs" / fixture
+    d = start_daemon(
+        f"--path.procfs={procfs}",
+        "--no-canary.enabled",
+        "--collector.disable-defaults",
+        "--collector.cpu",
+        "--collector.crypto",
+    )
+    _, metrics = d.get("/metrics")
+    _, page = d.get("/")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "exporter",
+            "inspect",
+            "--json",
+            f"--path.procfs={procfs}",
+            f"--path.cache-dir={CACHE_DIR}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    report = json.loads(proc.stdout)
+
+    def metric(name: str, labels: str = "") -> float:
+        m = re.search(rf"^{name}{re.escape(labels)} (\S+)$", metrics, re.MULTILINE)
+        assert m, (name, labels)
+        return float(m[1])
+
+    cpus = int(metric("kvmcpu_host_cpus"))
+    aes_cpus = int(metric("kvmcpu_host_cpu_feature_cpus", '{feature="aes"}'))
+    active = metric("kvmcpu_host_aesni_active") == 1.0
+    level = int(metric("kvmcpu_host_x86_64_level"))
+    aes_driver = re.search(r'kvmcpu_host_crypto_driver_info\{algorithm="aes",driver="([^"]+)"', metrics)
+
+    host = _text(page.split('<section id="host">', 1)[1].split("</section>", 1)[0])
+    assert f"({cpus} logical CPUs)" in host and f"{aes_cpus}/{cpus} CPUs" in host, host
+    assert f"AES-NI used by the kernel {'yes' if active else 'NO'}" in host, host
+    assert f"kernel AES driver {aes_driver[1] if aes_driver else 'none'}" in host, host
+
+    assert report["host"]["cpus"] == cpus and report["host"]["x86_64_level"] == level
+    assert report["crypto"]["aesni_active"] is active
+    by_alg = {a["algorithm"]: a["driver"] for a in report["crypto"]["algorithms"]}
+    assert by_alg.get("aes") == (aes_driver[1] if aes_driver else None)
+    (aes_row,) = [r for r in report["features"] if r["feature"] == "aes"]
+    assert aes_row["host_cpus"] == aes_cpus
+
+
+def _text(fragment: str) -> str:
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", fragment)).split())

@@ -28,9 +28,8 @@ from exporter.features import watchlist
 from exporter.hazards import usable_features
 from exporter.levels import level_of, name
 from exporter.logsetup import setup_logging
-from exporter.procfs.cpuinfo import CpuInfo, read_cpuinfo
-from exporter.procfs.crypto import WATCHED_AES_ALGORITHMS, aesni_active, read_crypto, select_watched
-from exporter.procfs.modules import WATCHED_MODULES, loaded_modules, module_present
+from exporter.procfs.cpuinfo import CpuInfo
+from exporter.views.host import host_cpu, host_crypto
 
 if TYPE_CHECKING:
     from exporter.qemu.knowledge import HostQemuFacts, QemuKnowledge
@@ -70,7 +69,7 @@ def _describe(err: BaseException) -> str:
 
 def _cpu_section(procfs: Path) -> tuple[Section, CpuInfo | None]:
     try:
-        info = read_cpuinfo(procfs)
+        host = host_cpu(procfs)
     except Exception as err:
         _trace("cannot inspect host CPU", err)
         return Section(
@@ -80,6 +79,7 @@ def _cpu_section(procfs: Path) -> tuple[Section, CpuInfo | None]:
             error=_describe(err),
             ok=False,
         ), None
+    info = host.info
     identities = [
         {
             "vendor": i.vendor,
@@ -102,7 +102,7 @@ def _cpu_section(procfs: Path) -> tuple[Section, CpuInfo | None]:
     if len(identities) > 1:
         lines.append("  note: logical CPUs differ (heterogeneous host or partial microcode update)")
         lines.append(f"  logical CPUs: {info.count}")
-    level = level_of(info.flags_everywhere())
+    level = host.level
     lines.append(f"  {name(level)} (every logical CPU)")
     return Section(
         "host",
@@ -203,8 +203,7 @@ def _features_section(info: CpuInfo | None, facts: HostQemuFacts | None, watch: 
 
 def _crypto_section(procfs: Path, sysfs: Path) -> Section:
     try:
-        selected = select_watched(read_crypto(procfs))
-        loaded = loaded_modules(procfs)
+        host = host_crypto(procfs, sysfs)
     except Exception as err:
         _trace("cannot inspect kernel crypto", err)
         data: dict[str, Any] = {
@@ -217,11 +216,11 @@ def _crypto_section(procfs: Path, sysfs: Path) -> Section:
         return Section("crypto", "Kernel crypto (AES)", data, error=_describe(err), ok=False)
     algorithms = [
         {"algorithm": name, "driver": alg.driver, "module": alg.module, "priority": alg.priority}
-        for name, alg in selected.items()
+        for name, alg in host.selected.items()
     ]
-    missing = [name for name in WATCHED_AES_ALGORITHMS if name not in selected]
-    modules = {name: module_present(name, loaded, sysfs) for name in WATCHED_MODULES}
-    active = aesni_active(selected)
+    missing = list(host.missing)
+    modules = dict(host.modules or {})
+    active = host.aesni_active
     data = {
         "aesni_active": active,
         "algorithms": algorithms,

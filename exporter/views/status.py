@@ -310,18 +310,15 @@ def os_line(level: int | None, usable: frozenset[str] | None) -> str:
 
 
 def _host(ctx: Sources) -> HostStatus:
-    from exporter.procfs.cpuinfo import read_cpuinfo
-    from exporter.procfs.crypto import aesni_active, read_crypto, select_watched
+    from exporter.views.host import host_cpu, host_crypto
 
-    info = read_cpuinfo(ctx.procfs)
-    selected = select_watched(read_crypto(ctx.procfs))
-    aes = selected.get("aes")
+    cpu, crypto = host_cpu(ctx.procfs), host_crypto(ctx.procfs)
     return HostStatus(
-        cpu=info.identities()[0].model_name,
-        logical_cpus=info.count,
-        aes_cpus=info.feature_cpus("aes"),
-        aes_driver=aes.driver if aes else None,
-        aesni_active=aesni_active(selected),
+        cpu=cpu.model_name,
+        logical_cpus=cpu.count,
+        aes_cpus=cpu.feature_cpus("aes"),
+        aes_driver=crypto.aes_driver,
+        aesni_active=crypto.aesni_active,
     )
 
 
