@@ -19,6 +19,7 @@ from exporter.app.progress import Progress
 from exporter.canary.results.compare import aggregate, compare, render_comparison, render_rates
 from exporter.config import CIPHER_SPEC, Config, ProfileConfig
 from exporter.errors import ExporterError
+from exporter.procfs.crypto import aesni_driver
 
 if TYPE_CHECKING:
     from exporter.canary.image.build import CanaryImage
@@ -151,7 +152,7 @@ def _outcome_lines(results: Sequence[CanaryResult], profiles: Sequence[Profile])
             line += f", guest CPU {'has' if 'aes' in r.cpu_flags else 'lacks'} aes"
         lines.append(line)
         if r.result == "success" and expects.get(r.profile) is not None:
-            uses = any("aesni" in d for d in r.drivers.values())
+            uses = any(aesni_driver(d) for d in r.drivers.values())
             if uses != expects[r.profile]:
                 lines.append(
                     f"  warning: profile {r.profile} is expected {'to' if expects[r.profile] else 'not to'} "

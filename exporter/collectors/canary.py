@@ -23,6 +23,7 @@ from prometheus_client.metrics_core import Metric
 
 from exporter.canary.model import RESULTS
 from exporter.canary.results.store import CanaryStore, StoreSnapshot
+from exporter.procfs.crypto import aesni_driver
 
 
 class CanaryCollector:
@@ -210,7 +211,7 @@ class CanaryCollector:
                     feature.add_metric([name, feat], 1.0 if feat in flags else 0.0)
             for cipher, drv in sorted(stats.drivers.items()):
                 driver.add_metric([name, cipher, drv], 1.0)
-                aesni_used.add_metric([name, cipher], 1.0 if "aesni" in drv else 0.0)
+                aesni_used.add_metric([name, cipher], 1.0 if aesni_driver(drv) else 0.0)
         yield from (feature, driver, aesni_used)
 
     def _scheduler(self, snap: StoreSnapshot) -> Iterator[Metric]:
