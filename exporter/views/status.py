@@ -13,6 +13,9 @@ give it, other hidden host features (warnings, by feature, rarest first: under T
 misses avx512, which must not drown the one guest without AES-NI).
 
 The canary section is the canary's own read model (``exporter.views.canary``), re-exported here.
+
+One module (about 450 lines) because it is one job, the page's verdicts: the section types, the
+problems drawn from them and the functions that fill them from the sources are read together.
 """
 
 from __future__ import annotations
