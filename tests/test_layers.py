@@ -51,3 +51,26 @@ def test_no_import_is_hidden_from_the_contract() -> None:
         if re.search(r"\bimport_module\(|\b__import__\(", line)
     ]
     assert hidden == []
+
+
+def test_the_architecture_page_names_every_module() -> None:
+    """docs/architecture.md lists every module under its package heading (``**app/**`` ...)."""
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    every = doc.split("## Every module", 1)[1].split("\n## ", 1)[0]
+    sections = dict(re.findall(r"\*\*([a-z]+)/\*\*(.*?)(?=\n\*\*[a-z]+/?\*\*|\Z)", every, re.DOTALL))
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        if path.name == "__init__.py" and rel.parent.name not in ("procfs", "config"):
+            continue
+        if len(rel.parts) == 1:
+            text, name = every, f"`{path.name}`" if path.name != "__main__.py" else "`__main__.py`"
+            found = name in text or f"`{path.stem}.py`" in text or f" {path.stem}.py" in text
+            found = found or path.stem in every.split("**base**", 1)[-1]
+        else:
+            text = sections.get(rel.parts[0], "")
+            inner = "/".join(rel.parts[1:])
+            found = f"`{inner}`" in text or f"`{rel.name}`" in text
+        if not found:
+            missing.append(str(rel))
+    assert missing == [], missing
