@@ -6,8 +6,8 @@ content hash of every input, so ``build_image`` is idempotent and a host upgrade
 new kernel package) produces a new build instead of silently reusing a stale one. A new build is
 booted once (``verify_boot``) before it becomes current.
 
-The jobs live in their own modules: the cache and image type (``imagecache``), the kernel source
-(``kernelsource``), the module closure (``modules``) and the initramfs (``initramfs``); this one
+The jobs live in their own modules: the cache and image type (``cache``), the kernel source
+(``kernel``), the module list and closure (``modules``) and the initramfs (``initramfs``); this one
 orchestrates them. The names other parts use are importable from here.
 """
 
