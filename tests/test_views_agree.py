@@ -224,3 +224,20 @@ def test_host_facts_agree_on_metrics_landing_page_and_inspect(
 
 def _text(fragment: str) -> str:
     return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", fragment)).split())
+
+
+def test_compare_last_without_a_complete_tick_says_so(tmp_path: Path) -> None:
+    store = CanaryStore(tmp_path)
+    store.record(result("aesni", at=time.time()), tick=1)
+    store.record(result("noaesni", "timeout", at=time.time()), tick=1)
+    proc = subprocess.run(
+        [sys.executable, "-m", "exporter", "canary", "compare", "--last", f"--path.state-dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "no complete comparison" in proc.stderr and "aesni / noaesni" in proc.stderr, proc.stderr
+    assert proc.stdout == ""
