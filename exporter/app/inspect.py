@@ -246,13 +246,15 @@ def _guest_section(
 ) -> Section:
     """Running QEMU guests and the watched host features each one does not get."""
     from exporter.views.guests import guest_reports
+    from exporter.views.status import guest_line
 
     host = info.flags_everywhere() if info is not None else None
     reports, issues = guest_reports(Path(cfg.paths.procfs), knowledge, watch, host, cfg.guests.process_names)
     guests = [r.as_dict(watch) for r in reports]
     lines = [f"  running guests: {len(reports)}"]
     for r, d in zip(reports, guests, strict=True):
-        spec = d["cpu_model"] + ("" if d["cpu_model_explicit"] else " (QEMU default, no -cpu)")
+        line = guest_line(r)  # what the landing page shows of the guest: full -cpu, OS line
+        spec = line.cpu_text + ("" if d["cpu_model_explicit"] else " (QEMU default, no -cpu)")
         lines.append(
             f"  {d['guest']}  pid {d['pid']}  -cpu {spec}  accel {d['accel']}"
             + ("" if d["migratable"] else "  (host passthrough: not migratable)")
@@ -267,6 +269,8 @@ def _guest_section(
             lines.append(f"    asked for but filtered by {d['accel']}: {', '.join(d['filtered'])}")
         if r.level is not None:
             lines.append(f"    level: {r.level_note or name(r.level)}")
+        if line.os_line:
+            lines.append(f"    OS: {line.os_line}")
         for h in r.hazards:
             lines.append(
                 f"    HAZARD: shows {h.feature} without {', '.join(h.requires)}"
