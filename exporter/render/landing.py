@@ -172,11 +172,14 @@ def _guests(status: Status) -> str:
 
 def _os_line(line: str) -> str:
     """``OS: ... ok; ... needs v3 (...)``: what runs in green, what does not in red."""
-    parts = [
-        f'<span class="{"ok" if part.endswith(": ok") else "need"}">{e(part)}</span>'
-        for part in line.split("; ")
+    parts = line.split("; ")
+    spans = [
+        f'<span class="{"ok" if part.endswith(": ok") else "need"}">{e(part)}'
+        + (";" if i < len(parts) - 1 else "")
+        + "</span>"
+        for i, part in enumerate(parts)
     ]
-    return '<div class="os">OS: ' + "; ".join(parts) + "</div>"
+    return '<div class="os">OS: ' + " ".join(spans) + "</div>"
 
 
 def comparison_svg(c: Comparison) -> str:

@@ -226,7 +226,7 @@ class Status:
                 Problem(
                     "warning",
                     _count(len(no_aes), "guest does not", "guests do not") + " get AES-NI",
-                    _names(no_aes, cpu=True) + ": the host has it; dm-crypt and TLS in them run without it",
+                    _names(no_aes) + ": the host has it; dm-crypt and TLS in them run without it",
                 )
             )
         for level in sorted({g.below_level for g in guests if g.below_level is not None}):
@@ -238,7 +238,7 @@ class Status:
                     _count(len(below), "guest is", "guests are")
                     + f" below x86-64-v{level}"
                     + (f" ({who} needs it)" if who else ""),
-                    _names(below, cpu=True) + ": the host could give it",
+                    _names(below) + ": the host could give it",
                 )
             )
         out += self._hidden_problems(guests)
@@ -276,7 +276,9 @@ class Status:
         ]
 
 
-#: how many guests a problem names before "+ N more"
+#: how many guests a problem names before "+ N more": every guest to act on (no AES-NI, below an
+#: OS level) up to a page's worth; fewer per feature in the hidden-features summary
+_NAMED_ACT = 100
 _NAMED = 12
 
 
@@ -284,14 +286,14 @@ def _count(n: int, one: str, many: str) -> str:
     return f"1 {one}" if n == 1 else f"{n} {many}"
 
 
-def _names(guests: list[GuestLine], cpu: bool = False) -> str:
-    """The guests concerned, by name (with their -cpu when it explains the problem)."""
-    return _names_of([f"{g.name} (-cpu {g.cpu_text})" if cpu else g.name for g in guests])
+def _names(guests: list[GuestLine]) -> str:
+    """The guests to act on, by name, each with the -cpu that explains the problem."""
+    return _names_of([f"{g.name} (-cpu {g.cpu_text})" for g in guests], _NAMED_ACT)
 
 
-def _names_of(names: list[str]) -> str:
-    rest = len(names) - _NAMED
-    return ", ".join(names[:_NAMED]) + (f" + {rest} more" if rest > 0 else "")
+def _names_of(names: list[str], limit: int = _NAMED) -> str:
+    rest = len(names) - limit
+    return ", ".join(names[:limit]) + (f" + {rest} more" if rest > 0 else "")
 
 
 def os_line(level: int | None, usable: frozenset[str] | None) -> str:
