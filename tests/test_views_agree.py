@@ -59,6 +59,17 @@ def _seed(state: Path) -> tuple[CanaryStore, list]:  # type: ignore[type-arg]
     return store, tick1
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
 def _metrics_speedups(body: str, suffix: str = "") -> dict[tuple[str, str], float]:
     out = {}
     for m in re.finditer(
@@ -117,14 +128,7 @@ def test_metrics_landing_page_and_compare_last_agree_after_a_partial_tick(
     d = start_daemon(*CANARY_ONLY, state_dir=state)
     _, metrics = d.get("/metrics")
     _, page = d.get("/")
-    cli = subprocess.run(
-        [sys.executable, "-m", "exporter", "canary", "compare", "--last", f"--path.state-dir={state}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    cli = _cli("canary", "compare", "--last", f"--path.state-dir={state}")
     assert cli.returncode == 0, cli.stderr
     on_metrics = _metrics_speedups(metrics)
     on_page = _page_speedups(page)
@@ -180,22 +184,7 @@ def test_host_facts_agree_on_metrics_landing_page_and_inspect(
     )
     _, metrics = d.get("/metrics")
     _, page = d.get("/")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "exporter",
-            "inspect",
-            "--json",
-            f"--path.procfs={procfs}",
-            f"--path.cache-dir={CACHE_DIR}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    proc = _cli("inspect", "--json", f"--path.procfs={procfs}", f"--path.cache-dir={CACHE_DIR}")
     report = json.loads(proc.stdout)
 
     def metric(name: str, labels: str = "") -> float:
@@ -230,14 +219,7 @@ def test_compare_last_without_a_complete_tick_says_so(tmp_path: Path) -> None:
     store = CanaryStore(tmp_path)
     store.record(result("aesni", at=time.time()), tick=1)
     store.record(result("noaesni", "timeout", at=time.time()), tick=1)
-    proc = subprocess.run(
-        [sys.executable, "-m", "exporter", "canary", "compare", "--last", f"--path.state-dir={tmp_path}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = _cli("canary", "compare", "--last", f"--path.state-dir={tmp_path}")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "no complete comparison" in proc.stderr and "aesni / noaesni" in proc.stderr, proc.stderr
     assert proc.stdout == ""

@@ -94,11 +94,6 @@ class ComparisonRow:
         return None if self.speedup is None else self.speedup.ratio
 
     @property
-    def interval(self) -> RatioInterval | None:
-        """The speedup with its confidence interval (bounds None when a side has one round)."""
-        return self.speedup
-
-    @property
     def speedup_percent(self) -> float | None:
         """How much faster the with-profile is, in percent (negative when it is slower)."""
         r = self.ratio
@@ -107,13 +102,13 @@ class ComparisonRow:
     @property
     def speedup_percent_interval(self) -> tuple[float, float] | None:
         """(lower, upper) of the speedup in percent; None when the rounds give no interval."""
-        iv = self.interval
+        iv = self.speedup
         if iv is None or iv.lower is None or iv.upper is None:
             return None
         return (iv.lower - 1.0) * 100.0, (iv.upper - 1.0) * 100.0
 
     def to_dict(self) -> dict[str, Any]:
-        iv = self.interval
+        iv = self.speedup
         return {
             "cipher": self.cipher,
             "op": self.op,
