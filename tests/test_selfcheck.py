@@ -46,7 +46,7 @@ def tcg_knowledge() -> FakeKnowledge:
     )
 
 
-INIT = Path(__file__).resolve().parent.parent / "exporter" / "canary" / "guest" / "init"
+INIT = Path(__file__).resolve().parent.parent / "exporter" / "canary" / "image" / "guest" / "init"
 
 
 def _result(

@@ -37,7 +37,7 @@ from exporter.hazards import hazards
 from exporter.levels import level_of
 from exporter.qemu.knowledge import QemuKnowledge
 
-INIT = Path(__file__).resolve().parent.parent / "exporter" / "canary" / "guest" / "init"
+INIT = Path(__file__).resolve().parent.parent / "exporter" / "canary" / "image" / "guest" / "init"
 
 #: -cpu spec -> (x86-64 level QEMU 7.2's model gives under TCG, whether the guest kernel crashes
 #: loading aesni-intel). Not host-dependent: TCG emulates every model the same on any host CPU.
