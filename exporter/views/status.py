@@ -332,9 +332,10 @@ def guest_line(r: GuestReport) -> GuestLine:
 
     g = r.guest
     usable = None if r.effective.features is None else verdict(r.effective.features).usable
+    # below a level some OS needs (not v4: no distribution requires it) that the host could give
     below = None
     if r.level is not None and r.host_level is not None and r.level < r.host_level:
-        below = r.level + 1
+        below = r.level + 1 if r.level + 1 in OS_BASELINES else None
     return GuestLine(
         name=g.label,
         pid=g.pid,
