@@ -113,8 +113,6 @@ class GuestLine:
     #: ``(feature, requires)`` pairs: exposed without their prerequisites
     hazards: tuple[tuple[str, tuple[str, ...]], ...]
     error: str | None = None
-    #: where the guest is below what the host could give: which OS needs more and what is missing
-    level_note: str | None = None
     #: the full ``-cpu`` value (model and net switches, e.g. ``Haswell-noTSX,-aes``); ``model`` if unset
     cpu: str = ""
     #: which operating systems' x86-64 baselines the guest meets ("... 10: needs v3 (missing avx)")
@@ -347,7 +345,6 @@ def guest_line(r: GuestReport) -> GuestLine:
         missing=r.missing,
         hazards=tuple((h.feature, tuple(h.requires)) for h in r.hazards),
         error=None if r.effective.error is None else str(r.effective.error),
-        level_note=r.level_note,
         cpu=g.spec.cpu.text,
         os_line=os_line(r.level, None if usable is None else frozenset(usable)),
         below_level=below,
