@@ -226,10 +226,17 @@ def last_comparison(cfg: Config, args: argparse.Namespace) -> int:
             f"no complete comparison in {cfg.paths.state_dir} yet ({pair}): "
             "both profiles must succeed in one canary tick"
         )
+    plot_path = None
+    if args.plot:
+        from exporter.render.plot import plot_comparison
+
+        plot_path = plot_comparison(comp, args.plot)
     if args.json:
-        _emit_json({"comparison": comp.to_dict()})
+        _emit_json({"comparison": comp.to_dict(), "plot": str(plot_path) if plot_path else None})
     else:
         print(render_comparison(comp))
+        if plot_path:
+            print(f"bar chart: {plot_path}")
     return 0
 
 
