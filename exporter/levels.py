@@ -61,7 +61,7 @@ def missing_for(level: int, features: Iterable[str]) -> tuple[str, ...]:
 #: used to say who needs the next level
 OS_BASELINES: dict[int, tuple[str, ...]] = {
     1: ("Debian 12/13", "Ubuntu 24.04/25.10", "SLES 15"),
-    2: ("RHEL/CentOS Stream/Rocky/Alma 9", "SLES 16", "AlmaLinux 10 (x86_64_v2 build)"),
+    2: ("RHEL/CentOS Stream/Rocky/Alma/Oracle 9", "SLES 16", "AlmaLinux 10 (x86_64_v2 build)"),
     3: ("RHEL/CentOS Stream/Rocky/Oracle 10",),
 }
 

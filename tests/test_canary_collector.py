@@ -14,7 +14,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from support.scheduling import MB, FakeClock, result
 
 from exporter.canary.model import RESULTS
-from exporter.canary.results.store import STATE_FILE, CanaryStore
+from exporter.canary.results.store import STATE_FILE, THROUGHPUT_BUCKETS, CanaryStore
 from exporter.collectors.canary import CanaryCollector
 from exporter.features import DEFAULT_WATCHLIST
 
@@ -24,7 +24,7 @@ T0 = 1_764_000_000.0
 
 def _registry(store: CanaryStore, watch: tuple[str, ...] = ("aes", "avx", "avx512f")) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(CanaryCollector(store, watch))
+    registry.register(CanaryCollector(store, watch, histogram=True))
     return registry
 
 
@@ -177,3 +177,31 @@ def test_speedup_bounds_beside_the_ratio(tmp_path: Path) -> None:
     assert v("kvmcpu_canary_scheduler_up") is None  # no scheduler attached: not exported
     store.watch_scheduler(lambda: True)
     assert v("kvmcpu_canary_scheduler_up") == 1
+
+
+def test_default_canary_series_fit_the_budget_and_the_histogram_is_one_flag_away(tmp_path: Path) -> None:
+    """A filled store (2 profiles x 6 ciphers x 2 ops, the default watch list): about 200 canary
+    series by default (docs/metrics.md), the per-round histogram only with the flag."""
+    store = CanaryStore(tmp_path, FakeClock(T0), ("aesni", "noaesni"))
+    ciphers = [f"aes-{mode}-plain" for mode in ("ecb", "cbc", "ctr", "lrw", "pcbc", "xts")]
+    for profile, speed in (("aesni", 1.0), ("noaesni", 0.4)):
+        for cipher in ciphers:
+            rates = {op: [speed * 100 * MB, speed * 98 * MB, speed * 103 * MB] for op in ("read", "write")}
+            store.record(
+                result(profile, at=T0, cipher=cipher, rates=rates, flags=list(DEFAULT_WATCHLIST)), tick=1
+            )
+
+    def series(histogram: bool) -> list[str]:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(CanaryCollector(store, DEFAULT_WATCHLIST, histogram=histogram))
+        text = generate_latest(registry).decode()
+        return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+    default, detailed = series(False), series(True)
+    print(f"canary series: {len(default)} by default, {len(detailed)} with the histogram")
+    assert len(default) <= 210, len(default)
+    assert not any(s.startswith("kvmcpu_canary_throughput_bytes_per_second") for s in default)
+    assert sum(s.startswith("kvmcpu_canary_last_throughput_bytes_per_second{") for s in default) == 24
+    buckets = [s for s in detailed if s.startswith("kvmcpu_canary_throughput_bytes_per_second_bucket")]
+    assert len(buckets) == 24 * (len(THROUGHPUT_BUCKETS) + 1)
+    assert set(default) <= set(detailed)

@@ -6,6 +6,7 @@ Never rebuilds from scratch (``scripts/dev.sh`` builds the default cache once be
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import stat
 import subprocess
@@ -88,6 +89,22 @@ def test_initramfs_has_the_benchmark_tools_and_modules() -> None:
     # the module dependency closure came along: aesni-intel needs crypto_simd and cryptd
     assert any(n.endswith("/crypto_simd.ko") for n in listing)
     assert any(n.endswith("/cryptd.ko") for n in listing)
+
+
+def test_the_guest_loads_the_module_list_the_build_wrote(tmp_path: Path) -> None:
+    """One list (exporter/canary/image/modules.py): the image carries it, /init reads it."""
+    img = canary_image()
+    raw = subprocess.run(["gzip", "-dc", str(img.initrd)], capture_output=True, check=True).stdout
+    subprocess.run(
+        ["cpio", "-id", "--quiet", "init", modules.MODULE_LIST], input=raw, cwd=tmp_path, check=True
+    )
+    assert (tmp_path / modules.MODULE_LIST).read_text().split() == list(modules.GUEST_MODULES)
+    init = (tmp_path / "init").read_text()
+    assert "/etc/canary-modules" in init
+    # no second copy of the list in the script: modprobe loads what the list names, and the RAM
+    # disk (with its size parameters)
+    loads = re.findall(r"modprobe\s+(\"\$mod\"|[\w-]+)", init)
+    assert sorted(set(loads)) == sorted({'"$mod"', modules.RAMDISK_MODULE}), loads
 
 
 def test_build_is_idempotent_and_fast_the_second_time() -> None:

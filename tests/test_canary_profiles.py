@@ -65,3 +65,20 @@ def test_explicit_expectation_and_network_are_kept() -> None:
     assert prof.network == "isolated"
     cfg = ProfileConfig(name="odd", cpu="max", expects_aesni=False)
     assert resolve_profile(cfg, kvm_usable=False).expects_aesni is False
+
+
+@pytest.mark.parametrize(
+    ("cpu", "expected"),
+    [
+        ("max,aes=n", False),  # QEMU's boolean spellings (qemu/cpuspec.py)
+        ("host,-aes,+aes", False),  # -feat beats +feat whatever the order
+        ("max,+aes,aes=off", True),  # +feat beats feat=off
+        ("Westmere,aes=yes", True),
+        ("qemu64,model-id=x,,aes", None),  # ",,aes" is part of a property value, not a switch
+    ],
+)
+def test_expects_aesni_reads_the_one_cpu_grammar(cpu: str, expected: bool | None) -> None:
+    from exporter.qemu.cpuspec import parse_cpu
+
+    assert infer_expects_aesni(cpu) is expected
+    assert dict(parse_cpu(cpu).overrides).get("aes", expected) is expected

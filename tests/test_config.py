@@ -292,8 +292,8 @@ def test_web_config_is_loaded_once_and_kept(tmp_path: Path, monkeypatch: pytest.
     """The validated web config is the one that serves: its TLS context is built once."""
     from support.pki import make_pki
 
+    from exporter.app.settings import load_settings
     from exporter.collectors.scrape import COLLECTORS
-    from exporter.config.settings import load_settings
     from exporter.web import tls as webconfig
 
     pki = make_pki(tmp_path / "pki")

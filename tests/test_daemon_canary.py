@@ -42,6 +42,7 @@ def _config(tmp_path: Path, **canary: object) -> str:
             "busy_cpu_percent": 100.0,
             "duty_cycle_percent": 100.0,
             "timeout_seconds": 120.0,
+            "throughput_histogram": True,  # the kept-across-restarts checks read its _count/_sum
             **canary,
         },
     }

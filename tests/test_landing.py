@@ -166,13 +166,14 @@ def test_problems_come_first_and_critical_before_warning() -> None:
         ("critical", "AES-NI is not used by the host kernel"),
         ("critical", "guest db01 gets features without their prerequisites"),
         ("critical", "canary noaesni failed: timeout"),
-        ("warning", "KVM is not usable: guests run under software emulation (TCG)"),
+        ("warning", "1 guest does not get AES-NI"),
         ("warning", "1 guest misses host CPU features"),
+        ("warning", "KVM is not usable: guests run under software emulation (TCG)"),
         ("warning", "collector crypto failed"),
     ]
     page = render_landing(status)
     text = _text(page.split("</style>", 1)[1])
-    assert text.index("Problems (6)") < text.index("Host")
+    assert text.index("Problems (7)") < text.index("Host")
     assert "missing aes, avx2 + 2 more" in text
     assert "avx without xsave" in text and "x86-64-v2" in text
     assert "new01" in text and "not known yet" in text  # never "missing every feature"
@@ -183,3 +184,10 @@ def test_no_problems_says_so() -> None:
     status = Status(host=HostStatus("AMD EPYC", 2, 2, "aes-aesni", aesni_active=True), guests=())
     assert status.problems == ()
     assert "No problems found." in render_landing(status)
+
+
+def test_a_guest_name_that_is_not_utf8_is_shown_not_fatal() -> None:
+    """/proc gives a -name of arbitrary bytes as surrogate escapes; the page must still encode."""
+    name = b"vm-\xff\xfe-x".decode("utf-8", "surrogateescape")
+    page = render_landing(Status(guests=(_guest(name, missing=("aes",)),)))
+    assert "vm-\ufffd\ufffd-x" in page.encode("utf-8").decode()

@@ -41,6 +41,10 @@ PROFILES = ("aesni", "noaesni")
 #: (dashboard uid, panel title) -> why the query has no data on one test host
 EXPECTED_EMPTY = {
     (
+        "kvmcpu-canary",
+        "Throughput distribution",
+    ): "the per-round histogram is opt-in (--canary.throughput-histogram), off by default",
+    (
         "kvmcpu-exposure",
         "Features on only some CPUs",
     ): "needs a host whose logical CPUs differ in features (mixed CPUs or microcode)",

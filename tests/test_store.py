@@ -21,7 +21,7 @@ from exporter.canary.results.store import (
     Histogram,
 )
 from exporter.config import ProfileConfig
-from exporter.views.canary import landing_lines
+from exporter.views.canary import canary_view
 
 
 def test_round_trip_keeps_results_counters_and_original_timestamps(tmp_path: Path) -> None:
@@ -204,7 +204,7 @@ def test_aesni_pair_from_config() -> None:
 def test_summary_has_one_line_per_profile(tmp_path: Path) -> None:
     store = CanaryStore(tmp_path, profiles=["aesni", "noaesni"])
     store.record(result("aesni", at=0.0, rates={"read": [100 * MB], "write": [50 * MB]}))
-    lines = landing_lines(store.snapshot())
+    lines = {p.name: p.line for p in canary_view(store.snapshot()).profiles}
     assert lines["noaesni"] == "no run yet"
     assert lines["aesni"].startswith("success at 1970-01-01 00:00:00 UTC")
     assert "mean 75.0 MB/s" in lines["aesni"]
@@ -224,7 +224,7 @@ def test_a_near_zero_guest_time_is_skipped_not_fatal(tmp_path: Path) -> None:
     glitch.measurements.append(Measurement("aes-xts-plain", "read", 9, 8 * MB, 1e-320))
     store.record(glitch)
     reopened = CanaryStore(tmp_path, FakeClock(), ("aesni", "noaesni"))
-    assert landing_lines(reopened.snapshot())["aesni"].startswith("success")
+    assert canary_view(reopened.snapshot()).profiles[0].line.startswith("success")
 
 
 def test_speedup_pairs_only_results_of_the_same_tick_and_keeps_its_interval(tmp_path: Path) -> None:

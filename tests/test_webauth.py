@@ -10,7 +10,7 @@ import bcrypt
 import pytest
 
 from exporter.web import auth as webauth
-from exporter.web.auth import BasicAuth, Verdict
+from exporter.web.auth import AuthVerdict, BasicAuth
 
 # cost 4 keeps the unit tests fast; the format is the same as the operators' cost 10+
 HASH = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4)).decode()
@@ -76,11 +76,11 @@ def test_a_cache_hit_never_waits_behind_bcrypt(monkeypatch: pytest.MonkeyPatch) 
     try:
         time.sleep(0.05)
         start = time.perf_counter()
-        assert auth.verdict(basic("alice", "s3cret")) is Verdict.ALLOWED
+        assert auth.verdict(basic("alice", "s3cret")) is AuthVerdict.ALLOWED
         assert time.perf_counter() - start < 0.05
         # a new password cannot get a slot: BUSY after max_wait, not a pile of waiting threads
         start = time.perf_counter()
-        assert auth.verdict(basic("alice", "another")) is Verdict.BUSY
+        assert auth.verdict(basic("alice", "another")) is AuthVerdict.BUSY
         assert 0.15 < time.perf_counter() - start < 1.0
     finally:
         release.set()
@@ -88,7 +88,7 @@ def test_a_cache_hit_never_waits_behind_bcrypt(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_no_users_allows_everything_and_bad_headers_are_denied() -> None:
-    assert BasicAuth({}).verdict(None) is Verdict.ALLOWED
+    assert BasicAuth({}).verdict(None) is AuthVerdict.ALLOWED
     auth = BasicAuth({"alice": HASH})
     for header in (None, "", "Bearer abc", "Basic !!!", "Basic " + base64.b64encode(b"no-colon").decode()):
-        assert auth.verdict(header) is Verdict.DENIED
+        assert auth.verdict(header) is AuthVerdict.DENIED

@@ -106,6 +106,12 @@ def add_arguments(
         help="profile hiding AES-NI (default: the profile with expects_aesni: false)",
     )
     cmp_.add_argument("--plot", metavar="FILE.png", help="also draw a grouped bar chart (needs matplotlib)")
+    cmp_.add_argument(
+        "--last",
+        action="store_true",
+        help="boot nothing: print the daemon's last complete comparison of the AES-NI pair from its "
+        "state file (--path.state-dir), the figures /metrics and the landing page show",
+    )
     _add_bench_options(cmp_)
 
 

@@ -19,6 +19,7 @@ from exporter.app.progress import Progress
 from exporter.canary.results.compare import aggregate, compare, render_comparison, render_rates
 from exporter.config import CIPHER_SPEC, Config, ProfileConfig
 from exporter.errors import ExporterError
+from exporter.procfs.crypto import aesni_driver
 
 if TYPE_CHECKING:
     from exporter.canary.image.build import CanaryImage
@@ -65,11 +66,11 @@ def _kvm_usable(cfg: Config, profiles: Sequence[ProfileConfig], progress: Callab
     """
     if not _needs_kvm_verdict(profiles) or "kvm" not in cfg.qemu.accelerators:
         return False
-    from exporter.qemu.knowledge import QemuKnowledge
+    from exporter.app.settings import qemu_knowledge
 
     progress("probing QEMU accelerators (is KVM proven usable?)")
     try:
-        facts = QemuKnowledge.for_config(cfg).probe()
+        facts = qemu_knowledge(cfg).probe()
     except ExporterError as err:
         progress(f"QEMU probe failed ({err}); assuming KVM is not usable, guests run under TCG")
         return False
@@ -151,7 +152,7 @@ def _outcome_lines(results: Sequence[CanaryResult], profiles: Sequence[Profile])
             line += f", guest CPU {'has' if 'aes' in r.cpu_flags else 'lacks'} aes"
         lines.append(line)
         if r.result == "success" and expects.get(r.profile) is not None:
-            uses = any("aesni" in d for d in r.drivers.values())
+            uses = any(aesni_driver(d) for d in r.drivers.values())
             if uses != expects[r.profile]:
                 lines.append(
                     f"  warning: profile {r.profile} is expected {'to' if expects[r.profile] else 'not to'} "
@@ -211,7 +212,37 @@ def _plot_context(cfg: Config, results: Sequence[CanaryResult]) -> PlotContext:
     return PlotContext(accels, _host_cpu(cfg), cfg.canary.size_mib, cfg.canary.rounds)
 
 
+def last_comparison(cfg: Config, args: argparse.Namespace) -> int:
+    """``canary compare --last``: the canary read model of the daemon's state file, rendered like
+    a fresh comparison (nothing is computed again: the speedups are the store's)."""
+    from exporter.canary.results.store import CanaryStore
+    from exporter.views.canary import comparison
+
+    snap = CanaryStore.for_config(cfg).snapshot()
+    comp = comparison(snap)
+    if comp is None:
+        pair = " / ".join(snap.pair) if snap.pair else "no profile pair configured"
+        raise ExporterError(
+            f"no complete comparison in {cfg.paths.state_dir} yet ({pair}): "
+            "both profiles must succeed in one canary tick"
+        )
+    plot_path = None
+    if args.plot:
+        from exporter.render.plot import plot_comparison
+
+        plot_path = plot_comparison(comp, args.plot)
+    if args.json:
+        _emit_json({"comparison": comp.to_dict(), "plot": str(plot_path) if plot_path else None})
+    else:
+        print(render_comparison(comp))
+        if plot_path:
+            print(f"bar chart: {plot_path}")
+    return 0
+
+
 def compare_command(cfg: Config, args: argparse.Namespace, progress: Progress) -> int:
+    if getattr(args, "last", False):
+        return last_comparison(cfg, args)
     with_name = args.with_profile or _default_side(cfg, True, "--with")
     without_name = args.without_profile or _default_side(cfg, False, "--without")
     if with_name == without_name:

@@ -12,10 +12,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from exporter.app.settings import load_settings
 from exporter.collectors.scrape import COLLECTORS
 from exporter.config import Config, report_config_problems
 from exporter.config.flags import FLAG_KEYS, OPTION_NAMES, add_common_flags, add_serve_flags
-from exporter.config.settings import load_settings
 from exporter.version import version_text
 
 __all__ = ["FLAG_KEYS", "build_parser", "config_from_args", "main", "report_config_problems"]

@@ -57,9 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _local_expander(cfg: Config) -> Any:
     """The recommended model's features from the local QEMU (the same expansion the exporters
     use), or None when no QEMU is installed here."""
-    from exporter.qemu.knowledge import QemuKnowledge
+    from exporter.app.settings import qemu_knowledge
 
-    knowledge = QemuKnowledge.for_config(cfg)
+    knowledge = qemu_knowledge(cfg)
 
     def expand(model: str) -> frozenset[str] | None:
         try:

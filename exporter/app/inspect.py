@@ -25,12 +25,11 @@ from exporter import __version__
 from exporter.config import Config
 from exporter.errors import ExporterError
 from exporter.features import watchlist
-from exporter.levels import level_of, name
+from exporter.levels import name
 from exporter.logsetup import setup_logging
-from exporter.procfs.cpuinfo import CpuInfo, read_cpuinfo
-from exporter.procfs.crypto import WATCHED_AES_ALGORITHMS, aesni_active, read_crypto, select_watched
-from exporter.procfs.modules import WATCHED_MODULES, loaded_modules, module_present
+from exporter.procfs.cpuinfo import CpuInfo
 from exporter.views.host import exposable_level as host_exposable_level
+from exporter.views.host import host_cpu, host_crypto
 
 if TYPE_CHECKING:
     from exporter.qemu.knowledge import HostQemuFacts, QemuKnowledge
@@ -70,7 +69,7 @@ def _describe(err: BaseException) -> str:
 
 def _cpu_section(procfs: Path) -> tuple[Section, CpuInfo | None]:
     try:
-        info = read_cpuinfo(procfs)
+        host = host_cpu(procfs)
     except Exception as err:
         _trace("cannot inspect host CPU", err)
         return Section(
@@ -80,6 +79,7 @@ def _cpu_section(procfs: Path) -> tuple[Section, CpuInfo | None]:
             error=_describe(err),
             ok=False,
         ), None
+    info = host.info
     identities = [
         {
             "vendor": i.vendor,
@@ -102,7 +102,7 @@ def _cpu_section(procfs: Path) -> tuple[Section, CpuInfo | None]:
     if len(identities) > 1:
         lines.append("  note: logical CPUs differ (heterogeneous host or partial microcode update)")
         lines.append(f"  logical CPUs: {info.count}")
-    level = level_of(info.flags_everywhere())
+    level = host.level
     lines.append(f"  {name(level)} (every logical CPU)")
     return Section(
         "host",
@@ -204,8 +204,7 @@ def _features_section(info: CpuInfo | None, facts: HostQemuFacts | None, watch: 
 
 def _crypto_section(procfs: Path, sysfs: Path) -> Section:
     try:
-        selected = select_watched(read_crypto(procfs))
-        loaded = loaded_modules(procfs)
+        host = host_crypto(procfs, sysfs)
     except Exception as err:
         _trace("cannot inspect kernel crypto", err)
         data: dict[str, Any] = {
@@ -218,11 +217,11 @@ def _crypto_section(procfs: Path, sysfs: Path) -> Section:
         return Section("crypto", "Kernel crypto (AES)", data, error=_describe(err), ok=False)
     algorithms = [
         {"algorithm": name, "driver": alg.driver, "module": alg.module, "priority": alg.priority}
-        for name, alg in selected.items()
+        for name, alg in host.selected.items()
     ]
-    missing = [name for name in WATCHED_AES_ALGORITHMS if name not in selected]
-    modules = {name: module_present(name, loaded, sysfs) for name in WATCHED_MODULES}
-    active = aesni_active(selected)
+    missing = list(host.missing)
+    modules = dict(host.modules or {})
+    active = host.aesni_active
     data = {
         "aesni_active": active,
         "algorithms": algorithms,
@@ -257,13 +256,15 @@ def _guest_section(
 ) -> Section:
     """Running QEMU guests and the watched host features each one does not get."""
     from exporter.views.guests import guest_reports
+    from exporter.views.status import guest_line
 
     host = info.flags_everywhere() if info is not None else None
     reports, issues = guest_reports(Path(cfg.paths.procfs), knowledge, watch, host, cfg.guests.process_names)
     guests = [r.as_dict(watch) for r in reports]
     lines = [f"  running guests: {len(reports)}"]
     for r, d in zip(reports, guests, strict=True):
-        spec = d["cpu_model"] + ("" if d["cpu_model_explicit"] else " (QEMU default, no -cpu)")
+        line = guest_line(r)  # what the landing page shows of the guest: full -cpu, OS line
+        spec = line.cpu_text + ("" if d["cpu_model_explicit"] else " (QEMU default, no -cpu)")
         lines.append(
             f"  {d['guest']}  pid {d['pid']}  -cpu {spec}  accel {d['accel']}"
             + ("" if d["migratable"] else "  (host passthrough: not migratable)")
@@ -280,6 +281,8 @@ def _guest_section(
             lines.append(f"    verdict from {_SOURCE_NOTES[d['source']]}")
         if r.level is not None:
             lines.append(f"    level: {r.level_note or name(r.level)}")
+        if line.os_line:
+            lines.append(f"    OS: {line.os_line}")
         for h in r.hazards:
             lines.append(
                 f"    HAZARD: shows {h.feature} without {', '.join(h.requires)}"
@@ -325,10 +328,10 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     watch = watchlist(cfg.features.include, cfg.features.exclude)
     cpu, info = _cpu_section(procfs)
     crypto = _crypto_section(procfs, sysfs)
-    from exporter.qemu.knowledge import QemuKnowledge
+    from exporter.app.settings import qemu_knowledge
 
     # one knowledge source for the whole report, so guests reuse the probe's cached expansions
-    knowledge = QemuKnowledge.for_config(cfg)
+    knowledge = qemu_knowledge(cfg)
     qemu, facts = _qemu_section(cfg, knowledge)
     features = _features_section(info, facts, watch)
     try:

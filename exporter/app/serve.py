@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry
 
 from exporter.app.reload import ReloadStatus, restart_needed
+from exporter.app.settings import Settings, load_settings, qemu_knowledge
 from exporter.collectors.scrape import (
     COLLECTORS,
     BackgroundCollector,
@@ -38,7 +39,6 @@ from exporter.collectors.scrape import (
     register_exporter_metrics,
 )
 from exporter.config import CanaryConfig, Config
-from exporter.config.settings import Settings, load_settings
 from exporter.errors import ExporterError
 from exporter.logsetup import log_failure, setup_logging
 from exporter.render.landing import render_config
@@ -63,9 +63,7 @@ class Daemon:
         needs_qemu = cfg.canary.enabled or any(COLLECTORS[n].needs_qemu for n in names)
         self.knowledge: QemuKnowledge | None = None
         if needs_qemu:
-            from exporter.qemu.knowledge import QemuKnowledge
-
-            self.knowledge = QemuKnowledge.for_config(cfg)
+            self.knowledge = qemu_knowledge(cfg)
         self.store: CanaryStore | None = None
         if cfg.canary.enabled or "canary" in names:
             from exporter.canary.results.store import CanaryStore

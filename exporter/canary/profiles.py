@@ -13,14 +13,18 @@ from collections.abc import Sequence
 from exporter.canary.model import Profile
 from exporter.config import ProfileConfig
 from exporter.features import full_cpu_model
+from exporter.qemu.cpuspec import CmdlineError, parse_cpu, split_cpu
 
 
 def resolve_cpu(spec: str, kvm_usable: bool) -> str:
-    """``auto[,feature...]`` -> ``host``/``max`` with the same feature list; anything else as is."""
-    model, sep, rest = spec.partition(",")
-    if model.strip() == "auto":
-        model = full_cpu_model(resolve_accel("auto", kvm_usable))
-    return model + sep + rest
+    """``auto[,feature...]`` -> ``host``/``max`` with the same switches; anything else as is.
+
+    Only the model is replaced: the switches are passed on as the operator wrote them (QEMU reads
+    them with the grammar of ``exporter.qemu.cpuspec``)."""
+    model, items = split_cpu(spec)
+    if model == "auto":
+        return ",".join([full_cpu_model(resolve_accel("auto", kvm_usable)), *items])
+    return spec
 
 
 def resolve_accel(accel: str, kvm_usable: bool) -> str:
@@ -30,26 +34,27 @@ def resolve_accel(accel: str, kvm_usable: bool) -> str:
 
 
 def infer_expects_aesni(cpu: str) -> bool | None:
-    """Whether a cpu spec obviously exposes AES-NI: an explicit ``-aes``/``aes=off`` says no,
-    ``+aes``/``aes=on`` says yes, bare ``host``/``max`` say yes; a named model is left unknown
-    (whether e.g. Westmere has aes is QEMU's knowledge, not this module's)."""
-    model, _, rest = cpu.partition(",")
-    verdict: bool | None = True if model in ("host", "max") else None
-    for item in rest.split(","):
-        item = item.strip()
-        if item in ("-aes", "aes=off", "aes=false"):
-            verdict = False
-        elif item in ("+aes", "aes=on", "aes=true", "aes"):
-            verdict = True
-    return verdict
+    """Whether a cpu spec obviously exposes AES-NI, read with the one ``-cpu`` grammar
+    (``exporter.qemu.cpuspec``, so ``max,aes=n`` and ``host,-aes,+aes`` mean what QEMU makes of
+    them): a net ``aes`` switch decides, else bare ``host``/``max`` say yes; a named model is left
+    unknown (whether e.g. Westmere has aes is QEMU's knowledge, not this module's)."""
+    try:
+        spec = parse_cpu(cpu)
+    except CmdlineError:
+        return None
+    switches = dict(spec.overrides)
+    if "aes" in switches:
+        return switches["aes"]
+    return True if spec.model in ("host", "max") else None
 
 
 def resolve_profile(cfg: ProfileConfig, kvm_usable: bool) -> Profile:
     cpu = resolve_cpu(cfg.cpu, kvm_usable)
     accel = resolve_accel(cfg.accel, kvm_usable)
     # -cpu host only exists under KVM; a profile pinned to tcg gets the closest TCG equivalent
-    if accel == "tcg" and cpu.partition(",")[0] == "host":
-        cpu = "max" + cpu[len("host") :]
+    model, items = split_cpu(cpu)
+    if accel == "tcg" and model == "host":
+        cpu = ",".join(["max", *items])
     expects = cfg.expects_aesni if cfg.expects_aesni is not None else infer_expects_aesni(cpu)
     return Profile(name=cfg.name, cpu=cpu, accel=accel, network=cfg.network, expects_aesni=expects)
 

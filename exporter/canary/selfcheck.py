@@ -93,7 +93,7 @@ class Mismatch:
 
 
 @dataclass(frozen=True)
-class Comparison:
+class SelfCheckResult:
     """One canary run compared with the model's prediction for its spec."""
 
     profile: str
@@ -161,11 +161,11 @@ class SelfCheck:
         self.watch = tuple(watch)
         self.binary = binary
         self._lock = threading.Lock()
-        self._comparisons: dict[str, Comparison] = {}
+        self._comparisons: dict[str, SelfCheckResult] = {}
         self._logged: set[tuple[str, str, Mismatch]] = set()
         self._failed: set[tuple[str, str, str]] = set()
 
-    def check(self, result: CanaryResult) -> Comparison | None:
+    def check(self, result: CanaryResult) -> SelfCheckResult | None:
         """The comparison for ``result`` (computed once), or the profile's last one when this
         result cannot be compared (no flags, QEMU's answer pending, an unknown model)."""
         observation = Observation.from_result(result)
@@ -194,7 +194,7 @@ class SelfCheck:
             return last
         if prediction is None:
             return last
-        comparison = Comparison(
+        comparison = SelfCheckResult(
             result.profile,
             result.cpu_spec,
             result.accel,
@@ -230,7 +230,7 @@ class SelfCheck:
             )
         return comparison
 
-    def last(self, profile: str) -> Comparison | None:
+    def last(self, profile: str) -> SelfCheckResult | None:
         with self._lock:
             return self._comparisons.get(profile)
 
@@ -238,10 +238,10 @@ class SelfCheck:
 __all__ = [
     "KINDS",
     "LEVEL_SOURCES",
-    "Comparison",
     "Mismatch",
     "Observation",
     "SelfCheck",
+    "SelfCheckResult",
     "compare",
     "predict",
 ]

@@ -25,7 +25,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from exporter.canary.results.store import CanaryStore
-from exporter.canary.selfcheck import Comparison, SelfCheck
+from exporter.canary.selfcheck import SelfCheck, SelfCheckResult
 
 
 class CanarySelfcheckCollector:
@@ -33,12 +33,12 @@ class CanarySelfcheckCollector:
         self.store = store
         self.selfcheck = selfcheck
 
-    def comparisons(self) -> dict[str, Comparison]:
+    def comparisons(self) -> dict[str, SelfCheckResult]:
         """profile -> the comparison of its last comparable canary run (profiles without one left out)."""
         if self.store is None:
             return {}
         snap = self.store.snapshot()
-        out: dict[str, Comparison] = {}
+        out: dict[str, SelfCheckResult] = {}
         for name in snap.profile_names():
             stats = snap.state.profiles.get(name)
             last = stats.last if stats is not None else None

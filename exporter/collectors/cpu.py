@@ -8,8 +8,7 @@ from pathlib import Path
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from exporter.levels import level_of
-from exporter.procfs.cpuinfo import read_cpuinfo
+from exporter.views.host import host_cpu
 
 
 class CpuCollector:
@@ -41,7 +40,8 @@ class CpuCollector:
         self._watch = watch
 
     def collect(self) -> Iterator[Metric]:
-        info = read_cpuinfo(self._procfs)
+        host = host_cpu(self._procfs)  # the host read model (exporter.views.host)
+        info = host.info
         ident = GaugeMetricFamily(
             "kvmcpu_host_cpu_info",
             "Host CPU identity from /proc/cpuinfo; one series per distinct kind of logical CPU.",
@@ -72,5 +72,5 @@ class CpuCollector:
         yield GaugeMetricFamily(
             "kvmcpu_host_x86_64_level",
             "x86-64 psABI level (1-4; 0 below v1) that every logical CPU of the host reaches.",
-            value=float(level_of(info.flags_everywhere())),
+            value=float(host.level),
         )

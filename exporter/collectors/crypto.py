@@ -8,8 +8,7 @@ from pathlib import Path
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from exporter.procfs.crypto import aesni_active, read_crypto, select_watched
-from exporter.procfs.modules import WATCHED_MODULES, loaded_modules, module_present
+from exporter.views.host import host_crypto
 
 
 class CryptoCollector:
@@ -32,26 +31,25 @@ class CryptoCollector:
         self._sysfs = sysfs
 
     def collect(self) -> Iterator[Metric]:
-        selected = select_watched(read_crypto(self._procfs))
+        host = host_crypto(self._procfs, self._sysfs)  # the host read model (exporter.views.host)
         drivers = GaugeMetricFamily(
             "kvmcpu_host_crypto_driver_info",
             "The kernel crypto driver selected (highest priority, self-tested) per AES algorithm.",
             labels=["algorithm", "driver", "module", "priority"],
         )
-        for name, alg in selected.items():
+        for name, alg in host.selected.items():
             drivers.add_metric([name, alg.driver, alg.module, str(alg.priority)], 1.0)
         yield drivers
         yield GaugeMetricFamily(
             "kvmcpu_host_aesni_active",
             "Whether the kernel selected an AES-NI driver for aes, xts(aes) or cbc(aes).",
-            value=1.0 if aesni_active(selected) else 0.0,
+            value=1.0 if host.aesni_active else 0.0,
         )
-        loaded = loaded_modules(self._procfs)
         modules = GaugeMetricFamily(
             "kvmcpu_host_kernel_module_loaded",
             "Whether the kernel module is loaded (/proc/modules) or built in (/sys/module).",
             labels=["module"],
         )
-        for name in WATCHED_MODULES:
-            modules.add_metric([name], 1.0 if module_present(name, loaded, self._sysfs) else 0.0)
+        for name, present in (host.modules or {}).items():
+            modules.add_metric([name], 1.0 if present else 0.0)
         yield modules

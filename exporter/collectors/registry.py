@@ -116,7 +116,9 @@ def _canary(ctx: Context) -> Collector:
     from exporter.collectors.canary import CanaryCollector
 
     assert ctx.canary_store is not None
-    return CanaryCollector(store=ctx.canary_store, watch=ctx.watch)
+    return CanaryCollector(
+        store=ctx.canary_store, watch=ctx.watch, histogram=ctx.config.canary.throughput_histogram
+    )
 
 
 def _canary_selfcheck(ctx: Context) -> Collector:

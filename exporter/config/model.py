@@ -327,6 +327,12 @@ class CanaryConfig:
         le=100,
         flag=Flag("canary.duty-cycle-percent", "PCT"),
     )
+    throughput_histogram: StrictBool = setting(
+        False,
+        "also export every dd round as the kvmcpu_canary_throughput_bytes_per_second histogram "
+        "(24 buckets: about 600 series with 2 profiles, 6 ciphers, 2 ops; the store keeps it either way)",
+        flag=Flag("canary.throughput-histogram"),
+    )
     nice: StrictInt = integer(19, "nice value of the canary QEMU", ge=-20, le=19)
     cpu_affinity: list[Annotated[StrictInt, Field(ge=0)]] = setting(
         help="CPUs the canary QEMU may run on ([] = any)", factory=list

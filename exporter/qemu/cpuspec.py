@@ -51,6 +51,14 @@ class CpuSpec:
         return frozenset(f for f, on in self.overrides if not on)
 
     @property
+    def text(self) -> str:
+        """The spec written back in QEMU's grammar, net switches as ``+feat``/``-feat``
+        (``Haswell-noTSX,-aes``): what a person compares with the guest's command line."""
+        items = [f"{'+' if on else '-'}{feat}" for feat, on in self.overrides]
+        items += [f"{key}={val.replace(',', ',,')}" for key, val in self.properties]
+        return ",".join([self.model, *items])
+
+    @property
     def props(self) -> dict[str, bool | str]:
         """Switches and properties as QMP's ``query-cpu-model-expansion`` takes them."""
         return {**dict(self.properties), **dict(self.overrides)}

@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporter.config import Config
 from exporter.errors import QemuBinaryMissing, QemuError, UnknownCpuModel
 from exporter.features import full_cpu_model
 from exporter.logsetup import log_failure
@@ -79,16 +78,6 @@ class _Failure:
 
 class QemuKnowledge:
     """The one source of QEMU facts and CPU model expansions for the daemon, inspect and canaries."""
-
-    @classmethod
-    def for_config(cls, cfg: Config) -> QemuKnowledge:
-        return cls(
-            cfg.qemu.binary,
-            accelerators=tuple(cfg.qemu.accelerators),
-            probe_timeout=cfg.qemu.probe_timeout_seconds,
-            cache_dir=Path(cfg.paths.cache_dir),
-            run_as_user=cfg.canary.run_as_user,
-        )
 
     def __init__(
         self,

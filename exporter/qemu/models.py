@@ -18,7 +18,6 @@ stable tie-break derived from the name so that every host (and the recording rul
 
 from __future__ import annotations
 
-import re
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -80,7 +79,6 @@ _VENDOR_BY_PREFIX: tuple[tuple[str, str], ...] = (
 )
 #: features only AMD models have, for model names this table does not know yet
 _AMD_LIKE = frozenset({"sse4a", "svm", "3dnow", "misalignsse", "topoext"})
-_VERSION = re.compile(r"-v(\d+)$")
 #: rank = level * LEVEL_STEP + features * FEATURE_STEP + tie-break (< FEATURE_STEP)
 LEVEL_STEP = 1_000_000
 FEATURE_STEP = 1_000
@@ -152,12 +150,6 @@ def support_hash(supported: Iterable[str]) -> int:
     """A 32-bit hash of a set of model names: hosts with equal values support the same models,
     so fleet tooling can group hosts without reading every host x model series."""
     return zlib.crc32("\n".join(sorted(supported)).encode())
-
-
-def version_of(name: str) -> int:
-    """``Skylake-Server-v3`` -> 3; 0 for unversioned names."""
-    m = _VERSION.search(name)
-    return int(m.group(1)) if m else 0
 
 
 def best(models: Iterable[ModelFacts], supported: Mapping[str, bool] | None = None) -> ModelFacts | None:

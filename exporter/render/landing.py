@@ -39,7 +39,15 @@ _SECRET_VALUE = re.compile(r"^\$2[abxy]?\$|-----BEGIN ")
 
 
 def e(value: object) -> str:
-    return html.escape(str(value), quote=True)
+    """``value`` as HTML text. A guest name is any bytes a user passed to ``-name``: bytes that are
+    not UTF-8 (kept as surrogate escapes when read from /proc) are shown as U+FFFD instead of
+    failing the whole page."""
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return html.escape(text, quote=True)
 
 
 @functools.cache
@@ -146,11 +154,11 @@ def _guests(status: Status) -> str:
         hazards = "".join(
             f'<br><span class="no">{e(f)} without {e(", ".join(r))}</span>' for f, r in g.hazards
         )
-        note = "" if g.level_note is None else f'<br><span class="muted">{e(g.level_note)}</span>'
+        note = "" if not g.os_line else _os_line(g.os_line)
         migr = "" if g.migratable else ' <span class="unknown">not migratable</span>'
         rows.append(
             f'<tr><td class="name">{e(g.name)}</td><td class="mono">{g.pid}</td>'
-            f"<td><code>-cpu {e(g.model)}</code> ({e(g.accel)}){migr}</td>"
+            f'<td><code class="cpu">-cpu {e(g.cpu_text)}</code> ({e(g.accel)}){migr}</td>'
             f"<td>{e(level)}</td><td>{_missing(g)}{hazards}{note}</td></tr>"
         )
     return (
@@ -162,11 +170,24 @@ def _guests(status: Status) -> str:
     )
 
 
+def _os_line(line: str) -> str:
+    """``OS: ... ok; ... needs v3 (...)``: what runs in green, what does not in red."""
+    parts = line.split("; ")
+    spans = [
+        f'<span class="{"ok" if part.endswith(": ok") else "need"}">{e(part)}'
+        + (";" if i < len(parts) - 1 else "")
+        + "</span>"
+        for i, part in enumerate(parts)
+    ]
+    return '<div class="os">OS: ' + " ".join(spans) + "</div>"
+
+
 def comparison_svg(c: Comparison) -> str:
     """Horizontal bars, with (green) and without (grey) AES-NI per cipher/op, MB/s at the bar end."""
     label_w, bar_w, row_h, top = 170, 440, 34, 28
-    height = top + row_h * len(c.bars) + 8
-    peak = max(max(b.with_rate, b.without_rate) for b in c.bars) or 1.0
+    bars = [(r, r.with_stats.mean, r.without_stats.mean) for r in c.rows if r.with_stats and r.without_stats]
+    height = top + row_h * len(bars) + 8
+    peak = max((max(w, wo) for _, w, wo in bars), default=1.0) or 1.0
     parts = [
         f'<svg class="chart" role="img" viewBox="0 0 {label_w + bar_w + 110} {height}" '
         f'xmlns="http://www.w3.org/2000/svg"><title>{e(c.with_profile)} vs {e(c.without_profile)}, MB/s</title>',
@@ -176,12 +197,12 @@ def comparison_svg(c: Comparison) -> str:
         f'<text x="{label_w + 196}" y="15">{e(c.without_profile)}</text>',
     ]
     parts.append('<g class="bars">')
-    for i, b in enumerate(c.bars):
+    for i, (row, with_rate, without_rate) in enumerate(bars):
         y = top + i * row_h
-        ratio = b.ratio
-        label = f"{b.cipher} {b.op}" + (f" x{ratio:.2f}" if ratio is not None else "")
+        ratio = row.ratio
+        label = f"{row.cipher} {row.op}" + (f" x{ratio:.2f}" if ratio is not None else "")
         parts.append(f'<text x="0" y="{y + 17}">{e(label)}</text>')
-        for j, (cls, rate) in enumerate((("with", b.with_rate), ("without", b.without_rate))):
+        for j, (cls, rate) in enumerate((("with", with_rate), ("without", without_rate))):
             w = max(1.0, bar_w * rate / peak)
             by = y + j * 14
             parts.append(
@@ -209,6 +230,9 @@ def _canary(status: Status) -> str:
             else f'<span class="unknown">{e(text)}</span>'
         )
         msg = f' <span class="muted">{e(p.message)}</span>' if p.message and not ok else ""
+        if p.superseded:
+            result = f'<span class="unknown">{e(text)}</span>'
+            msg += ' <span class="muted">superseded: the image exists now, waiting for the next run</span>'
         rate = "" if p.mean_rate is None else f"{p.mean_rate / MB:.1f} MB/s"
         rows.append(
             f"<tr><td>{e(p.name)}</td><td>{result}{msg}</td>"

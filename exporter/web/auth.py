@@ -36,7 +36,7 @@ BCRYPT_CONCURRENCY = 1
 BCRYPT_MAX_WAIT_SECONDS = 2.0
 
 
-class Verdict(enum.Enum):
+class AuthVerdict(enum.Enum):
     ALLOWED = "allowed"
     DENIED = "denied"
     #: the password could not be checked now (bcrypt slots busy): try again later
@@ -101,13 +101,13 @@ class BasicAuth:
         with self._lock:
             return self._allowed.keys() + self._denied.keys()
 
-    def verdict(self, header: str | None) -> Verdict:
+    def verdict(self, header: str | None) -> AuthVerdict:
         """Whether an ``Authorization`` header grants access (always, when no users are set)."""
         if not self.users:
-            return Verdict.ALLOWED
+            return AuthVerdict.ALLOWED
         creds = parse_basic(header)
         if creds is None:
-            return Verdict.DENIED
+            return AuthVerdict.DENIED
         user, password = creds
         known_hash = self.users.get(user)
         hashed = known_hash if known_hash is not None else self._decoy
@@ -118,21 +118,21 @@ class BasicAuth:
         key = hmac.new(self._key, framed, hashlib.sha256).digest()
         with self._lock:
             if key in self._allowed:
-                return Verdict.ALLOWED
+                return AuthVerdict.ALLOWED
             if key in self._denied:
-                return Verdict.DENIED
+                return AuthVerdict.DENIED
         if not self._slots.acquire(timeout=self._max_wait):
-            return Verdict.BUSY
+            return AuthVerdict.BUSY
         try:
             ok = bcrypt_check(password, hashed) and known_hash is not None
         finally:
             self._slots.release()
         with self._lock:
             (self._allowed if ok else self._denied).add(key)
-        return Verdict.ALLOWED if ok else Verdict.DENIED
+        return AuthVerdict.ALLOWED if ok else AuthVerdict.DENIED
 
     def authorize(self, header: str | None) -> bool:
-        return self.verdict(header) is Verdict.ALLOWED
+        return self.verdict(header) is AuthVerdict.ALLOWED
 
 
 def bcrypt_check(password: bytes, hashed: bytes) -> bool:

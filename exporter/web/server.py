@@ -45,7 +45,7 @@ from exporter import __version__
 from exporter.config import parse_listen_address
 from exporter.render.landing import render_landing
 from exporter.views.status import Status
-from exporter.web.auth import Verdict
+from exporter.web.auth import AuthVerdict
 from exporter.web.connections import IDLE, READING, SERVING, Connections, Limits, Workers
 from exporter.web.exposition import choose
 from exporter.web.metrics import HttpMetrics
@@ -342,7 +342,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.handler_label = app.handler_label(path)
         if app.security is not None:
             verdict = app.security.verdict(self.headers.get("Authorization"))
-            if verdict is Verdict.BUSY:
+            if verdict is AuthVerdict.BUSY:
                 self._send(
                     503,
                     b"Busy checking passwords; retry\n",
@@ -350,7 +350,7 @@ class _Handler(BaseHTTPRequestHandler):
                     {"Retry-After": "1"},
                 )
                 return
-            if verdict is not Verdict.ALLOWED:
+            if verdict is not AuthVerdict.ALLOWED:
                 self._send(
                     401,
                     b"Unauthorized\n",

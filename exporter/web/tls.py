@@ -45,7 +45,7 @@ from exporter.config.web import (
 )
 from exporter.config.yamlfile import read_yaml
 from exporter.errors import ConfigError
-from exporter.web.auth import BasicAuth, Verdict
+from exporter.web.auth import AuthVerdict, BasicAuth
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class WebSecurity:
 
     # ------------------------------------------------------------------ basic auth
 
-    def verdict(self, header: str | None) -> Verdict:
+    def verdict(self, header: str | None) -> AuthVerdict:
         """See ``exporter.web.auth.BasicAuth.verdict`` (cached, bounded bcrypt work)."""
         return self.auth.verdict(header)
 

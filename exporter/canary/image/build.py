@@ -6,8 +6,8 @@ content hash of every input, so ``build_image`` is idempotent and a host upgrade
 new kernel package) produces a new build instead of silently reusing a stale one. A new build is
 booted once (``verify_boot``) before it becomes current.
 
-The jobs live in their own modules: the cache and image type (``imagecache``), the kernel source
-(``kernelsource``), the module closure (``modules``) and the initramfs (``initramfs``); this one
+The jobs live in their own modules: the cache and image type (``cache``), the kernel source
+(``kernel``), the module list and closure (``modules``) and the initramfs (``initramfs``); this one
 orchestrates them. The names other parts use are importable from here.
 """
 
@@ -41,8 +41,7 @@ from exporter.canary.image.initramfs import (
     pack_override_cpio,
 )
 from exporter.canary.image.kernel import SOURCES, KernelSource, fetch_apt_kernel, resolve_kernel_source
-from exporter.canary.image.modules import NEEDED_MODULES
-from exporter.canary.image.tools import sha256_file
+from exporter.canary.image.modules import NEEDED_MODULES, sha256_file
 from exporter.canary.model import CanaryJob, Profile
 from exporter.canary.run.runner import CanaryRunner
 from exporter.errors import ImageBuildError

@@ -13,8 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from exporter.canary.image.kernel import KernelSource
-from exporter.canary.image.modules import depmod, module_closure
-from exporter.canary.image.tools import run_tool
+from exporter.canary.image.modules import MODULE_LIST, depmod, module_closure, module_list, run_tool
 from exporter.errors import ImageBuildError
 
 #: host tools copied into the initramfs: (source path, path inside the image)
@@ -113,6 +112,7 @@ def initramfs_files(
         executable = dst.startswith(("bin/", "sbin/", "usr/")) or "ld-linux" in dst
         entries[dst] = _Entry(stat.S_IFREG | (0o755 if executable else 0o644), src.read_bytes())
     entries["init"] = _Entry(stat.S_IFREG | 0o755, init_script)
+    entries[MODULE_LIST] = _Entry(stat.S_IFREG | 0o644, module_list())
     for applet in busybox_applets():
         if applet not in entries:
             entries[applet] = _Entry(stat.S_IFLNK | 0o777, b"/bin/busybox")

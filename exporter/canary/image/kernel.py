@@ -12,8 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporter.canary.image.modules import NEEDED_MODULES, depmod, missing_modules
-from exporter.canary.image.tools import run_tool, sha256_file
+from exporter.canary.image.modules import NEEDED_MODULES, depmod, missing_modules, run_tool, sha256_file
 from exporter.errors import ImageBuildError
 
 KERNEL_META_PACKAGE = "linux-image-amd64"

@@ -1,28 +1,34 @@
-"""Which kernel modules the canary guest needs, and their dependency closure from modules.dep."""
+"""Which kernel modules the canary guest needs (the one list), their dependency closure from
+modules.dep, and running the host tools an image build needs (apt, dpkg-deb, depmod, ldd).
+
+The guest's ``/init`` does not repeat the list: the build writes :data:`GUEST_MODULES` into the
+initramfs (:data:`MODULE_LIST`, one name per line) and the script loads what it finds there.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import re
+import subprocess
 from pathlib import Path
 
-from exporter.canary.image.tools import run_tool
 from exporter.errors import ImageBuildError
 
-#: modules the benchmark loads; their modules.dep closure is copied in
-NEEDED_MODULES: tuple[str, ...] = (
-    "dm-mod",
-    "dm-crypt",
-    "brd",
-    "xts",
-    "lrw",
-    "gf128mul",
-    "pcbc",
-    "ctr",
-    "ecb",
-    "aesni-intel",
-    "crypto_simd",
-    "cryptd",
-)
+#: modules the guest's /init loads, in this order (aesni-intel refuses to load without aes: that
+#: is the point of the comparison)
+GUEST_MODULES: tuple[str, ...] = ("dm-mod", "dm-crypt", "xts", "lrw", "pcbc", "ctr", "ecb", "aesni-intel")
+#: the RAM disk: loaded last by /init, with the size of the job as its parameter
+RAMDISK_MODULE = "brd"
+#: everything the image must carry (the modules above plus what modprobe pulls in with them); a
+#: kernel without one of them is refused at build time
+NEEDED_MODULES: tuple[str, ...] = (*GUEST_MODULES, RAMDISK_MODULE, "gf128mul", "crypto_simd", "cryptd")
+#: where the initramfs holds :data:`GUEST_MODULES` for /init
+MODULE_LIST = "etc/canary-modules"
+
+
+def module_list() -> bytes:
+    """The content of :data:`MODULE_LIST`."""
+    return "".join(f"{m}\n" for m in GUEST_MODULES).encode()
 
 
 def module_name(path: str) -> str:
@@ -80,3 +86,26 @@ def module_closure(modules_dir: Path) -> list[str]:
     if missing:
         raise ImageBuildError(f"kernel modules missing from {modules_dir}: {', '.join(missing)}")
     return wanted
+
+
+def run_tool(cmd: list[str], what: str, cwd: Path | None = None) -> str:
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
+    except FileNotFoundError as err:
+        raise ImageBuildError(f"{what}: {cmd[0]} is not installed") from err
+    except subprocess.TimeoutExpired as err:
+        raise ImageBuildError(f"{what}: {cmd[0]} took longer than 600 s") from err
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise ImageBuildError(
+            f"{what}: {' '.join(cmd[:3])} failed: {lines[-1] if lines else proc.returncode}"
+        )
+    return proc.stdout
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -68,19 +68,30 @@ class RateStats:
 
 @dataclass(frozen=True)
 class ComparisonRow:
-    """One cipher/op of a with/without comparison; either side may be missing (failed run)."""
+    """One cipher/op of a with/without comparison; either side may be missing (failed run).
+
+    ``speedup`` is computed once, where the row is made (``compare`` for the CLI, the canary store
+    for the daemon, see ``exporter.views.canary``), and every renderer reads it from here.
+    """
 
     cipher: str
     op: str
     with_stats: RateStats | None
     without_stats: RateStats | None
+    #: the speedup with its confidence interval; None when a side has no rate
+    speedup: RatioInterval | None = None
+
+    @classmethod
+    def measured(cls, cipher: str, op: str, fast: RateStats | None, slow: RateStats | None) -> ComparisonRow:
+        """A row whose speedup is computed from the rounds of both sides (the one call of
+        ``speedup_interval`` for a comparison)."""
+        iv = speedup_interval(fast.rates, slow.rates) if fast is not None and slow is not None else None
+        return cls(cipher, op, fast, slow, iv)
 
     @property
     def ratio(self) -> float | None:
         """with/without, as exported in ``kvmcpu_canary_aesni_speedup_ratio``; None if not computable."""
-        if self.with_stats is None or self.without_stats is None or self.without_stats.mean <= 0:
-            return None
-        return self.with_stats.mean / self.without_stats.mean
+        return None if self.speedup is None else self.speedup.ratio
 
     @property
     def speedup_percent(self) -> float | None:
@@ -89,22 +100,15 @@ class ComparisonRow:
         return None if r is None else (r - 1.0) * 100.0
 
     @property
-    def interval(self) -> RatioInterval | None:
-        """The speedup with its confidence interval (bounds None when a side has one round)."""
-        if self.with_stats is None or self.without_stats is None:
-            return None
-        return speedup_interval(self.with_stats.rates, self.without_stats.rates)
-
-    @property
     def speedup_percent_interval(self) -> tuple[float, float] | None:
         """(lower, upper) of the speedup in percent; None when the rounds give no interval."""
-        iv = self.interval
+        iv = self.speedup
         if iv is None or iv.lower is None or iv.upper is None:
             return None
         return (iv.lower - 1.0) * 100.0, (iv.upper - 1.0) * 100.0
 
     def to_dict(self) -> dict[str, Any]:
-        iv = self.interval
+        iv = self.speedup
         return {
             "cipher": self.cipher,
             "op": self.op,
@@ -222,12 +226,7 @@ def compare(
     if ciphers is None:
         ciphers = list(dict.fromkeys(s.cipher for s in stats if s.profile in (with_profile, without_profile)))
     rows = [
-        ComparisonRow(
-            cipher=c,
-            op=op,
-            with_stats=by_key.get((with_profile, c, op)),
-            without_stats=by_key.get((without_profile, c, op)),
-        )
+        ComparisonRow.measured(c, op, by_key.get((with_profile, c, op)), by_key.get((without_profile, c, op)))
         for op in ops
         for c in ciphers
     ]

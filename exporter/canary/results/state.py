@@ -11,7 +11,7 @@ On disk, per-(cipher, op) maps are nested objects (``{"aes-xts-plain": {"read": 
 they are keyed by ``(cipher, op)`` tuples, which is what every reader wants.
 
 Version 1 files written before the per-tick design load unchanged: the fields added since
-(``rounds``, ``tick``, ``speedups``) have defaults, and keys that are gone (``last_pair``) are ignored.
+(``rounds``, ``tick``, ``speedups`` and their rates) have defaults, and keys that are gone (``last_pair``) are ignored.
 """
 
 from __future__ import annotations
@@ -98,6 +98,10 @@ class SpeedupStats:
     at: FiniteFloat
     n_with: NonNegativeInt
     n_without: NonNegativeInt
+    #: the per-round rates of both sides in that tick (what every view shows beside the ratio;
+    #: empty in files written before they were kept)
+    with_rates: list[PositiveFloat] = Field(default_factory=list)
+    without_rates: list[PositiveFloat] = Field(default_factory=list)
 
 
 @dataclass(config=_CONFIG)

@@ -42,6 +42,7 @@ from exporter.canary.results.state import (
 )
 from exporter.canary.results.stats import speedup_interval
 from exporter.canary.schedule.guard import DutyCycleBudget
+from exporter.config import default_profiles
 from exporter.errors import StateError
 from exporter.fsutil import atomic_write
 from exporter.logsetup import log_failure
@@ -64,7 +65,8 @@ __all__ = [
 STATE_FILE = "canary-state.json"
 #: the duty-cycle budget is averaged over this window
 DUTY_WINDOW_SECONDS = 3600.0
-DEFAULT_PAIR: tuple[str, str] = ("aesni", "noaesni")
+#: the pair of the default profiles (the one rule: ``profiles.aesni_pair`` over ``expects_aesni``)
+DEFAULT_PAIR: tuple[str, str] | None = aesni_pair(default_profiles())
 #: results for which no guest was launched: they have no duration worth observing
 NOT_LAUNCHED = ("skipped_busy", "image_missing")
 
@@ -334,6 +336,9 @@ def _update_speedups(state: StoreState, pair: tuple[str, str], profile: str, at:
         fast, slow = with_p.throughput.get(key), without_p.throughput.get(key)
         if fast is None or slow is None or fast.tick != slow.tick:
             continue
-        iv = speedup_interval(fast.rounds or [fast.last], slow.rounds or [slow.last])
+        fast_rates, slow_rates = fast.rounds or [fast.last], slow.rounds or [slow.last]
+        iv = speedup_interval(fast_rates, slow_rates)
         if iv is not None:
-            state.speedups[key] = SpeedupStats(iv.ratio, iv.lower, iv.upper, at, iv.n_with, iv.n_without)
+            state.speedups[key] = SpeedupStats(
+                iv.ratio, iv.lower, iv.upper, at, iv.n_with, iv.n_without, list(fast_rates), list(slow_rates)
+            )

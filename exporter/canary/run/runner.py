@@ -21,7 +21,6 @@ Outcomes, decided in this order (the guest's own part in ``exporter.canary.run.w
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import shutil
@@ -198,8 +197,10 @@ class CanaryRunner:
         if job.profile.network != "isolated":
             yield None
             return
-        # imported lazily: only hosts with isolated profiles need pyroute2 and netns privileges
-        isolation = importlib.import_module("exporter.canary.run.isolation")
+        # imported here, not at the top: only hosts with isolated profiles need pyroute2 and netns
+        # privileges (a plain import, so the layer check and mypy see it)
+        from exporter.canary.run import isolation
+
         with isolation.isolated_network(
             f"canary-{job.profile.name}",
             owner_uid=credentials.uid if credentials else None,

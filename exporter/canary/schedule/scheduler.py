@@ -66,7 +66,7 @@ class _Facts(Protocol):
     def accelerators(self) -> Mapping[str, bool]: ...
 
 
-class KnowledgeSource(Protocol):
+class QemuFactsSource(Protocol):
     """What the scheduler needs of ``exporter.qemu.knowledge.QemuKnowledge``."""
 
     @property
@@ -106,7 +106,7 @@ class CanaryScheduler:
     def __init__(
         self,
         cfg: Config,
-        knowledge: KnowledgeSource,
+        knowledge: QemuFactsSource,
         store: CanaryStore,
         *,
         runner_factory: RunnerFactory | None = None,

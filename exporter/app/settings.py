@@ -1,5 +1,9 @@
 """Everything ``serve`` and the other commands start from: the config and the loaded web config.
 
+Part of the command layer (``exporter.app``), not of ``exporter.config``: it joins the typed
+configuration (a low layer every component reads) with the web layer's TLS and basic-auth loading,
+which the configuration package must not import.
+
 Loaded in one pass (file, flags, checks against the host, web config), with every problem
 collected, so that the web config is read and its TLS context built once: the result that was
 validated is the one that serves. ``serve`` calls it again on SIGHUP.
@@ -20,6 +24,7 @@ from exporter.config.yamlfile import read_yaml
 from exporter.errors import ConfigError
 
 if TYPE_CHECKING:
+    from exporter.qemu.knowledge import QemuKnowledge
     from exporter.web.tls import WebSecurity
 
 
@@ -62,3 +67,19 @@ def load_settings(args: argparse.Namespace, collectors: Iterable[str]) -> Settin
             settings.security = loaded.security
             settings.warnings += loaded.warnings
     return settings
+
+
+def qemu_knowledge(cfg: Config) -> QemuKnowledge:
+    """The QEMU knowledge source the configuration asks for (every command that asks QEMU builds
+    it here: ``exporter.qemu`` sits below the configuration and does not read it)."""
+    from pathlib import Path
+
+    from exporter.qemu.knowledge import QemuKnowledge
+
+    return QemuKnowledge(
+        cfg.qemu.binary,
+        accelerators=tuple(cfg.qemu.accelerators),
+        probe_timeout=cfg.qemu.probe_timeout_seconds,
+        cache_dir=Path(cfg.paths.cache_dir),
+        run_as_user=cfg.canary.run_as_user,
+    )
