@@ -265,11 +265,11 @@ def test_alerts_and_dashboards_against_real_prometheus(
             ("KvmCpuKvmNotProvable", ("permission_denied", "device_missing")),
         ):
             want = "pending" if reason in its_reasons else None
-            wait_until(
-                lambda n=alert_name, w=want: _alert_state(prom, n, instance=instance) == w or None,
-                15,
-                f"{alert_name} to be {want} (kvm unusable: {reason})",
-            )
+
+            def in_state(name: str = alert_name, state: str | None = want) -> bool:
+                return _alert_state(prom, name, instance=instance) == state
+
+            wait_until(in_state, 15, f"{alert_name} to be {want} (kvm unusable: {reason})")
     # nothing else may be active: a healthy single host with fresh canaries is quiet
     unexpected = {a["labels"]["alertname"] for a in prom.alerts()} - {
         "KvmCpuGuestAesNiHidden",
