@@ -478,10 +478,20 @@ def exposure() -> Dashboard:
                 "matrix",
                 [Query(f"kvmcpu_host_accelerator_usable{{{I}}}", instant=True, fmt="table")],
                 "Accelerators a proof guest actually ran with.",
-                w=12,
+                w=8,
                 h=5,
                 mappings=YES_NO,
                 matrix=("instance", "accel"),
+            ),
+            Panel(
+                "Why an accelerator is unusable",
+                "table",
+                [Query(f"kvmcpu_host_accelerator_unusable_reason{{{I}}}", instant=True, fmt="table")],
+                "qemu_error / timeout: KVM fails on the host (alert KvmCpuKvmUnusable); permission_denied / "
+                "device_missing: only the exporter cannot open /dev/kvm (alert KvmCpuKvmNotProvable).",
+                w=4,
+                h=5,
+                columns=["instance", "accel", "reason"],
             ),
             Panel(
                 "Usable named CPU models",
@@ -604,25 +614,21 @@ def exposure() -> Dashboard:
                 columns=["instance", "cpu_config", "feature", "requires"],
             ),
             Panel(
-                "Hidden features per guest",
-                "bargauge",
-                [
-                    Query(
-                        f"instance_guest:kvmcpu_guest_cpu_feature_hidden:sum{{{G}}}",
-                        legend="{{guest}} on {{instance}}",
-                        instant=True,
-                    )
-                ],
-                "How many watched host features each guest does not get.",
+                "Guests per CPU configuration",
+                "table",
+                [Query(f"instance_cpu_config:kvmcpu_guests:count{{{I}}}", instant=True, fmt="table")],
+                "How many guests run with each CPU configuration; the guest alerts fire once per host "
+                "and configuration with this count as their value.",
                 w=12,
                 h=6,
-                thresholds=[(None, "green"), (1, "orange")],
+                columns=["instance", "cpu_config", "cpu_model", "accel", "migratable", "Value"],
             ),
             Panel(
                 "Guest CPU model known to QEMU",
                 "table",
                 [Query(f"kvmcpu_guest_cpu_model_known{{{G}}}", instant=True, fmt="table")],
-                "0 = QEMU does not know the guest's CPU model (yet), so its features are not shown.",
+                "0 = QEMU does not know the guest's CPU model (yet), so its features are not shown and "
+                "no guest alert covers it. Alert (per host, after 1h): KvmCpuGuestCpuModelUnknown.",
                 w=6,
                 h=6,
                 mappings=YES_NO,
@@ -924,7 +930,7 @@ def migration() -> Dashboard:
                 "Non-migratable guests",
                 "stat",
                 [Query(f'count(kvmcpu_guest_info{{{I}, migratable="false"}}) or vector(0)', instant=True)],
-                "Guests on host-passthrough or otherwise non-migratable CPUs: KvmCpuGuestNotMigratable.",
+                "Guests on host-passthrough or otherwise non-migratable CPUs (inventory, no alert).",
                 w=6,
                 h=4,
                 thresholds=[(None, "green"), (1, "blue")],
