@@ -17,6 +17,7 @@ a canary store with that tree's own code, so the bench can measure an older revi
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -66,6 +67,8 @@ class Breakdown:
     bytes: int
     #: (part, family) -> series
     families: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: part -> bytes of its sample lines (HELP/TYPE lines count for "host": paid once per host)
+    part_bytes: Counter[str] = field(default_factory=Counter)
 
     def part(self, name: str) -> int:
         return sum(n for (p, _), n in self.families.items() if p == name)
@@ -90,6 +93,16 @@ class Breakdown:
 
     def total(self, guests: int = GUESTS, configs: int = CONFIGS) -> float:
         return sum(self.projected(guests, configs).values())
+
+    def projected_bytes(self, guests: int = GUESTS, configs: int = CONFIGS) -> float:
+        """Bytes of one plain-text scrape of the projected host."""
+        b = self.part_bytes
+        return (
+            b["host"]
+            + b["canary"]
+            + b["config"] / max(self.configs, 1) * configs
+            + b["guest"] / max(self.guests, 1) * guests
+        )
 
     def table(self) -> str:
         """Per part, then per metric family (largest first): what the test prints."""
@@ -124,6 +137,15 @@ def breakdown(text: str, guests: int, configs: int) -> Breakdown:
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             out.families[(part_of(s.name, s.labels), family.name)] += 1
+    for line in text.splitlines(keepends=True):
+        size = len(line.encode())
+        if line.startswith("#"):
+            out.part_bytes["host"] += size
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        labels = line[len(name) :].split("}", 1)[0] if line[len(name) :].startswith("{") else ""
+        has = {k: "" for k in ("guest", "cpu_config") if re.search(rf'[{{,]{k}="', labels)}
+        out.part_bytes[part_of(name, has)] += size
     return out
 
 
