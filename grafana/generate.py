@@ -94,6 +94,9 @@ class Variable:
     label: str
     metric: str  # a selector for label_values()
     label_name: str
+    #: start on "All"; off for per-host and per-guest variables: at 1,000 hosts "All" draws 1,000
+    #: tiles and runs every per-host query over the whole fleet (Grafana then starts on the first)
+    default_all: bool = True
 
     @property
     def definition(self) -> str:
@@ -235,7 +238,7 @@ def _variable_json(v: Variable) -> dict[str, Any]:
         "includeAll": True,
         "multi": True,
         "allValue": ".*",
-        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]} if v.default_all else {},
         "sort": 1,
         "hide": 0,
         "options": [],
@@ -320,7 +323,13 @@ def render(d: Dashboard) -> dict[str, Any]:
 #: label; series without it match the "All" value (.*), so single-cluster setups need nothing
 CLUSTER = Variable("cluster", "Cluster", "kvmcpu_host_cpu_info", "cluster")
 JOB = Variable("job", "Job", 'kvmcpu_host_cpu_info{cluster=~"$cluster"}', "job")
-INSTANCE = Variable("instance", "Host", 'kvmcpu_host_cpu_info{cluster=~"$cluster", job=~"$job"}', "instance")
+INSTANCE = Variable(
+    "instance",
+    "Host",
+    'kvmcpu_host_cpu_info{cluster=~"$cluster", job=~"$job"}',
+    "instance",
+    default_all=False,
+)
 #: the selector every per-host panel repeats
 I = 'cluster=~"$cluster", job=~"$job", instance=~"$instance"'  # noqa: E741
 #: fleet-wide recording rules keep ``cluster`` (when present) but aggregate ``job`` away
@@ -329,7 +338,7 @@ F = 'cluster=~"$cluster"'
 #: an hour is late and older than two hours is what KvmCpuCanaryNoRecentSuccess fires on
 CANARY_LATE_SECONDS = 3600
 CANARY_STALE_SECONDS = 2 * 3600
-GUEST = Variable("guest", "Guest", f"kvmcpu_guest_info{{{I}}}", "guest")
+GUEST = Variable("guest", "Guest", f"kvmcpu_guest_info{{{I}}}", "guest", default_all=False)
 PROFILE = Variable("profile", "Canary profile", f"kvmcpu_canary_runs_total{{{I}}}", "profile")
 CIPHER = Variable("cipher", "Cipher", f"kvmcpu_canary_last_throughput_bytes_per_second{{{I}}}", "cipher")
 G = f'{I}, guest=~"$guest"'
