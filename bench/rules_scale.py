@@ -277,7 +277,7 @@ def main() -> int:
             del text
         old = work / "before"
         old.mkdir(exist_ok=True)
-        for name in MINE:
+        for name in MINE if args.before else ():
             blob = subprocess.run(
                 ["git", "-C", str(ROOT), "show", f"{args.before}:deploy/prometheus/rules/{name}"],
                 check=True,
@@ -296,6 +296,7 @@ def main() -> int:
             b, a = before.get(g, float("nan")), after.get(g, float("nan"))
             print(f"{g:<40} {b * 1000:>10.0f} {a * 1000:>10.0f}")
         print(f"{'sum':<40} {sum(before.values()) * 1000:>10.0f} {sum(after.values()) * 1000:>10.0f}")
+        print(f"(load average during the run: {open('/proc/loadavg').read().split()[:3]})")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
