@@ -296,7 +296,7 @@ def main() -> int:
             b, a = before.get(g, float("nan")), after.get(g, float("nan"))
             print(f"{g:<40} {b * 1000:>10.0f} {a * 1000:>10.0f}")
         print(f"{'sum':<40} {sum(before.values()) * 1000:>10.0f} {sum(after.values()) * 1000:>10.0f}")
-        print(f"(load average during the run: {open('/proc/loadavg').read().split()[:3]})")
+        print(f"(load average during the run: {Path('/proc/loadavg').read_text().split()[:3]})")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
