@@ -305,12 +305,13 @@ def test_healthy_fleet_fires_nothing(tmp_path: Path, fleet: Fleet) -> None:
     try:
         wait_until(prom.targets_up, 30, "every simulated host to be scraped")
         # the rules saw the fleet: guests per configuration, each host's level, the recommendation
-        counts = wait_until(
-            lambda: prom.query("instance_cpu_config:kvmcpu_guests:count"),
-            30,
-            "guest counts per configuration",
-        )
-        assert sum(float(c["value"][1]) for c in counts) == sum(len(g) for g in FLEET.values())
+        n_guests = sum(len(g) for g in FLEET.values())
+
+        def counted() -> list[dict[str, Any]] | None:
+            got = prom.query("instance_cpu_config:kvmcpu_guests:count")
+            return got if sum(float(c["value"][1]) for c in got) == n_guests else None
+
+        counts = wait_until(counted, 30, f"{n_guests} guests counted per host and configuration")
         assert len(counts) == sum(len({c for _, c in g}) for g in FLEET.values()), (
             "one series per host and configuration"
         )
