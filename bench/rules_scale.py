@@ -285,9 +285,11 @@ def main() -> int:
             ).stdout
             (old / name).write_bytes(blob)
         fleet_yml = RULES_DIR / "fleet.yml"
-        before, _ = evaluate(
-            work, [old / "recording.yml", old / "alerts.yml", fleet_yml], args.rounds, "before"
-        )
+        before: dict[str, float] = {}
+        if args.before:
+            before, _ = evaluate(
+                work, [old / "recording.yml", old / "alerts.yml", fleet_yml], args.rounds, "before"
+            )
         after, _ = evaluate(
             work, [RULES_DIR / "recording.yml", RULES_DIR / "alerts.yml", fleet_yml], args.rounds, "after"
         )
