@@ -95,6 +95,9 @@ class Variable:
     label: str
     metric: str  # a selector for label_values()
     label_name: str
+    #: start on "All"; off for per-host and per-guest variables: at 1,000 hosts "All" draws 1,000
+    #: tiles and runs every per-host query over the whole fleet (Grafana then starts on the first)
+    default_all: bool = True
 
     @property
     def definition(self) -> str:
@@ -236,7 +239,7 @@ def _variable_json(v: Variable) -> dict[str, Any]:
         "includeAll": True,
         "multi": True,
         "allValue": ".*",
-        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]} if v.default_all else {},
         "sort": 1,
         "hide": 0,
         "options": [],
@@ -321,7 +324,13 @@ def render(d: Dashboard) -> dict[str, Any]:
 #: label; series without it match the "All" value (.*), so single-cluster setups need nothing
 CLUSTER = Variable("cluster", "Cluster", "kvmcpu_host_cpu_info", "cluster")
 JOB = Variable("job", "Job", 'kvmcpu_host_cpu_info{cluster=~"$cluster"}', "job")
-INSTANCE = Variable("instance", "Host", 'kvmcpu_host_cpu_info{cluster=~"$cluster", job=~"$job"}', "instance")
+INSTANCE = Variable(
+    "instance",
+    "Host",
+    'kvmcpu_host_cpu_info{cluster=~"$cluster", job=~"$job"}',
+    "instance",
+    default_all=False,
+)
 #: the selector every per-host panel repeats
 I = 'cluster=~"$cluster", job=~"$job", instance=~"$instance"'  # noqa: E741
 #: fleet-wide recording rules keep ``cluster`` (when present) but aggregate ``job`` away
@@ -330,7 +339,7 @@ F = 'cluster=~"$cluster"'
 #: an hour is late and older than two hours is what KvmCpuCanaryNoRecentSuccess fires on
 CANARY_LATE_SECONDS = 3600
 CANARY_STALE_SECONDS = 2 * 3600
-GUEST = Variable("guest", "Guest", f"kvmcpu_guest_info{{{I}}}", "guest")
+GUEST = Variable("guest", "Guest", f"kvmcpu_guest_info{{{I}}}", "guest", default_all=False)
 PROFILE = Variable("profile", "Canary profile", f"kvmcpu_canary_runs_total{{{I}}}", "profile")
 CIPHER = Variable("cipher", "Cipher", f"kvmcpu_canary_last_throughput_bytes_per_second{{{I}}}", "cipher")
 G = f'{I}, guest=~"$guest"'
@@ -479,10 +488,20 @@ def exposure() -> Dashboard:
                 "matrix",
                 [Query(f"kvmcpu_host_accelerator_usable{{{I}}}", instant=True, fmt="table")],
                 "Accelerators a proof guest actually ran with.",
-                w=12,
+                w=8,
                 h=5,
                 mappings=YES_NO,
                 matrix=("instance", "accel"),
+            ),
+            Panel(
+                "Why an accelerator is unusable",
+                "table",
+                [Query(f"kvmcpu_host_accelerator_unusable_reason{{{I}}}", instant=True, fmt="table")],
+                "qemu_error / timeout: KVM fails on the host (alert KvmCpuKvmUnusable); permission_denied / "
+                "device_missing: only the exporter cannot open /dev/kvm (alert KvmCpuKvmNotProvable).",
+                w=4,
+                h=5,
+                columns=["instance", "accel", "reason"],
             ),
             Panel(
                 "Usable named CPU models",
@@ -612,25 +631,21 @@ def exposure() -> Dashboard:
                 columns=["instance", "cpu_config", "feature", "requires"],
             ),
             Panel(
-                "Hidden features per guest",
-                "bargauge",
-                [
-                    Query(
-                        f"instance_guest:kvmcpu_guest_cpu_feature_hidden:sum{{{G}}}",
-                        legend="{{guest}} on {{instance}}",
-                        instant=True,
-                    )
-                ],
-                "How many watched host features each guest does not get.",
+                "Guests per CPU configuration",
+                "table",
+                [Query(f"instance_cpu_config:kvmcpu_guests:count{{{I}}}", instant=True, fmt="table")],
+                "How many guests run with each CPU configuration; the guest alerts fire once per host "
+                "and configuration with this count as their value.",
                 w=12,
                 h=6,
-                thresholds=[(None, "green"), (1, "orange")],
+                columns=["instance", "cpu_config", "cpu_model", "accel", "migratable", "Value"],
             ),
             Panel(
                 "Guest CPU model known to QEMU",
                 "table",
                 [Query(f"kvmcpu_guest_cpu_model_known{{{G}}}", instant=True, fmt="table")],
-                "0 = QEMU does not know the guest's CPU model (yet), so its features are not shown.",
+                "0 = QEMU does not know the guest's CPU model (yet), so its features are not shown and "
+                "no guest alert covers it. Alert (per host, after 1h): KvmCpuGuestCpuModelUnknown.",
                 w=6,
                 h=6,
                 mappings=YES_NO,
@@ -933,7 +948,7 @@ def migration() -> Dashboard:
                 "Non-migratable guests",
                 "stat",
                 [Query(f'count(kvmcpu_guest_info{{{I}, migratable="false"}}) or vector(0)', instant=True)],
-                "Guests on host-passthrough or otherwise non-migratable CPUs: KvmCpuGuestNotMigratable.",
+                "Guests on host-passthrough or otherwise non-migratable CPUs (inventory, no alert).",
                 w=6,
                 h=4,
                 thresholds=[(None, "green"), (1, "blue")],

@@ -13,7 +13,16 @@ import pytest
 from conftest import QEMU
 from support.qemu import FAKE_GARBAGE, FAKE_HANG, processes_running, qemu_children
 
-from exporter.qemu.proof import MARKER, PROOF_CPU, boot_sector, prove_accelerators
+from exporter.qemu import process
+from exporter.qemu.cpumodels import verdicts
+from exporter.qemu.proof import (
+    MARKER,
+    PROOF_CPU,
+    UNUSABLE_REASONS,
+    boot_sector,
+    prove_accelerators,
+    unusable_reason,
+)
 from exporter.qemu.qmp import resolve_binary
 
 pytestmark = pytest.mark.slow
@@ -89,3 +98,42 @@ def test_garbage_binary_fails_with_its_own_words() -> None:
     assert not results["tcg"].usable
     assert "garbage output" in results["tcg"].error
     assert results["tcg"].seconds < 5.0
+
+
+def test_reasons_tell_a_failing_kvm_from_an_exporter_without_access(tmp_path: Path) -> None:
+    # as root, KVM fails here with QEMU's own error (PLATFORM.md: "failed to set MSR 0x10a") or
+    # hangs; as an unprivileged user the same QEMU cannot even open /dev/kvm (crw------- root)
+    as_root = prove_accelerators(resolve_binary(QEMU), ("kvm",), timeout=10)["kvm"]
+    if as_root.usable:
+        pytest.skip("KVM works on this machine: no failure to classify")
+    assert as_root.reason in ("qemu_error", "timeout"), as_root
+    if os.geteuid() != 0 or os.stat("/dev/kvm").st_mode & 0o006:
+        pytest.skip("needs root and a /dev/kvm others cannot open (PLATFORM.md: crw------- root)")
+    nobody = process.drop_to("nobody")
+    as_nobody = prove_accelerators(resolve_binary(QEMU), ("kvm",), timeout=10, credentials=nobody)["kvm"]
+    assert not as_nobody.usable
+    assert as_nobody.reason == "permission_denied", as_nobody
+
+
+def test_reasons_of_the_other_failures() -> None:
+    hang = prove_accelerators(resolve_binary(str(FAKE_HANG)), ("kvm",), timeout=1.0)["kvm"]
+    assert hang.reason == "timeout"
+    garbage = prove_accelerators(resolve_binary(str(FAKE_GARBAGE)), ("tcg",), timeout=5.0)["tcg"]
+    assert garbage.reason == "qemu_error"
+    # QEMU's wording for a /dev/kvm that is not there (a container without the device)
+    assert (
+        unusable_reason("Could not access KVM kernel module: No such file or directory") == "device_missing"
+    )
+    assert (
+        unusable_reason("qemu-system-x86_64: failed to initialize kvm: Permission denied")
+        == "permission_denied"
+    )
+    _, errors = verdicts({})
+    assert {unusable_reason(e) for e in errors.values()} == {"not_tried"}
+    assert set(UNUSABLE_REASONS) >= {
+        "qemu_error",
+        "timeout",
+        "permission_denied",
+        "device_missing",
+        "not_tried",
+    }

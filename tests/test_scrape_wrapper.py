@@ -64,6 +64,26 @@ def test_failures_are_isolated_and_counted(caplog: pytest.LogCaptureFixture) -> 
     assert any(r.exc_info for r in caplog.records if r.levelno == logging.DEBUG)
 
 
+def test_error_counters_exist_at_zero_before_any_failure(tmp_path) -> None:
+    # rate()/increase() miss the first increment of a series that appears with it: every collector
+    # has its error counter from the first scrape on, with the reasons it declares
+    from exporter.collectors.cpu import CpuCollector
+
+    cpu = CpuCollector(procfs=tmp_path, watch=("aes",))  # no cpuinfo there: fails at once
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ScrapeCollector({"good": Good(), "cpu": cpu}))
+    first = parse_metrics(generate_latest(registry).decode())
+    assert sample(first, "kvmcpu_scrape_collector_errors_total", collector="good", reason="unexpected") == 0.0
+    seeded = {
+        dict(labels)["reason"]: value
+        for (name, labels), value in first.items()
+        if name == "kvmcpu_scrape_collector_errors_total" and dict(labels)["collector"] == "cpu"
+    }
+    # the failure of this very scrape is counted on top of the seeded zero
+    assert set(seeded) == {"unexpected", "read_error", "parse_error"}
+    assert sum(seeded.values()) == 1.0
+
+
 def test_build_info_always_present() -> None:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ScrapeCollector({}))

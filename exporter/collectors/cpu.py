@@ -35,6 +35,9 @@ class CpuCollector:
     ``kvmcpu_host_cpu_info`` series per distinct combination.
     """
 
+    #: seeded at 0 in kvmcpu_scrape_collector_errors_total (exporter.collectors.scrape)
+    error_reasons = ("read_error", "parse_error")
+
     def __init__(self, procfs: Path, watch: tuple[str, ...]) -> None:
         self._procfs = procfs
         self._watch = watch

@@ -26,6 +26,9 @@ class CryptoCollector:
         kvmcpu_host_kernel_module_loaded{module="dm_crypt"} 0.0
     """
 
+    #: seeded at 0 in kvmcpu_scrape_collector_errors_total (exporter.collectors.scrape)
+    error_reasons = ("read_error", "parse_error")
+
     def __init__(self, procfs: Path, sysfs: Path) -> None:
         self._procfs = procfs
         self._sysfs = sysfs

@@ -18,6 +18,7 @@ from exporter.errors import SourceError
 from exporter.procfs.cpuinfo import HOST_FLAGS_TTL, read_cpuinfo
 from exporter.qemu.knowledge import ACCELERATORS, Expansion, HostQemuFacts, QemuKnowledge
 from exporter.qemu.models import NOT_A_MODEL, ModelFacts, model_facts, support_hash
+from exporter.qemu.proof import unusable_reason
 from exporter.views.host import exposable_level
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ class QemuCollector:
         # TYPE kvmcpu_host_accelerator_usable gauge
         kvmcpu_host_accelerator_usable{accel="kvm"} 0.0
         kvmcpu_host_accelerator_usable{accel="tcg"} 1.0
+        # TYPE kvmcpu_host_accelerator_unusable_reason gauge
+        kvmcpu_host_accelerator_unusable_reason{accel="kvm",reason="qemu_error"} 1.0
         # TYPE kvmcpu_host_cpu_model_usable gauge
         kvmcpu_host_cpu_model_usable{model="EPYC"} 0.0
         kvmcpu_host_cpu_model_usable{model="Westmere"} 1.0
@@ -70,6 +73,9 @@ class QemuCollector:
     ``kvmcpu_scrape_collector_success{collector="qemu"} 0`` with its reason.
     """
 
+    #: seeded at 0 in kvmcpu_scrape_collector_errors_total (exporter.collectors.scrape)
+    error_reasons = ("qemu_missing", "qemu_error")
+
     def __init__(self, knowledge: QemuKnowledge, watch: tuple[str, ...], procfs: Path | None = None) -> None:
         self.knowledge = knowledge
         self.watch = watch
@@ -96,9 +102,19 @@ class QemuCollector:
             "Whether QEMU booted a proof guest with this accelerator (1) or not (0); /dev/kvm alone proves nothing.",
             labels=["accel"],
         )
+        reason = GaugeMetricFamily(
+            "kvmcpu_host_accelerator_unusable_reason",
+            "Why the accelerator is unusable (1), for unusable ones only: qemu_error or timeout (it fails on "
+            "this host), permission_denied or device_missing (this exporter cannot open it), not_tried, exec_failed.",
+            labels=["accel", "reason"],
+        )
         for name in ACCELERATORS:
-            accel.add_metric([name], 1.0 if facts.accelerators.get(name) else 0.0)
+            usable = bool(facts.accelerators.get(name))
+            accel.add_metric([name], 1.0 if usable else 0.0)
+            if not usable:
+                reason.add_metric([name, unusable_reason(facts.accelerator_errors.get(name, ""))], 1.0)
         yield accel
+        yield reason
 
         models = GaugeMetricFamily(
             "kvmcpu_host_cpu_model_usable",

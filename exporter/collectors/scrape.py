@@ -2,7 +2,8 @@
 
 Like node_exporter's NodeCollector: each collector runs inside ``ScrapeCollector.collect``, is
 timed, and a failure marks only that collector (``kvmcpu_scrape_collector_success 0``, a reason in
-``kvmcpu_scrape_collector_errors_total``); the rest of the scrape is served.
+``kvmcpu_scrape_collector_errors_total``, present at 0 from the first scrape for every collector and
+the reasons it declares); the rest of the scrape is served.
 
 The table of collectors lives in ``exporter/collectors/registry.py``; its names are re-exported
 here for the modules that import them from this one.
@@ -54,6 +55,22 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Every collector can fail with a bug; its own likely reasons it names in an ``error_reasons``
+#: class attribute (e.g. ``("read_error", "parse_error")`` for a /proc reader).
+ALWAYS_SEEDED = ("unexpected",)
+
+
+def seeded_reasons(collector: object) -> tuple[str, ...]:
+    """The reasons exported at 0 for ``collector`` before any failure.
+
+    A counter series that appears with its first increment hides that increment from ``rate()`` and
+    ``increase()`` (nothing to compare with), and an absent series cannot tell "no error" from "not
+    scraped"; so each collector's reasons exist from the first scrape on. Only the declared ones:
+    every reason for every collector would cost ~80 series per host.
+    """
+    declared = getattr(collector, "error_reasons", ())
+    return tuple(dict.fromkeys((*ALWAYS_SEEDED, *declared)))
+
 
 @dataclass
 class CollectorStatus:
@@ -68,7 +85,11 @@ class ScrapeCollector(PromCollector):
     def __init__(self, collectors: dict[str, Collector]) -> None:
         self._collectors = collectors
         self._lock = threading.Lock()
-        self._errors: dict[tuple[str, str], int] = {}
+        self._errors: dict[tuple[str, str], int] = {
+            (name, reason): 0
+            for name, collector in collectors.items()
+            for reason in seeded_reasons(collector)
+        }
         self.status: dict[str, CollectorStatus] = {}
 
     def describe(self) -> list[Metric]:

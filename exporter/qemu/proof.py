@@ -10,6 +10,7 @@ sector while ``-cpu host`` cannot even start, and the canary boots with ``host``
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterable
@@ -37,6 +38,46 @@ def boot_sector(marker: bytes = MARKER) -> bytes:
     return bytes(code) + b"\x00" * (510 - len(code)) + b"\x55\xaa"
 
 
+#: Why an accelerator is unusable, as a label value. The split that matters to an operator: KVM
+#: itself fails on this host (``qemu_error``: QEMU refused the set-up, e.g. "failed to set MSR";
+#: ``timeout``: the proof guest hung), or only this exporter cannot use it (``permission_denied``,
+#: ``device_missing``: /dev/kvm not in its view), which says nothing about the host's guests.
+#: ``not_tried``: not in ``qemu.accelerators``; ``exec_failed``: the QEMU binary could not run.
+UNUSABLE_REASONS = (
+    "qemu_error",
+    "timeout",
+    "permission_denied",
+    "device_missing",
+    "not_tried",
+    "exec_failed",
+)
+_NOT_TRIED = "not tried"
+_NO_LIFE = "gave no sign of life"
+_CANNOT_EXEC = "cannot execute"
+_PERMISSION = re.compile(r"permission denied|operation not permitted", re.IGNORECASE)
+_NO_DEVICE = re.compile(r"no such file or directory|no such device", re.IGNORECASE)
+
+
+def unusable_reason(error: str) -> str:
+    """One of ``UNUSABLE_REASONS`` for a proof's one-line error (QEMU's first error line or ours).
+
+    QEMU words an unopenable /dev/kvm as "Could not access KVM kernel module: Permission denied"
+    (or "failed to initialize kvm: ..."), an absent one with "No such file or directory"; every
+    other error line of a QEMU that started is a failing KVM.
+    """
+    if error.startswith(_NOT_TRIED):
+        return "not_tried"
+    if error.startswith(_CANNOT_EXEC):
+        return "exec_failed"
+    if _NO_LIFE in error:
+        return "timeout"
+    if _PERMISSION.search(error):
+        return "permission_denied"
+    if _NO_DEVICE.search(error):
+        return "device_missing"
+    return "qemu_error"
+
+
 @dataclass(frozen=True)
 class ProofResult:
     accel: str
@@ -45,6 +86,11 @@ class ProofResult:
     error: str = ""
     #: seconds from launch to marker (or to failure)
     seconds: float = 0.0
+
+    @property
+    def reason(self) -> str:
+        """Why not, as a label value (``unusable_reason``); empty when usable."""
+        return "" if self.usable else unusable_reason(self.error)
 
 
 def prove_accelerators(
@@ -87,7 +133,7 @@ def prove_accelerators(
                     with open(stderr, "wb") as err:
                         proc = process.spawn(cmd, stderr=err, credentials=credentials)
                 except OSError as e:
-                    results[accel] = ProofResult(accel, False, f"cannot execute {binary.exec_path}: {e}")
+                    results[accel] = ProofResult(accel, False, f"{_CANNOT_EXEC} {binary.exec_path}: {e}")
                     continue
                 if on_spawn is not None:
                     on_spawn(proc)
@@ -104,7 +150,7 @@ def prove_accelerators(
                         )
                     elif now - start >= timeout:
                         results[accel] = ProofResult(
-                            accel, False, f"proof guest gave no sign of life within {timeout:g}s", now - start
+                            accel, False, f"proof guest {_NO_LIFE} within {timeout:g}s", now - start
                         )
                     else:
                         continue
