@@ -324,7 +324,11 @@ def render(d: Dashboard) -> dict[str, Any]:
 CLUSTER = Variable("cluster", "Cluster", "kvmcpu_host_cpu_info", "cluster")
 JOB = Variable("job", "Job", 'kvmcpu_host_cpu_info{cluster=~"$cluster"}', "job")
 INSTANCE = Variable(
-    "instance", "Host", 'kvmcpu_host_cpu_info{cluster=~"$cluster", job=~"$job"}', "instance", all_by_default=False
+    "instance",
+    "Host",
+    'kvmcpu_host_cpu_info{cluster=~"$cluster", job=~"$job"}',
+    "instance",
+    all_by_default=False,
 )
 #: the selector every per-host panel repeats
 I = 'cluster=~"$cluster", job=~"$job", instance=~"$instance"'  # noqa: E741
@@ -953,7 +957,13 @@ def migration() -> Dashboard:
             Panel(
                 "Fleet CPU feature baseline",
                 "matrix",
-                [Query(f"min by (feature) (job_cluster_feature:kvmcpu_host_cpu_feature:min{{{FJ}}})", instant=True, fmt="table")],
+                [
+                    Query(
+                        f"min by (feature) (job_cluster_feature:kvmcpu_host_cpu_feature:min{{{FJ}}})",
+                        instant=True,
+                        fmt="table",
+                    )
+                ],
                 "✓ = every host has the feature on every CPU: safe for migratable guests.",
                 w=24,
                 h=4,
@@ -1000,7 +1010,13 @@ def migration() -> Dashboard:
             Panel(
                 "Named CPU models usable on every host",
                 "table",
-                [Query(f"job_cluster_model:kvmcpu_host_cpu_model_usable:min{{{FJ}}} == 1", instant=True, fmt="table")],
+                [
+                    Query(
+                        f"job_cluster_model:kvmcpu_host_cpu_model_usable:min{{{FJ}}} == 1",
+                        instant=True,
+                        fmt="table",
+                    )
+                ],
                 "Safe -cpu choices for migratable guests (prefer the newest that has aes).",
                 w=12,
                 h=10,
@@ -1020,7 +1036,13 @@ def migration() -> Dashboard:
             Panel(
                 "Recommended model per CPU vendor",
                 "table",
-                [Query(f"job_cluster_vendor:kvmcpu_cpu_model_recommended:rank{{{FJ}}}", instant=True, fmt="table")],
+                [
+                    Query(
+                        f"job_cluster_vendor:kvmcpu_cpu_model_recommended:rank{{{FJ}}}",
+                        instant=True,
+                        fmt="table",
+                    )
+                ],
                 "In a fleet mixing Intel and AMD: the best model of each vendor that all hosts of that "
                 "vendor support.",
                 w=8,
@@ -1043,7 +1065,9 @@ def migration() -> Dashboard:
                 "stat",
                 [
                     Query(
-                        f"job_cluster:kvmcpu_host_x86_64_level:min{{{FJ}}}", legend="{{job}} {{cluster}}", instant=True
+                        f"job_cluster:kvmcpu_host_x86_64_level:min{{{FJ}}}",
+                        legend="{{job}} {{cluster}}",
+                        instant=True,
                     )
                 ],
                 "The lowest host's x86-64 level: what every guest can rely on wherever it runs.",
@@ -1074,7 +1098,8 @@ def migration() -> Dashboard:
                         legend="recommended {{model}} ({{job}} {{cluster}})",
                     ),
                     Query(
-                        f"job_cluster:kvmcpu_host_x86_64_level:min{{{FJ}}}", legend="fleet level ({{job}} {{cluster}})"
+                        f"job_cluster:kvmcpu_host_x86_64_level:min{{{FJ}}}",
+                        legend="fleet level ({{job}} {{cluster}})",
                     ),
                 ],
                 "A step down is KvmCpuFleetBaselineDropped: a host with an older CPU joined.",
@@ -1137,7 +1162,13 @@ def migration() -> Dashboard:
             Panel(
                 "Guest CPU models some hosts cannot run",
                 "table",
-                [Query(f"job_cluster_cpu_model_missing:kvmcpu_guests:count{{{FJ}}}", instant=True, fmt="table")],
+                [
+                    Query(
+                        f"job_cluster_cpu_model_missing:kvmcpu_guests:count{{{FJ}}}",
+                        instant=True,
+                        fmt="table",
+                    )
+                ],
                 "Per -cpu model the guests use: the features of its whole QEMU expansion that some hosts "
                 "lack (e.g. hle,rtm on a host whose microcode switched TSX off), and how many guests use it.",
                 w=24,

@@ -209,7 +209,8 @@ class QemuCollector:
                 if not m.alias_of:
                     missing = m.missing_on(flags)
                     supported.add_metric(
-                        [m.name, alias.get(m.name, ""), m.vendor, missing_label(missing)], 0.0 if missing else 1.0
+                        [m.name, alias.get(m.name, ""), m.vendor, missing_label(missing)],
+                        0.0 if missing else 1.0,
                     )
             yield supported
         if self.catalog:
