@@ -54,9 +54,9 @@ from exporter.qemu.models import (  # noqa: E402
     NOT_A_MODEL,
     ModelFacts,
     aliases,
+    host_support_hash,
     missing_label,
     model_facts,
-    support_hash,
 )
 
 FIXTURES = ROOT / "tests" / "fixtures" / "procfs"
@@ -171,6 +171,49 @@ def synthetic_fleet(
     return fleet
 
 
+def _model_series(
+    add: Any,
+    base: dict[str, str],
+    kind: CpuKind,
+    models: list[ModelFacts],
+    alias: dict[str, str],
+    *,
+    catalogue: bool,
+    before: bool,
+) -> None:
+    """One host's per-model series (support, usability, and the catalogue where it is exported)."""
+    for m in models:
+        if catalogue:
+            add(
+                "kvmcpu_cpu_model_info",
+                {**base, "model": m.name, "vendor": m.vendor, "alias_of": m.alias_of or ""},
+                1,
+            )
+        if before:  # every name, aliases included
+            add("kvmcpu_host_cpu_model_usable", {**base, "model": m.name}, 1)
+        if m.alias_of:  # as the daemon: aliases are resolved (alias label)
+            continue
+        if not before:
+            add(
+                "kvmcpu_host_cpu_model_usable",
+                {**base, "model": m.name, "alias": alias.get(m.name, "")},
+                1,
+            )
+        missing = m.missing_on(kind.flags)
+        labels = {"alias": alias.get(m.name, ""), "vendor": m.vendor, "missing": missing_label(missing)}
+        add(
+            "kvmcpu_host_cpu_model_supported",
+            {**base, "model": m.name, **({} if before else labels)},
+            0 if missing else 1,
+        )
+        if not catalogue:
+            continue
+        add("kvmcpu_cpu_model_x86_64_level", {**base, "model": m.name}, m.level)
+        add("kvmcpu_cpu_model_features", {**base, "model": m.name}, len(m.required))
+        if m.rankable:
+            add("kvmcpu_cpu_model_rank", {**base, "model": m.name, "vendor": m.vendor}, m.rank)
+
+
 def openmetrics(fleet: Fleet, ts: float, shape: str = "shipped") -> str:
     """The fleet as its exporters expose it. ``shape="before"``: as exporters did before the model
     catalogue became opt-in (every host exports it; no alias/vendor/missing labels on
@@ -206,43 +249,14 @@ def openmetrics(fleet: Fleet, ts: float, shape: str = "shipped") -> str:
         add(
             "kvmcpu_host_cpu_model_support_hash",
             base,
-            support_hash(m.name for m in fleet.models if not m.alias_of and not m.missing_on(kind.flags)),
+            host_support_hash(fleet.models, kind.flags),
         )
         for f in watched:
             add("kvmcpu_host_cpu_feature", {**base, "feature": f}, 1 if f in kind.flags else 0)
             # KVM works on these hosts: -cpu host gives a guest what the CPU has
             add("kvmcpu_host_exposable_cpu_feature", {**base, "feature": f}, 1 if f in kind.flags else 0)
         catalogue = before or instance == catalogue_host
-        for m in fleet.models:
-            if catalogue:
-                add(
-                    "kvmcpu_cpu_model_info",
-                    {**base, "model": m.name, "vendor": m.vendor, "alias_of": m.alias_of or ""},
-                    1,
-                )
-            if before:  # every name, aliases included
-                add("kvmcpu_host_cpu_model_usable", {**base, "model": m.name}, 1)
-            if m.alias_of:  # as the daemon: aliases are resolved (alias label)
-                continue
-            if not before:
-                add(
-                    "kvmcpu_host_cpu_model_usable",
-                    {**base, "model": m.name, "alias": alias.get(m.name, "")},
-                    1,
-                )
-            missing = m.missing_on(kind.flags)
-            labels = {"alias": alias.get(m.name, ""), "vendor": m.vendor, "missing": missing_label(missing)}
-            add(
-                "kvmcpu_host_cpu_model_supported",
-                {**base, "model": m.name, **({} if before else labels)},
-                0 if missing else 1,
-            )
-            if not catalogue:
-                continue
-            add("kvmcpu_cpu_model_x86_64_level", {**base, "model": m.name}, m.level)
-            add("kvmcpu_cpu_model_features", {**base, "model": m.name}, len(m.required))
-            if m.rankable:
-                add("kvmcpu_cpu_model_rank", {**base, "model": m.name, "vendor": m.vendor}, m.rank)
+        _model_series(add, base, kind, fleet.models, alias, catalogue=catalogue, before=before)
     configs_done: set[tuple[str, str]] = set()
     for g in fleet.guests:
         base = {"job": JOB, "instance": g.instance}

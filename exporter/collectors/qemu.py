@@ -17,7 +17,14 @@ from prometheus_client.metrics_core import Metric
 from exporter.errors import SourceError
 from exporter.procfs.cpuinfo import HOST_FLAGS_TTL, read_cpuinfo
 from exporter.qemu.knowledge import ACCELERATORS, Expansion, HostQemuFacts, QemuKnowledge
-from exporter.qemu.models import NOT_A_MODEL, ModelFacts, aliases, missing_label, model_facts, support_hash
+from exporter.qemu.models import (
+    NOT_A_MODEL,
+    ModelFacts,
+    aliases,
+    host_support_hash,
+    missing_label,
+    model_facts,
+)
 
 log = logging.getLogger(__name__)
 #: expansions for the per-model answers are asked under TCG: for a named model they describe the
@@ -219,8 +226,9 @@ class QemuCollector:
             return
         yield GaugeMetricFamily(
             "kvmcpu_host_cpu_model_support_hash",
-            "A hash (CRC-32) of the set of named models this host supports: equal values, equal sets.",
-            value=float(support_hash(m.name for m in models if not m.alias_of and not m.missing_on(flags))),
+            "A hash (CRC-32) of the named models this host supports and what it lacks for the others: "
+            "equal values, equal answers.",
+            value=float(host_support_hash(models, flags)),
         )
 
 

@@ -179,9 +179,23 @@ def model_facts(name: str, expanded: Iterable[str], alias_of: str | None = None)
 
 
 def support_hash(supported: Iterable[str]) -> int:
-    """A 32-bit hash of a set of model names: hosts with equal values support the same models,
-    so fleet tooling can group hosts without reading every host x model series."""
+    """A 32-bit hash of a set of strings (``host_support_hash`` gives them): hosts with equal
+    values give the same model answers, so fleet tooling can group hosts without reading every
+    host x model series."""
     return zlib.crc32("\n".join(sorted(supported)).encode())
+
+
+def host_support_hash(models: Iterable[ModelFacts], flags: frozenset[str]) -> int:
+    """``kvmcpu_host_cpu_model_support_hash``: over the supported models and, for the others,
+    what the host lacks (the ``missing`` label), so that one representative host per hash answers
+    both "which models" and "what blocks the others" for every host with that hash."""
+    entries = []
+    for m in models:
+        if m.alias_of:
+            continue
+        missing = m.missing_on(flags)
+        entries.append(f"{m.name}:{missing_label(missing)}" if missing else m.name)
+    return support_hash(entries)
 
 
 def aliases(models: Iterable[ModelFacts]) -> dict[str, str]:
