@@ -1191,9 +1191,9 @@ def migration() -> Dashboard:
                 [
                     Query(
                         f"kvmcpu_guest_info{{{I}}} * on (job, cluster, cpu_model) group_left () "
-                        f"(label_replace(job_cluster_model:kvmcpu_host_cpu_model_supported:min{{{FJ}}}, "
+                        '(label_replace(job_cluster_model:kvmcpu_host_cpu_model_supported:min, '
                         '"cpu_model", "$1", "alias", "(.+)") or '
-                        f"label_replace(job_cluster_model:kvmcpu_host_cpu_model_supported:min{{{FJ}}}, "
+                        "label_replace(job_cluster_model:kvmcpu_host_cpu_model_supported:min, "
                         '"cpu_model", "$1", "model", "(.+)"))',
                         instant=True,
                         fmt="table",
