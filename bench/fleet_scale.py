@@ -581,8 +581,8 @@ def main() -> int:
             )
             prom.stop()
 
-        # phase 2: every rule file (recording, alerts, fleet), evaluated every 30 s; the rules
-        # before (--rules-before replaces fleet.yml) on the exposition they were written for
+        # phase 2: every rule file (recording, alerts, fleet), each alone, evaluated every 30 s;
+        # the rules before (--rules-before replaces fleet.yml) on the exposition they were written for
         totals, answers, medians = {}, {}, {}
         others = [r for r in RULES if r.name != FLEET_RULES.name]
         for label, rules in (("before", args.rules_before), ("shipped", FLEET_RULES)):
@@ -596,9 +596,15 @@ def main() -> int:
                     old = BackfilledPrometheus(where, rules=[])
                     took = old.backfill(openmetrics(fleet, time.time() - 120, shape="before"))
                     print(f"backfill of the exposition before (catalogue on every host): {took:.1f} s")
-            totals[label], answers[label], medians[label] = evaluate_rules(
-                where, [*others, rules], args.rounds, label
-            )
+            # one rule file at a time: on 2 cores, groups evaluated concurrently slow each other
+            # down by whole seconds, which says nothing about any one of them
+            totals[label], medians[label] = 0.0, {}
+            for f in [*others, rules]:
+                t, ans, med = evaluate_rules(where, [f], args.rounds, label)
+                totals[label] += t
+                medians[label].update(med)
+                if f == rules:
+                    answers[label] = ans
         if "before" in totals and totals["before"] > 0:
             for g in sorted(set(medians["before"]) | set(medians["shipped"])):
                 b, a = medians["before"].get(g), medians["shipped"].get(g)
@@ -607,6 +613,10 @@ def main() -> int:
             print(
                 f"all rule groups: shipped/before = {totals['shipped'] / totals['before']:.2f} "
                 f"(medians summed: {totals['before'] * 1000:.0f} -> {totals['shipped'] * 1000:.0f} ms)"
+            )
+        for label, total in totals.items():
+            print(
+                f"[{label}] all rule files, each group's median summed: {total * 1000:.0f} ms (target < 2000 ms)"
             )
     finally:
         prom.stop()

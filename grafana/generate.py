@@ -1012,15 +1012,16 @@ def migration() -> Dashboard:
                 "table",
                 [
                     Query(
-                        f"job_cluster_model:kvmcpu_host_cpu_model_usable:min{{{FJ}}} == 1",
+                        f"job_cluster_model:kvmcpu_host_cpu_model_supported:min{{{FJ}}} == 1",
                         instant=True,
                         fmt="table",
                     )
                 ],
-                "Safe -cpu choices for migratable guests (prefer the newest that has aes).",
+                "Safe -cpu choices for migratable guests: every host's CPU supports the whole model "
+                "(prefer the newest that has aes; the recommended model is the best of them).",
                 w=12,
                 h=10,
-                columns=["model"],
+                columns=["model", "alias", "vendor"],
             ),
             Row("Fleet CPU baseline"),
             Panel(
@@ -1191,7 +1192,7 @@ def migration() -> Dashboard:
                 [
                     Query(
                         f"kvmcpu_guest_info{{{I}}} * on (job, cluster, cpu_model) group_left () "
-                        '(label_replace(job_cluster_model:kvmcpu_host_cpu_model_supported:min, '
+                        "(label_replace(job_cluster_model:kvmcpu_host_cpu_model_supported:min, "
                         '"cpu_model", "$1", "alias", "(.+)") or '
                         "label_replace(job_cluster_model:kvmcpu_host_cpu_model_supported:min, "
                         '"cpu_model", "$1", "model", "(.+)"))',
