@@ -113,7 +113,8 @@ def test_real_probe() -> None:
     kvm = reg.get_sample_value("kvmcpu_host_accelerator_usable", {"accel": "kvm"})
     assert kvm == (1.0 if facts.accelerators["kvm"] else 0.0)
     assert (
-        reg.get_sample_value("kvmcpu_host_cpu_model_usable", {"model": "Westmere-v1", "alias": "Westmere"}) == 1.0
+        reg.get_sample_value("kvmcpu_host_cpu_model_usable", {"model": "Westmere-v1", "alias": "Westmere"})
+        == 1.0
     )
     assert reg.get_sample_value("kvmcpu_host_exposable_cpu_feature", {"feature": "aes"}) == 1.0
     assert reg.get_sample_value("kvmcpu_qemu_info", {"binary": facts.binary, "version": facts.version}) == 1.0

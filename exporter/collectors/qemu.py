@@ -75,7 +75,7 @@ class QemuCollector:
         # TYPE kvmcpu_cpu_model_features gauge
         kvmcpu_cpu_model_features{model="Broadwell-v1"} 56.0
         # TYPE kvmcpu_cpu_model_rank gauge
-        kvmcpu_cpu_model_rank{model="Broadwell-v1",vendor="GenuineIntel"} 3.054029e+06
+        kvmcpu_cpu_model_rank{model="Broadwell-v1",vendor="GenuineIntel"} 3.05402e+06
 
     While the first probe runs, nothing is emitted (not an error: the daemon is not ready yet).
     If no probe ever succeeded, the probe's error is raised so the scrape wrapper reports
