@@ -1192,7 +1192,7 @@ def migration() -> Dashboard:
                 [
                     Query(
                         f"kvmcpu_guest_info{{{I}}} * on (job, cluster, cpu_model) group_left () "
-                        "(label_replace(job_cluster_model:kvmcpu_host_cpu_model_supported:min, "
+                        "min by (job, cluster, cpu_model) (label_replace(job_cluster_model:kvmcpu_host_cpu_model_supported:min, "
                         '"cpu_model", "$1", "alias", "(.+)") or '
                         "label_replace(job_cluster_model:kvmcpu_host_cpu_model_supported:min, "
                         '"cpu_model", "$1", "model", "(.+)"))',
