@@ -192,7 +192,7 @@ kvmcpu_host_cpus{{job="{OLD_JOB}",instance="old0:10437"}} 8 {time.time() - 120:.
                 assert bool(got) != ("job_cluster:kvmcpu_cpu_model_recommended:" in expr), (title, expr)
         # and every query of the dashboard runs on this fleet (no many-to-many, no syntax error),
         # with a cluster selected as much as with All
-        for title, expr in panel_queries(dash):
+        for _title, expr in panel_queries(dash):
             for cluster in (".*", ""):
                 _query(
                     prom.url,
