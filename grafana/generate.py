@@ -335,6 +335,8 @@ INSTANCE = Variable(
 I = 'cluster=~"$cluster", job=~"$job", instance=~"$instance"'  # noqa: E741
 #: fleet-wide recording rules keep ``cluster`` (when present) but aggregate ``job`` away
 F = 'cluster=~"$cluster"'
+#: the fleet rules (fleet.yml) keep both ``job`` and ``cluster``: a fleet is one job, split by cluster
+FJ = 'cluster=~"$cluster", job=~"$job"'
 #: staleness of the last successful canary run: one profile runs every other tick, so older than
 #: an hour is late and older than two hours is what KvmCpuCanaryNoRecentSuccess fires on
 CANARY_LATE_SECONDS = 3600
@@ -924,7 +926,7 @@ def migration() -> Dashboard:
             Panel(
                 "Hosts in the fleet",
                 "stat",
-                [Query(f"fleet:kvmcpu_hosts:count{{{F}}}", instant=True)],
+                [Query(f"sum(job_cluster:kvmcpu_hosts:count{{{FJ}}})", instant=True)],
                 "Hosts whose exporter is up (the fleet the baseline is computed over).",
                 w=6,
                 h=4,
@@ -934,8 +936,8 @@ def migration() -> Dashboard:
                 "stat",
                 [
                     Query(
-                        f"count(fleet:kvmcpu_host_cpu_feature:min{{{F}}} == 0 and on (feature) "
-                        f"fleet:kvmcpu_host_cpu_feature:sum{{{F}}} > 0) or vector(0)",
+                        f"count(job_cluster_feature:kvmcpu_host_cpu_feature:min{{{FJ}}} == 0 and on (job, cluster, feature) "
+                        f"job_cluster_feature:kvmcpu_host_cpu_feature:sum{{{FJ}}} > 0) or vector(0)",
                         instant=True,
                     )
                 ],
@@ -958,7 +960,7 @@ def migration() -> Dashboard:
                 "stat",
                 [
                     Query(
-                        f'sum(job_cluster:kvmcpu_guest_fleet_migratable:unable{{{F}, job=~"$job"}}) or vector(0)',
+                        f"sum(job_cluster:kvmcpu_guest_fleet_migratable:unable{{{FJ}}}) or vector(0)",
                         instant=True,
                     )
                 ],
@@ -970,7 +972,13 @@ def migration() -> Dashboard:
             Panel(
                 "Fleet CPU feature baseline",
                 "matrix",
-                [Query(f"fleet:kvmcpu_host_cpu_feature:min{{{F}}}", instant=True, fmt="table")],
+                [
+                    Query(
+                        f"min by (feature) (job_cluster_feature:kvmcpu_host_cpu_feature:min{{{FJ}}})",
+                        instant=True,
+                        fmt="table",
+                    )
+                ],
                 "✓ = every host has the feature on every CPU: safe for migratable guests.",
                 w=24,
                 h=4,
@@ -982,7 +990,8 @@ def migration() -> Dashboard:
                 "bargauge",
                 [
                     Query(
-                        f"fleet:kvmcpu_host_cpu_feature:sum{{{F}}} / scalar(fleet:kvmcpu_hosts:count{{{F}}})",
+                        f"sum by (feature) (job_cluster_feature:kvmcpu_host_cpu_feature:sum{{{FJ}}}) "
+                        f"/ scalar(sum(job_cluster:kvmcpu_hosts:count{{{FJ}}}))",
                         legend="{{feature}}",
                         instant=True,
                     )
@@ -1000,8 +1009,9 @@ def migration() -> Dashboard:
                 "matrix",
                 [
                     Query(
-                        f"kvmcpu_host_cpu_feature{{{I}}} and on (feature) (fleet:kvmcpu_host_cpu_feature:min{{{F}}} == 0 "
-                        f"and on (feature) fleet:kvmcpu_host_cpu_feature:sum{{{F}}} > 0)",
+                        f"kvmcpu_host_cpu_feature{{{FJ}}} and on (job, cluster, feature) "
+                        f"(job_cluster_feature:kvmcpu_host_cpu_feature:min{{{FJ}}} == 0 "
+                        f"and on (job, cluster, feature) job_cluster_feature:kvmcpu_host_cpu_feature:sum{{{FJ}}} > 0)",
                         instant=True,
                         fmt="table",
                     )
@@ -1015,17 +1025,24 @@ def migration() -> Dashboard:
             Panel(
                 "Named CPU models usable on every host",
                 "table",
-                [Query(f"fleet:kvmcpu_host_cpu_model_usable:min{{{F}}} == 1", instant=True, fmt="table")],
-                "Safe -cpu choices for migratable guests (prefer the newest that has aes).",
+                [
+                    Query(
+                        f"job_cluster_model:kvmcpu_host_cpu_model_supported:min{{{FJ}}} == 1",
+                        instant=True,
+                        fmt="table",
+                    )
+                ],
+                "Safe -cpu choices for migratable guests: every host's CPU supports the whole model "
+                "(prefer the newest that has aes; the recommended model is the best of them).",
                 w=12,
                 h=10,
-                columns=["model"],
+                columns=["model", "alias", "vendor"],
             ),
             Row("Fleet CPU baseline"),
             Panel(
                 "Recommended CPU model",
                 "table",
-                [Query("job_cluster:kvmcpu_cpu_model_recommended:rank", instant=True, fmt="table")],
+                [Query(f"job_cluster:kvmcpu_cpu_model_recommended:rank{{{FJ}}}", instant=True, fmt="table")],
                 "The highest-ranked named QEMU model every host of the fleet (job, cluster) supports: "
                 "rank by x86-64 level, then number of features (docs/fleet.md).",
                 w=8,
@@ -1035,7 +1052,13 @@ def migration() -> Dashboard:
             Panel(
                 "Recommended model per CPU vendor",
                 "table",
-                [Query("job_cluster_vendor:kvmcpu_cpu_model_recommended:rank", instant=True, fmt="table")],
+                [
+                    Query(
+                        f"job_cluster_vendor:kvmcpu_cpu_model_recommended:rank{{{FJ}}}",
+                        instant=True,
+                        fmt="table",
+                    )
+                ],
                 "In a fleet mixing Intel and AMD: the best model of each vendor that all hosts of that "
                 "vendor support.",
                 w=8,
@@ -1043,11 +1066,24 @@ def migration() -> Dashboard:
                 columns=["job", "cluster", "vendor", "model"],
             ),
             Panel(
+                "Vendor-neutral baseline (-cpu)",
+                "table",
+                [Query(f"job_cluster:kvmcpu_cpu_baseline:x86_64_level{{{FJ}}}", instant=True, fmt="table")],
+                "qemu64 plus the fleet level's features (like Proxmox VE's x86-64-vN types), with aes and "
+                "pclmulqdq when every host has them: the answer for a fleet mixing CPU vendors (live "
+                "migration between vendors stays unsupported).",
+                w=24,
+                h=4,
+                columns=["job", "cluster", "cpu", "Value"],
+            ),
+            Panel(
                 "Fleet x86-64 level",
                 "stat",
                 [
                     Query(
-                        "job_cluster:kvmcpu_host_x86_64_level:min", legend="{{job}} {{cluster}}", instant=True
+                        f"job_cluster:kvmcpu_host_x86_64_level:min{{{FJ}}}",
+                        legend="{{job}} {{cluster}}",
+                        instant=True,
                     )
                 ],
                 "The lowest host's x86-64 level: what every guest can rely on wherever it runs.",
@@ -1060,7 +1096,7 @@ def migration() -> Dashboard:
                 "stat",
                 [
                     Query(
-                        "job_cluster:kvmcpu_host_cpu_model_supported:count",
+                        f"job_cluster:kvmcpu_host_cpu_model_supported:count{{{FJ}}}",
                         legend="{{job}} {{cluster}}",
                         instant=True,
                     )
@@ -1074,11 +1110,12 @@ def migration() -> Dashboard:
                 "timeseries",
                 [
                     Query(
-                        "job_cluster:kvmcpu_cpu_model_recommended:x86_64_level",
+                        f"job_cluster:kvmcpu_cpu_model_recommended:x86_64_level{{{FJ}}}",
                         legend="recommended {{model}} ({{job}} {{cluster}})",
                     ),
                     Query(
-                        "job_cluster:kvmcpu_host_x86_64_level:min", legend="fleet level ({{job}} {{cluster}})"
+                        f"job_cluster:kvmcpu_host_x86_64_level:min{{{FJ}}}",
+                        legend="fleet level ({{job}} {{cluster}})",
                     ),
                 ],
                 "A step down is KvmCpuFleetBaselineDropped: a host with an older CPU joined.",
@@ -1092,8 +1129,8 @@ def migration() -> Dashboard:
                 "table",
                 [
                     Query(
-                        f"kvmcpu_host_x86_64_level{{{I}}} == on (job, cluster) group_left "
-                        "job_cluster:kvmcpu_host_x86_64_level:min",
+                        f"kvmcpu_host_x86_64_level{{{FJ}}} == on (job, cluster) group_left "
+                        f"job_cluster:kvmcpu_host_x86_64_level:min{{{FJ}}}",
                         instant=True,
                         fmt="table",
                     )
@@ -1108,8 +1145,8 @@ def migration() -> Dashboard:
                 "table",
                 [
                     Query(
-                        f"kvmcpu_guest_info{{{I}}} and on (instance, job, cpu_config) "
-                        "(instance_cpu_config:kvmcpu_guest_config_fleet_migratable:bool == 0)",
+                        f"kvmcpu_guest_info{{{FJ}}} and on (instance, job, cpu_config) "
+                        f"(instance_cpu_config:kvmcpu_guest_config_fleet_migratable:bool{{{FJ}}} == 0)",
                         instant=True,
                         fmt="table",
                     )
@@ -1125,9 +1162,9 @@ def migration() -> Dashboard:
                 "table",
                 [
                     Query(
-                        f'(kvmcpu_guest_config_cpu_feature{{{I}, feature!="hypervisor"}} == 1) '
-                        f"and on (instance, job, feature) (kvmcpu_host_cpu_feature{{{I}}} == 1) "
-                        "and on (job, cluster, feature) (job_cluster_feature:kvmcpu_host_cpu_feature:min == 0)",
+                        f'(kvmcpu_guest_config_cpu_feature{{{FJ}, feature!="hypervisor"}} == 1) '
+                        f"and on (instance, job, feature) (kvmcpu_host_cpu_feature{{{FJ}}} == 1) "
+                        f"and on (job, cluster, feature) (job_cluster_feature:kvmcpu_host_cpu_feature:min{{{FJ}}} == 0)",
                         instant=True,
                         fmt="table",
                     )
@@ -1137,6 +1174,22 @@ def migration() -> Dashboard:
                 w=12,
                 h=8,
                 columns=["instance", "cpu_config", "feature"],
+            ),
+            Panel(
+                "Guest CPU models some hosts cannot run",
+                "table",
+                [
+                    Query(
+                        f"job_cluster_cpu_model_missing:kvmcpu_guests:count{{{FJ}}}",
+                        instant=True,
+                        fmt="table",
+                    )
+                ],
+                "Per -cpu model the guests use: the features of its whole QEMU expansion that some hosts "
+                "lack (e.g. hle,rtm on a host whose microcode switched TSX off), and how many guests use it.",
+                w=24,
+                h=6,
+                columns=["job", "cluster", "cpu_model", "model", "host_vendor", "missing", "Value"],
             ),
             Row("Guests"),
             Panel(
@@ -1153,14 +1206,17 @@ def migration() -> Dashboard:
                 "table",
                 [
                     Query(
-                        f"kvmcpu_guest_info{{{I}}} * on (cpu_model) group_left () "
-                        f"label_replace(fleet:kvmcpu_host_cpu_model_usable:min{{{F}}}, "
-                        '"cpu_model", "$1", "model", "(.*)")',
+                        f"kvmcpu_guest_info{{{I}}} * on (job, cluster, cpu_model) group_left () "
+                        "min by (job, cluster, cpu_model) (label_replace(job_cluster_model:kvmcpu_host_cpu_model_supported:min, "
+                        '"cpu_model", "$1", "alias", "(.+)") or '
+                        "label_replace(job_cluster_model:kvmcpu_host_cpu_model_supported:min, "
+                        '"cpu_model", "$1", "model", "(.+)"))',
                         instant=True,
                         fmt="table",
                     )
                 ],
-                "For guests with a named CPU model: yes = every host can run that model.",
+                "For guests with a named CPU model (alias or versioned name): yes = every host's CPU "
+                "supports the whole model.",
                 w=12,
                 h=8,
                 mappings=YES_NO,

@@ -88,8 +88,14 @@ kvmcpu_host_cpus{{job="{OLD_JOB}",instance="old0:10437"}} 8 {time.time() - 120:.
         assert run.returncode == 0, run.stderr
         doc = json.loads(run.stdout)
         assert doc["hosts"] == len(fleet.hosts) and doc["guests"] == len(fleet.guests)
-        assert doc["recommended"]["model"] == truth["recommended"]
+        # Intel and AMD hosts: a model per vendor, none fleet-wide, and the vendor-neutral line
+        assert truth["recommended"] is None and doc["recommended"] is None and doc["mixed_vendors"]
+        assert {v: (m or {}).get("model") for v, m in doc["recommended_per_vendor"].items()} == truth[
+            "per_vendor"
+        ]
         assert doc["x86_64_level"] == truth["level"]
+        assert doc["baseline_cpu"].startswith("qemu64,") and "+sse4.2" in doc["baseline_cpu"]
+        assert doc["catalog"] == "prometheus", "one host of the fleet exports the catalogue"
 
         # each CPU group is one kind of CPU; the groups holding back are the generator's
         kind_of = {g["name"]: {fleet.hosts[h].name for h in g["hosts"]} for g in doc["cpu_groups"]}
@@ -115,18 +121,24 @@ kvmcpu_host_cpus{{job="{OLD_JOB}",instance="old0:10437"}} 8 {time.time() - 120:.
             for group in unreachable:
                 assert not set(g["blocking_features"]) <= kinds[group_kind[group]].flags
 
-        # guests below: their gains are the recommended level's features they lack (no local QEMU)
+        # guests below: their gains are their vendor's recommended level's features they lack, that
+        # every host has and every host's accelerator gives (no local QEMU)
         baseline = set(doc["baseline_features"])
-        rec_level = doc["recommended"]["x86_64_level"]
+        rec_level = {v: m["x86_64_level"] for v, m in doc["recommended_per_vendor"].items()}
         guests = {(g.name, g.instance): g for g in fleet.guests}
+
+        def want_gain(g: Any) -> set[str]:
+            lv = rec_level[fleet.hosts[g.instance].vendor]
+            return set(missing_for(lv, ())) & baseline - set(g.features)
+
         for g in doc["guests_below"]:
             src = guests[(g["guest"], g["instance"])]
-            assert g["gain"] == sorted((set(missing_for(rec_level, ())) & baseline) - src.features)
+            assert g["gain"] == sorted(want_gain(src))
         expected_below = {
             k
             for k, g in guests.items()
             if k not in truth["above"]
-            and (g.level < rec_level or (set(missing_for(rec_level, ())) & baseline) - g.features)
+            and (g.level < rec_level[fleet.hosts[g.instance].vendor] or want_gain(g))
         }
         assert {(g["guest"], g["instance"]) for g in doc["guests_below"]} == expected_below
 
@@ -147,10 +159,13 @@ kvmcpu_host_cpus{{job="{OLD_JOB}",instance="old0:10437"}} 8 {time.time() - 120:.
             # both groups (baseline, guests) have evaluated at least once
             if not _query(prom.url, "instance_cpu_config:kvmcpu_guest_config_fleet_migratable:bool"):
                 return None
-            return _query(prom.url, "job_cluster:kvmcpu_cpu_model_recommended:rank") or None
+            return _query(prom.url, "job_cluster_vendor:kvmcpu_cpu_model_recommended:rank") or None
 
-        (rec,) = wait_until(evaluated, 60, "the fleet rules' first evaluation")  # the old job has no models
-        assert rec["metric"]["model"] == truth["recommended"]
+        recs = wait_until(evaluated, 60, "the fleet rules' first evaluation")  # the old job has no models
+        assert {r["metric"]["vendor"]: r["metric"]["model"] for r in recs} == truth["per_vendor"]
+        assert _query(prom.url, "job_cluster:kvmcpu_cpu_model_recommended:rank") == [], "mixed vendors"
+        (line,) = _query(prom.url, "job_cluster:kvmcpu_cpu_baseline:x86_64_level")
+        assert line["metric"]["cpu"] == doc["baseline_cpu"] and float(line["value"][1]) == truth["level"]
         stuck = _query(
             prom.url,
             "kvmcpu_guest_info and on (instance, job, cpu_config)"
@@ -166,12 +181,22 @@ kvmcpu_host_cpus{{job="{OLD_JOB}",instance="old0:10437"}} 8 {time.time() - 120:.
         dash = committed_dashboards()["kvmcpu-migration.json"]
         titles = [p["title"] for p in dash["panels"]]
         section = titles[titles.index("Fleet CPU baseline") + 1 : titles.index("Guests")]
-        assert len(section) == 8
+        assert len(section) == 10
         for title, expr in panel_queries(dash):
             if title in section:
-                assert _query(
+                got = _query(
                     prom.url,
                     substitute(expr, {"instance": ".*", "cluster": ".*", "job": ".*", "datasource": ""}),
-                ), title
+                )
+                # a fleet that mixes vendors has no fleet-wide model: that query alone stays empty
+                assert bool(got) != ("job_cluster:kvmcpu_cpu_model_recommended:" in expr), (title, expr)
+        # and every query of the dashboard runs on this fleet (no many-to-many, no syntax error),
+        # with a cluster selected as much as with All
+        for _title, expr in panel_queries(dash):
+            for cluster in (".*", ""):
+                _query(
+                    prom.url,
+                    substitute(expr, {"instance": ".*", "cluster": cluster, "job": ".*", "datasource": ""}),
+                )
     finally:
         prom.stop()

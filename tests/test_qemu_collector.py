@@ -42,10 +42,16 @@ def test_fixture_facts_values() -> None:
     reg = registry_for(fixture_knowledge())
     assert reg.get_sample_value("kvmcpu_host_accelerator_usable", {"accel": "kvm"}) == 0.0
     assert reg.get_sample_value("kvmcpu_host_accelerator_usable", {"accel": "tcg"}) == 1.0
+    # aliases are resolved: the versioned model answers, its alias in a label (issue 20)
+    alias = {m.alias_of: n for n, m in facts.models.items() if m.alias_of}
     for name, model in facts.models.items():
         want = 1.0 if model.usable else 0.0
-        assert reg.get_sample_value("kvmcpu_host_cpu_model_usable", {"model": name}) == want
-    assert reg.get_sample_value("kvmcpu_host_cpu_model_usable", {"model": "EPYC"}) == 0.0
+        if model.alias_of in facts.models:
+            assert reg.get_sample_value("kvmcpu_host_cpu_model_usable", {"model": name, "alias": ""}) is None
+            continue
+        labels = {"model": name, "alias": alias.get(name, "")}
+        assert reg.get_sample_value("kvmcpu_host_cpu_model_usable", labels) == want
+    assert reg.get_sample_value("kvmcpu_host_cpu_model_usable", {"model": "EPYC", "alias": ""}) == 0.0
     # every watched feature has a series, absent ones as explicit zeros
     for feature in DEFAULT_WATCHLIST:
         want = 1.0 if feature in facts.exposable else 0.0
@@ -106,7 +112,10 @@ def test_real_probe() -> None:
     assert reg.get_sample_value("kvmcpu_host_accelerator_usable", {"accel": "tcg"}) == 1.0
     kvm = reg.get_sample_value("kvmcpu_host_accelerator_usable", {"accel": "kvm"})
     assert kvm == (1.0 if facts.accelerators["kvm"] else 0.0)
-    assert reg.get_sample_value("kvmcpu_host_cpu_model_usable", {"model": "Westmere"}) == 1.0
+    assert (
+        reg.get_sample_value("kvmcpu_host_cpu_model_usable", {"model": "Westmere-v1", "alias": "Westmere"})
+        == 1.0
+    )
     assert reg.get_sample_value("kvmcpu_host_exposable_cpu_feature", {"feature": "aes"}) == 1.0
     assert reg.get_sample_value("kvmcpu_qemu_info", {"binary": facts.binary, "version": facts.version}) == 1.0
 
@@ -121,7 +130,7 @@ def test_daemon_serves_qemu_metrics(start_daemon, tmp_path: Path) -> None:
         lambda m: sample(m, "kvmcpu_host_accelerator_usable", accel="tcg") is not None and m, timeout=60
     )
     assert sample(metrics, "kvmcpu_host_accelerator_usable", accel="tcg") == 1.0
-    assert sample(metrics, "kvmcpu_host_cpu_model_usable", model="Westmere") == 1.0
+    assert sample(metrics, "kvmcpu_host_cpu_model_usable", model="Westmere-v1", alias="Westmere") == 1.0
     assert sample(metrics, "kvmcpu_host_exposable_cpu_feature", feature="aes") == 1.0
     assert sample(metrics, "kvmcpu_scrape_collector_success", collector="qemu") == 1.0
     code, _ = d.get("/-/ready")

@@ -54,10 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _local_expander(cfg: Config) -> Any:
-    """The recommended model's features from the local QEMU (the same expansion the exporters
-    use), or None when no QEMU is installed here."""
+def _local_qemu(cfg: Config) -> tuple[Any, Any]:
+    """The recommended model's features, and the model catalogue when no exporter exports it,
+    from the local QEMU (the same expansions the exporters use); None / {} without QEMU here."""
     from exporter.app.settings import qemu_knowledge
+    from exporter.qemu.models import NOT_A_MODEL, model_facts
 
     knowledge = qemu_knowledge(cfg)
 
@@ -70,14 +71,36 @@ def _local_expander(cfg: Config) -> Any:
             )
             return None
 
-    return expand
+    def catalog() -> dict[str, Model]:
+        try:
+            facts = knowledge.probe()
+            out = {}
+            for name, info in sorted(facts.models.items()):
+                if name in NOT_A_MODEL:
+                    continue
+                m = model_facts(name, knowledge.expand(name, accel="tcg").features, info.alias_of)
+                out[name] = Model(
+                    name=name,
+                    vendor=m.vendor,
+                    alias_of=m.alias_of or "",
+                    level=m.level,
+                    features=len(m.required),
+                    rank=float(m.rank) if m.rankable else 0.0,
+                )
+            return out
+        except ExporterError as err:
+            log.info("no local QEMU model catalogue", extra={"fields": {"err": err}})
+            return {}
+
+    return expand, catalog
 
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
     setup_logging(cfg.log.level, cfg.log.format)
     try:
         client = PrometheusClient(args.prometheus, timeout=args.timeout)
-        report = fetch_report(client, args.selector, expand=_local_expander(cfg) if args.use_qemu else None)
+        expand, catalog = _local_qemu(cfg) if args.use_qemu else (None, None)
+        report = fetch_report(client, args.selector, expand=expand, local_catalog=catalog)
     except ExporterError as err:
         print(f"kvm-cpu-exporter fleet: {err}", file=sys.stderr)
         return 1
@@ -106,6 +129,7 @@ def _guest(g: GuestRow) -> dict[str, Any]:
         "instance": g.instance,
         "job": g.job,
         "cpu_model": g.cpu_model,
+        "model": g.model,
         "cpu_config": g.cpu_config,
         "x86_64_level": g.level,
         "blocking_features": list(g.blocking),
@@ -123,6 +147,9 @@ def report_document(r: FleetReport) -> dict[str, Any]:
         "x86_64_level": r.level,
         "recommended": _model(r.recommended),
         "recommended_per_vendor": {v: _model(m) for v, m in r.per_vendor.items()},
+        "mixed_vendors": r.mixed_vendors,
+        "baseline_cpu": r.baseline_cpu,
+        "catalog": r.catalog_source,
         "cpu_groups": [
             {
                 "name": g.name,
@@ -182,6 +209,27 @@ def _hosts(names: list[str], limit: int = 4) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def _recommendation(r: FleetReport) -> list[str]:
+    """The recommended model (per vendor when the fleet mixes them) and the vendor-neutral line."""
+    out: list[str] = []
+    if not r.mixed_vendors:
+        out.append(f"Recommended CPU model (usable on every host): {_m(r.recommended)}")
+    else:
+        out.append(
+            "The fleet mixes CPU vendors: no one vendor's model is recommended fleet-wide (QEMU/KVM do not "
+            "support live migration between vendors). Per vendor (that vendor's models on its hosts):"
+        )
+        for v, m in r.per_vendor.items():
+            n = sum(len(g.hosts) for g in r.groups if g.vendor == v)
+            out.append(f"  {v} ({_n(n, 'host')}): {_m(m)}")
+    out.append(f"Vendor-neutral baseline ({level_name(r.level)}): -cpu {r.baseline_cpu}")
+    if r.catalog_source != "prometheus":
+        out.append(
+            f"  (model catalogue from the {r.catalog_source}: no exporter has --qemu.model-catalog on)"
+        )
+    return out
+
+
 def render_text(r: FleetReport) -> str:
     out: list[str] = []
     fleets = "; ".join(f"job={j}" + (f" cluster={c}" if c else "") for j, c in r.fleets)
@@ -206,12 +254,7 @@ def render_text(r: FleetReport) -> str:
         )
     out += _table(rows)
     out.append("")
-    out.append(f"Recommended CPU model (usable on every host): {_m(r.recommended)}")
-    if len(r.per_vendor) > 1:
-        out.append("The fleet mixes CPU vendors; per vendor (that vendor's models on that vendor's hosts):")
-        for v, m in r.per_vendor.items():
-            n = sum(len(g.hosts) for g in r.groups if g.vendor == v)
-            out.append(f"  {v} ({_n(n, 'host')}): {_m(m)}")
+    out += _recommendation(r)
     out.append("")
     out.append("Hosts holding the baseline back:")
     if not r.holding_back:
@@ -243,8 +286,9 @@ def render_text(r: FleetReport) -> str:
         out.append(f"      cannot move to: {'; '.join(not_to)}")
         if movable:
             out.append(f"      can move to: {'; '.join(to)}")
-    if r.recommended is not None:
-        out.append(f"Guests below the recommended model {r.recommended.name} ({len(r.guests_below)}):")
+    recs = ", ".join(m.name for m in ([r.recommended] if r.recommended else r.per_vendor.values()) if m)
+    if recs:
+        out.append(f"Guests below the recommended model {recs} ({len(r.guests_below)}):")
         groups: dict[tuple[str, tuple[str, ...], int | None], list[GuestRow]] = {}
         for row in r.guests_below:
             groups.setdefault((row.cpu_model, row.gain, row.level), []).append(row)

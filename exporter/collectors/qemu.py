@@ -17,7 +17,14 @@ from prometheus_client.metrics_core import Metric
 from exporter.errors import SourceError
 from exporter.procfs.cpuinfo import HOST_FLAGS_TTL, read_cpuinfo
 from exporter.qemu.knowledge import ACCELERATORS, Expansion, HostQemuFacts, QemuKnowledge
-from exporter.qemu.models import NOT_A_MODEL, ModelFacts, model_facts, support_hash
+from exporter.qemu.models import (
+    NOT_A_MODEL,
+    ModelFacts,
+    aliases,
+    host_support_hash,
+    missing_label,
+    model_facts,
+)
 from exporter.qemu.proof import unusable_reason
 from exporter.views.host import exposable_level
 
@@ -37,8 +44,8 @@ class QemuCollector:
         # TYPE kvmcpu_host_accelerator_unusable_reason gauge
         kvmcpu_host_accelerator_unusable_reason{accel="kvm",reason="qemu_error"} 1.0
         # TYPE kvmcpu_host_cpu_model_usable gauge
-        kvmcpu_host_cpu_model_usable{model="EPYC"} 0.0
-        kvmcpu_host_cpu_model_usable{model="Westmere"} 1.0
+        kvmcpu_host_cpu_model_usable{alias="EPYC",model="EPYC-v1"} 0.0
+        kvmcpu_host_cpu_model_usable{alias="Westmere",model="Westmere-v1"} 1.0
         # TYPE kvmcpu_host_exposable_cpu_feature gauge
         kvmcpu_host_exposable_cpu_feature{feature="aes"} 1.0
         kvmcpu_host_exposable_cpu_feature{feature="avx512f"} 0.0
@@ -49,13 +56,23 @@ class QemuCollector:
         # TYPE kvmcpu_qemu_probe_timestamp_seconds gauge
         kvmcpu_qemu_probe_timestamp_seconds 1.7640576e+09
 
-    Per named CPU model (from cached expansions, see ``exporter.qemu.models``; a model whose
-    expansion is not cached yet is queued for the background thread and left out until then).
-    Aliases (``Broadwell`` is ``Broadwell-v1``) appear in ``kvmcpu_cpu_model_info`` only::
+    Aliases (``Broadwell`` is ``Broadwell-v1``) are resolved: the versioned model answers for its
+    alias, named in the ``alias`` label (QEMU gives a version at most one alias).
+
+    Per named CPU model and this host's CPU (from cached expansions, see ``exporter.qemu.models``;
+    a model whose expansion is not cached yet is queued for the background thread and left out
+    until then), with the features this host lacks for it (``missing``) and the model's vendor::
 
         # TYPE kvmcpu_host_cpu_model_supported gauge
-        kvmcpu_host_cpu_model_supported{model="Broadwell-v1"} 1.0
-        kvmcpu_host_cpu_model_supported{model="Skylake-Server-v1"} 0.0
+        kvmcpu_host_cpu_model_supported{alias="Broadwell",missing="",model="Broadwell-v1",vendor="GenuineIntel"} 1.0
+        kvmcpu_host_cpu_model_supported{alias="",missing="pku",model="Skylake-Server-v1",vendor="GenuineIntel"} 0.0
+        # TYPE kvmcpu_host_cpu_model_support_hash gauge
+        kvmcpu_host_cpu_model_support_hash 2.826001537e+09
+
+    QEMU's model catalog is the same on every host with the same QEMU, so it is exported only with
+    ``qemu.model_catalog`` (``--qemu.model-catalog``) on, on one or two hosts per QEMU version
+    (docs/fleet.md); aliases appear in ``kvmcpu_cpu_model_info`` only::
+
         # TYPE kvmcpu_cpu_model_info gauge
         kvmcpu_cpu_model_info{alias_of="",model="Broadwell-v1",vendor="GenuineIntel"} 1.0
         kvmcpu_cpu_model_info{alias_of="Broadwell-v1",model="Broadwell",vendor="GenuineIntel"} 1.0
@@ -64,9 +81,7 @@ class QemuCollector:
         # TYPE kvmcpu_cpu_model_features gauge
         kvmcpu_cpu_model_features{model="Broadwell-v1"} 56.0
         # TYPE kvmcpu_cpu_model_rank gauge
-        kvmcpu_cpu_model_rank{model="Broadwell-v1",vendor="GenuineIntel"} 3.056315e+06
-        # TYPE kvmcpu_host_cpu_model_support_hash gauge
-        kvmcpu_host_cpu_model_support_hash 2.826001537e+09
+        kvmcpu_cpu_model_rank{model="Broadwell-v1",vendor="GenuineIntel"} 3.05402e+06
 
     While the first probe runs, nothing is emitted (not an error: the daemon is not ready yet).
     If no probe ever succeeded, the probe's error is raised so the scrape wrapper reports
@@ -76,11 +91,20 @@ class QemuCollector:
     #: seeded at 0 in kvmcpu_scrape_collector_errors_total (exporter.collectors.scrape)
     error_reasons = ("qemu_missing", "qemu_error")
 
-    def __init__(self, knowledge: QemuKnowledge, watch: tuple[str, ...], procfs: Path | None = None) -> None:
+    def __init__(
+        self,
+        knowledge: QemuKnowledge,
+        watch: tuple[str, ...],
+        procfs: Path | None = None,
+        *,
+        catalog: bool = False,
+    ) -> None:
         self.knowledge = knowledge
         self.watch = watch
         #: where /proc/cpuinfo is read for the per-model answers (None: not emitted)
         self.procfs = procfs
+        #: also export the model catalog (kvmcpu_cpu_model_*): the same on every host
+        self.catalog = catalog
         self._facts_cache: dict[str, tuple[Expansion, ModelFacts]] = {}
         #: the per-model families, rebuilt only when the probe, an expansion or the host's flags
         #: change: ~650 series that are the same from one scrape to the next
@@ -118,11 +142,15 @@ class QemuCollector:
 
         models = GaugeMetricFamily(
             "kvmcpu_host_cpu_model_usable",
-            "Whether QEMU can run a guest with this named CPU model on this host (no unavailable features).",
-            labels=["model"],
+            "Whether QEMU can run a guest with this named CPU model on this host (no unavailable features); "
+            "an alias answers like its model (alias label).",
+            labels=["model", "alias"],
         )
+        alias = {m.alias_of: n for n, m in facts.models.items() if m.alias_of}
         for name, model in sorted(facts.models.items()):
-            models.add_metric([name], 1.0 if model.usable else 0.0)
+            if model.alias_of and model.alias_of in facts.models:
+                continue
+            models.add_metric([name, alias.get(name, "")], 1.0 if model.usable else 0.0)
         yield models
 
         exposable = GaugeMetricFamily(
@@ -202,46 +230,62 @@ class QemuCollector:
         supported = GaugeMetricFamily(
             "kvmcpu_host_cpu_model_supported",
             "Whether every logical CPU of this host has every feature the named CPU model expands to "
-            "(what KVM could run, independent of whether KVM works here; see kvmcpu_host_cpu_model_usable).",
-            labels=["model"],
+            "(what KVM could run, independent of whether KVM works here; see kvmcpu_host_cpu_model_usable); "
+            "missing: the features it lacks, alias: the model's unversioned name.",
+            labels=["model", "alias", "vendor", "missing"],
         )
-        info = GaugeMetricFamily(
-            "kvmcpu_cpu_model_info",
-            "A named QEMU CPU model: the CPUID vendor it presents and the model it is an alias of.",
-            labels=["model", "vendor", "alias_of"],
-        )
-        level = GaugeMetricFamily(
-            "kvmcpu_cpu_model_x86_64_level",
-            "The x86-64 micro-architecture level (0-4) a guest with this named CPU model gets.",
-            labels=["model"],
-        )
-        count = GaugeMetricFamily(
-            "kvmcpu_cpu_model_features",
-            "Number of CPU features of the named model a host must have (those /proc/cpuinfo can confirm).",
-            labels=["model"],
-        )
-        rank = GaugeMetricFamily(
-            "kvmcpu_cpu_model_rank",
-            "Ranking score of a named CPU model for recommendations: level * 1e6 + features * 1e3 + a stable "
-            "tie-break below 1e3, with the model's vendor (aliases and host/max are not ranked).",
-            labels=["model", "vendor"],
-        )
-        for m in models:
-            info.add_metric([m.name, m.vendor, m.alias_of or ""], 1.0)
-            if m.alias_of:
-                # an alias answers like its target: listed in the info only (42% fewer series)
-                continue
-            if flags is not None:
-                supported.add_metric([m.name], 0.0 if m.missing_on(flags) else 1.0)
-            level.add_metric([m.name], float(m.level))
-            count.add_metric([m.name], float(len(m.required)))
-            if m.rankable:
-                rank.add_metric([m.name, m.vendor], float(m.rank))
-        yield from (supported, info, level, count, rank)
+        alias = aliases(models)
+        if flags is not None:
+            for m in models:
+                if not m.alias_of:
+                    missing = m.missing_on(flags)
+                    supported.add_metric(
+                        [m.name, alias.get(m.name, ""), m.vendor, missing_label(missing)],
+                        0.0 if missing else 1.0,
+                    )
+            yield supported
+        if self.catalog:
+            yield from _catalog(models)
         if flags is None:
             return
         yield GaugeMetricFamily(
             "kvmcpu_host_cpu_model_support_hash",
-            "A hash (CRC-32) of the set of named models this host supports: equal values, equal sets.",
-            value=float(support_hash(m.name for m in models if not m.alias_of and not m.missing_on(flags))),
+            "A hash (CRC-32) of the named models this host supports and what it lacks for the others: "
+            "equal values, equal answers.",
+            value=float(host_support_hash(models, flags)),
         )
+
+
+def _catalog(models: list[ModelFacts]) -> Iterator[Metric]:
+    """QEMU's model catalog: the same on every host with the same QEMU (opt-in, see the class)."""
+    info = GaugeMetricFamily(
+        "kvmcpu_cpu_model_info",
+        "A named QEMU CPU model: the CPUID vendor it presents and the model it is an alias of.",
+        labels=["model", "vendor", "alias_of"],
+    )
+    level = GaugeMetricFamily(
+        "kvmcpu_cpu_model_x86_64_level",
+        "The x86-64 micro-architecture level (0-4) a guest with this named CPU model gets.",
+        labels=["model"],
+    )
+    count = GaugeMetricFamily(
+        "kvmcpu_cpu_model_features",
+        "Number of CPU features of the named model a host must have (those /proc/cpuinfo can confirm).",
+        labels=["model"],
+    )
+    rank = GaugeMetricFamily(
+        "kvmcpu_cpu_model_rank",
+        "Ranking score of a named CPU model for recommendations: level * 1e6 + merit features (TSX's hle/rtm "
+        "are not merit) * 1e3 + a tie-break below 1e3 (newest -vN, then noTSX, then IBRS), with the model's "
+        "vendor (aliases and host/max are not ranked).",
+        labels=["model", "vendor"],
+    )
+    for m in models:
+        info.add_metric([m.name, m.vendor, m.alias_of or ""], 1.0)
+        if m.alias_of:
+            continue
+        level.add_metric([m.name], float(m.level))
+        count.add_metric([m.name], float(len(m.required)))
+        if m.rankable:
+            rank.add_metric([m.name, m.vendor], float(m.rank))
+    yield from (info, level, count, rank)

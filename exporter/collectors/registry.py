@@ -90,7 +90,9 @@ def _qemu(ctx: Context) -> Collector:
     from exporter.collectors.qemu import QemuCollector
 
     assert ctx.knowledge is not None
-    return QemuCollector(knowledge=ctx.knowledge, watch=ctx.watch, procfs=ctx.procfs)
+    return QemuCollector(
+        knowledge=ctx.knowledge, watch=ctx.watch, procfs=ctx.procfs, catalog=ctx.config.qemu.model_catalog
+    )
 
 
 def _guests(ctx: Context) -> Collector:

@@ -207,6 +207,13 @@ class QemuConfig:
     refresh_interval_seconds: Number = number(
         3600.0, "re-probe models and accelerators this often (QEMU upgrades, module reloads)", gt=0, le=YEAR
     )
+    model_catalog: StrictBool = setting(
+        False,
+        "also export QEMU's CPU model catalog (kvmcpu_cpu_model_info, _x86_64_level, _features, _rank; "
+        "about 350 series, the same on every host with the same QEMU): turn it on on one or two hosts "
+        "per QEMU version, the fleet rules read it from there (docs/fleet.md)",
+        flag=Flag("qemu.model-catalog"),
+    )
 
 
 @dataclass(config=_MODEL)

@@ -12,12 +12,18 @@ are left out and why (KVM emulates them on any host, KVM's defaults switch them 
 kernel does not print them), and ``CPUINFO_NAME`` the few whose /proc/cpuinfo flag differs from
 QEMU's property name. Everything else must be present on every logical CPU.
 
-Models are ranked for recommendations by (x86-64 level, number of checked features), with a
-stable tie-break derived from the name so that every host (and the recording rules) agree.
+Models are ranked for recommendations by (x86-64 level, number of checked features that are merit:
+TSX's ``hle``/``rtm`` are not, microcode updates remove them), then among equals the newest
+``-vN`` and the noTSX/IBRS variants; every host (and the recording rules) agree on it.
+
+A fleet that mixes CPU vendors has no common named model worth recommending (libvirt refuses
+mixed-vendor baselines); ``baseline_cpu`` spells the vendor-neutral answer the way Proxmox VE's
+``x86-64-vN`` CPU types do: ``qemu64`` plus the level's features.
 """
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -79,9 +85,18 @@ _VENDOR_BY_PREFIX: tuple[tuple[str, str], ...] = (
 )
 #: features only AMD models have, for model names this table does not know yet
 _AMD_LIKE = frozenset({"sse4a", "svm", "3dnow", "misalignsse", "topoext"})
+_VERSION = re.compile(r"-v(\d+)$")
 #: rank = level * LEVEL_STEP + features * FEATURE_STEP + tie-break (< FEATURE_STEP)
 LEVEL_STEP = 1_000_000
 FEATURE_STEP = 1_000
+#: features that never count as merit when ranking: TSX, which microcode updates switched off on
+#: many Intel CPUs (2019-2021) and which breaks migration the day it disappears from a host
+NOT_MERIT = frozenset({"hle", "rtm"})
+#: features of QEMU's ``qemu64`` model that x86-64 levels need (QEMU builtin_x86_defs: level 1,
+#: plus cx16, lahf_lm and pni of level 2); ``baseline_cpu`` adds the rest as switches
+QEMU64_LEVEL_FEATURES = frozenset(
+    {"cmov", "cx8", "fpu", "fxsr", "mmx", "syscall", "sse", "sse2", "cx16", "lahf_lm", "pni"}
+)
 
 
 @dataclass(frozen=True)
@@ -101,9 +116,15 @@ class ModelFacts:
         return self.alias_of is None and self.name not in NOT_A_MODEL
 
     @property
+    def merit(self) -> int:
+        """The features that count for ranking: the checkable ones except TSX (``NOT_MERIT``)."""
+        return len(self.required - NOT_MERIT)
+
+    @property
     def rank(self) -> int:
-        """(level, feature count, stable name hash) as one number the recording rules can topk()."""
-        return rank(self.level, len(self.required), self.name)
+        """(level, merit features, newest version / noTSX / IBRS) as one number the recording
+        rules can topk()."""
+        return rank(self.level, self.merit, self.name, self.required)
 
     def missing_on(self, host_flags: Iterable[str]) -> tuple[str, ...]:
         """Required features the host lacks (sorted); empty when the host's CPU supports the model."""
@@ -111,14 +132,25 @@ class ModelFacts:
         return tuple(sorted(self.required - have))
 
 
-def rank(level: int, features: int, name: str) -> int:
-    """The ranking score: higher x86-64 level first, then more features, then a stable tie-break
-    (a hash of the name, identical on every host and in every tool that ranks)."""
-    return level * LEVEL_STEP + min(features, LEVEL_STEP // FEATURE_STEP - 1) * FEATURE_STEP + tie_break(name)
+def rank(level: int, features: int, name: str, required: Iterable[str] = ()) -> int:
+    """The ranking score: higher x86-64 level first, then more merit features, then ``tie_break``."""
+    return (
+        level * LEVEL_STEP
+        + min(features, LEVEL_STEP // FEATURE_STEP - 1) * FEATURE_STEP
+        + tie_break(name, required)
+    )
 
 
-def tie_break(name: str) -> int:
-    return zlib.crc32(name.encode()) % FEATURE_STEP
+def tie_break(name: str, required: Iterable[str] = ()) -> int:
+    """Among models with equal level and merit (below FEATURE_STEP): the newest ``-vN`` first
+    (QEMU's later versions fix errata and add mitigations), then the variant without TSX, then
+    the one with IBRS (``spec-ctrl``), then a stable hash of the name so every tool agrees.
+    (It used to be the hash alone: Icelake-Server-v5 beat v6 and Skylake-Server-v1 its -IBRS.)"""
+    req = frozenset(required)
+    version = min(version_of(name), 49)
+    no_tsx = 0 if req & NOT_MERIT else 1
+    ibrs = 1 if "ibrs" in req else 0
+    return version * 20 + no_tsx * 10 + ibrs * 5 + zlib.crc32(name.encode()) % 5
 
 
 def vendor_of(name: str, features: Iterable[str] = ()) -> str:
@@ -147,12 +179,64 @@ def model_facts(name: str, expanded: Iterable[str], alias_of: str | None = None)
 
 
 def support_hash(supported: Iterable[str]) -> int:
-    """A 32-bit hash of a set of model names: hosts with equal values support the same models,
-    so fleet tooling can group hosts without reading every host x model series."""
+    """A 32-bit hash of a set of strings (``host_support_hash`` gives them): hosts with equal
+    values give the same model answers, so fleet tooling can group hosts without reading every
+    host x model series."""
     return zlib.crc32("\n".join(sorted(supported)).encode())
+
+
+def host_support_hash(models: Iterable[ModelFacts], flags: frozenset[str]) -> int:
+    """``kvmcpu_host_cpu_model_support_hash``: over the supported models and, for the others,
+    what the host lacks (the ``missing`` label), so that one representative host per hash answers
+    both "which models" and "what blocks the others" for every host with that hash."""
+    entries = []
+    for m in models:
+        if m.alias_of:
+            continue
+        missing = m.missing_on(flags)
+        entries.append(f"{m.name}:{missing_label(missing)}" if missing else m.name)
+    return support_hash(entries)
+
+
+def aliases(models: Iterable[ModelFacts]) -> dict[str, str]:
+    """Versioned model -> its alias (``Broadwell-v1`` -> ``Broadwell``): QEMU gives each version at
+    most one unversioned name, so the alias can ride as a label on the model's own series."""
+    return {m.alias_of: m.name for m in models if m.alias_of}
+
+
+def resolve(name: str, alias_of: Mapping[str, str | None]) -> str:
+    """``Broadwell`` -> ``Broadwell-v1``: the model that answers for a name (itself if none)."""
+    return alias_of.get(name) or name
+
+
+def baseline_cpu(level: int, extra: Iterable[str] = ()) -> str:
+    """The vendor-neutral ``-cpu`` line of an x86-64 level, spelled like Proxmox VE's
+    ``x86-64-vN`` types: ``qemu64`` (whose CPUID vendor KVM replaces with the host's) plus every
+    feature of the levels up to ``level`` it lacks, then ``extra`` (e.g. aes when every host has
+    it). ``baseline_cpu(2, ["aes"])`` is ``qemu64,+aes,+popcnt,+sse4.1,+sse4.2,+ssse3``:
+    Proxmox's ``x86-64-v2-AES`` without its KVM paravirtual switches."""
+    from exporter.features import cpuinfo_to_qemu
+    from exporter.levels import LEVEL_FEATURES
+
+    feats = {f for n, fs in LEVEL_FEATURES.items() if n <= level for f in fs} - QEMU64_LEVEL_FEATURES
+    feats |= set(extra) - QEMU64_LEVEL_FEATURES
+    return ",".join(["qemu64", *(f"+{cpuinfo_to_qemu(f)}" for f in sorted(feats, key=cpuinfo_to_qemu))])
+
+
+def version_of(name: str) -> int:
+    """``Skylake-Server-v3`` -> 3; 0 for unversioned names."""
+    m = _VERSION.search(name)
+    return int(m.group(1)) if m else 0
 
 
 def best(models: Iterable[ModelFacts], supported: Mapping[str, bool] | None = None) -> ModelFacts | None:
     """The highest-ranked rankable model (among ``supported`` ones when given)."""
     candidates = [m for m in models if m.rankable and (supported is None or supported.get(m.name, False))]
     return max(candidates, key=lambda m: m.rank, default=None)
+
+
+def missing_label(missing: Iterable[str]) -> str:
+    """The ``missing`` label of ``kvmcpu_host_cpu_model_supported``: the features this host lacks,
+    sorted, comma-separated ("" when supported). A label, not a series per feature: it names what
+    blocks a model (TSX off: ``hle,rtm``) at no cost in series, and never churns."""
+    return ",".join(sorted(missing))

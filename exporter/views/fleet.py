@@ -1,8 +1,10 @@
 """The fleet CPU baseline from Prometheus: which named model every host can run, and who is off it.
 
-Reads what the exporters of a fleet already export (``kvmcpu_host_cpu_model_supported``, the model
-catalogue ``kvmcpu_cpu_model_*``, host features and levels, the guests' per-configuration feature
-series) and answers the questions of docs/fleet.md. The same answers exist as recording rules
+Reads what the exporters of a fleet already export (``kvmcpu_host_cpu_model_supported`` with the
+features each host lacks per model, host features and levels, the guests' info and
+per-configuration feature series) plus QEMU's model catalogue (``kvmcpu_cpu_model_*``, exported by
+the hosts that have ``--qemu.model-catalog`` on, in any job; else the local QEMU's) and answers
+the questions of docs/fleet.md. The same answers exist as recording rules
 (deploy/prometheus/rules/fleet.yml); this is the readable, on-demand form, computed in Python
 from raw series so that it also works where the rules are not loaded.
 
@@ -27,7 +29,11 @@ from dataclasses import dataclass, field, replace
 
 from exporter.errors import ExporterError
 from exporter.levels import missing_for
+from exporter.qemu.models import baseline_cpu
 from exporter.views.promapi import PrometheusClient, Sample
+
+#: features the vendor-neutral baseline line adds when every host has both (as fleet.yml does)
+BASELINE_EXTRA = ("aes", "pclmulqdq")
 
 
 class FleetError(ExporterError):
@@ -44,6 +50,8 @@ class Model:
     level: int
     features: int
     rank: float
+    #: the unversioned name of a versioned model ("Broadwell" for Broadwell-v1), "" if none
+    alias: str = ""
 
     @property
     def rankable(self) -> bool:
@@ -75,6 +83,8 @@ class CpuGroup:
     missing: frozenset[str]
     hosts: list[Host] = field(default_factory=list)
     supported: frozenset[str] = frozenset()
+    #: unsupported model -> the features these hosts lack for it (cpuinfo spelling)
+    missing_by_model: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def best(self, models: Mapping[str, Model]) -> Model | None:
         return best_model(models, self.supported)
@@ -95,7 +105,10 @@ class GuestRow:
     cpu_model: str
     cpu_config: str
     level: int | None
-    #: features the guest uses that some host of the fleet lacks
+    #: the versioned model its -cpu model resolves to ("" for host/max or an unknown name)
+    model: str = ""
+    #: features the guest uses that some host of the fleet lacks (its whole model's, and the
+    #: watched ones it uses)
     blocking: tuple[str, ...] = ()
     #: CPU groups it could still move to (only for guests with blocking features)
     movable_to: tuple[str, ...] = ()
@@ -111,6 +124,8 @@ class FleetReport:
     groups: list[CpuGroup]
     models: dict[str, Model]
     level: int
+    #: the best model every host supports; None when the fleet mixes CPU vendors (live migration
+    #: between vendors is unsupported and no one vendor's model is an answer: see baseline_cpu)
     recommended: Model | None
     #: host vendor -> the best model of that vendor every host of that vendor supports
     per_vendor: dict[str, Model | None]
@@ -122,6 +137,27 @@ class FleetReport:
     guests_below: list[GuestRow]
     guests_total: int
     warnings: list[str] = field(default_factory=list)
+    #: the vendor-neutral -cpu line of the fleet's level (qemu64 plus switches)
+    baseline_cpu: str = ""
+    #: features of each recommended model (local QEMU expansion), when known
+    features_by_model: dict[str, frozenset[str]] = field(default_factory=dict)
+    #: where the model catalogue came from: "prometheus" or "local QEMU"
+    catalog_source: str = "prometheus"
+
+    @property
+    def mixed_vendors(self) -> bool:
+        return len(self.per_vendor) > 1
+
+    def recommended_for(self, vendor: str) -> Model | None:
+        """The recommendation for guests on hosts of ``vendor``."""
+        return self.per_vendor.get(vendor) if self.mixed_vendors else self.recommended
+
+    def resolve(self, cpu_model: str) -> str:
+        """A guest's -cpu model name -> the versioned model answering for it ("" if none)."""
+        m = self.models.get(cpu_model)
+        if m is None:
+            return ""
+        return m.alias_of or m.name
 
 
 def best_model(
@@ -160,20 +196,33 @@ def fetch_report(
     selector: str = "",
     *,
     expand: Callable[[str], frozenset[str] | None] | None = None,
+    local_catalog: Callable[[], dict[str, Model]] | None = None,
 ) -> FleetReport:
     """Query Prometheus and compute the report. ``expand(model) -> frozenset | None`` (optional)
-    gives a model's features (cpuinfo spelling) for the "what would guests gain" answer."""
+    gives a model's features (cpuinfo spelling) for the "what would guests gain" answer;
+    ``local_catalog()`` the model catalogue when no exporter exports it."""
     sel = selector_matchers(selector)
     hosts = _fetch_hosts(client, sel)
-    groups, reps = _group_hosts(client, sel, hosts)
-    # the catalogue is the same on every host with the same QEMU: read it from the representatives
-    models = _fetch_models(client, _sel(sel, reps))
+    groups, aliases = _group_hosts(client, sel, hosts)
+    # the catalogue is the same on every host with the same QEMU: whichever hosts export it
+    # (--qemu.model-catalog, any job), else the local QEMU's
+    models, source = _fetch_models(client), "prometheus"
+    if not models and local_catalog is not None:
+        models, source = local_catalog(), "local QEMU"
+    if not models:
+        raise FleetError(
+            "no kvmcpu_cpu_model_info series and no local QEMU: turn on --qemu.model-catalog on one "
+            "exporter (per QEMU version), or run this command where QEMU is installed"
+        )
+    models = {n: replace(m, alias=aliases.get(n, m.alias)) for n, m in models.items()}
     report = analyse(sel, hosts, groups, models)
-    rec_features = None
-    if report.recommended is not None and expand is not None:
-        got = expand(report.recommended.name)
-        rec_features = frozenset(got) if got is not None else None
-    report.recommended_features = rec_features
+    report.catalog_source = source
+    rec = [m for m in (report.recommended, *report.per_vendor.values()) if m is not None]
+    if expand is not None and rec:
+        feats = {m.name: expand(m.name) for m in rec}
+        if all(f is not None for f in feats.values()):
+            report.recommended_features = frozenset().union(*(f for f in feats.values() if f is not None))
+            report.features_by_model = {n: frozenset(f) for n, f in feats.items() if f is not None}
     _add_guests(client, sel, report)
     return report
 
@@ -227,15 +276,18 @@ def _fetch_hosts(client: PrometheusClient, sel: str) -> list[Host]:
     return out
 
 
-def _fetch_models(client: PrometheusClient, braces: str) -> dict[str, Model]:
+def _fetch_models(client: PrometheusClient) -> dict[str, Model]:
+    """The catalogue from whichever hosts export it (no selector: one host per QEMU version
+    serves every fleet of the Prometheus); empty when none does."""
+
     def by_model(q: str) -> dict[str, float]:
         return {s.labels["model"]: s.value for s in client.query(q) if "model" in s.labels}
 
-    rank = by_model(f"max by (model) (kvmcpu_cpu_model_rank{braces})")
-    level = by_model(f"max by (model) (kvmcpu_cpu_model_x86_64_level{braces})")
-    count = by_model(f"max by (model) (kvmcpu_cpu_model_features{braces})")
+    rank = by_model("max by (model) (kvmcpu_cpu_model_rank)")
+    level = by_model("max by (model) (kvmcpu_cpu_model_x86_64_level)")
+    count = by_model("max by (model) (kvmcpu_cpu_model_features)")
     models: dict[str, Model] = {}
-    for s in client.query(f"max by (model, vendor, alias_of) (kvmcpu_cpu_model_info{braces})"):
+    for s in client.query("max by (model, vendor, alias_of) (kvmcpu_cpu_model_info)"):
         name = s.labels.get("model", "")
         models[name] = Model(
             name=name,
@@ -245,26 +297,34 @@ def _fetch_models(client: PrometheusClient, braces: str) -> dict[str, Model]:
             features=int(count.get(name, 0)),
             rank=rank.get(name, 0.0),
         )
-    if not models:
-        raise FleetError(
-            "no kvmcpu_cpu_model_info series: the exporters have not expanded QEMU's CPU models yet"
-        )
     return models
 
 
-def _group_hosts(client: PrometheusClient, sel: str, hosts: list[Host]) -> tuple[list[CpuGroup], str]:
-    """CPU groups with their supported models, and the matcher selecting the representatives."""
+def _group_hosts(
+    client: PrometheusClient, sel: str, hosts: list[Host]
+) -> tuple[list[CpuGroup], dict[str, str]]:
+    """CPU groups with their supported models (and what they lack for the others), and the
+    aliases of the versioned models (model -> alias)."""
     by_key: dict[tuple[str, str, float, frozenset[str]], list[Host]] = defaultdict(list)
     for h in hosts:
         by_key[(h.vendor, h.model_name, h.fingerprint, h.missing)].append(h)
     reps = {k: v[0] for k, v in by_key.items()}
     supported: dict[tuple[str, str], set[str]] = defaultdict(set)
+    missing: dict[tuple[str, str], dict[str, tuple[str, ...]]] = defaultdict(dict)
+    aliases: dict[str, str] = {}
     rep_keys = {(r.instance, r.job) for r in reps.values()}
     instances = _regex_alternation(r.instance for r in reps.values())
     rep_matcher = f"instance=~{_promql_str(instances)}"
-    for s in client.query(f"kvmcpu_host_cpu_model_supported{_sel(sel, rep_matcher)} == 1"):
-        if _key(s) in rep_keys:
-            supported[_key(s)].add(s.labels.get("model", ""))
+    for s in client.query(f"kvmcpu_host_cpu_model_supported{_sel(sel, rep_matcher)}"):
+        if _key(s) not in rep_keys:
+            continue
+        model = s.labels.get("model", "")
+        if s.labels.get("alias"):
+            aliases[model] = s.labels["alias"]
+        if s.value == 1:
+            supported[_key(s)].add(model)
+        else:
+            missing[_key(s)][model] = tuple(f for f in s.labels.get("missing", "").split(",") if f)
     groups = []
     seen: dict[tuple[str, str], int] = defaultdict(int)
     # the variant that most hosts have keeps the plain name
@@ -283,9 +343,10 @@ def _group_hosts(client: PrometheusClient, sel: str, hosts: list[Host]) -> tuple
                 missing=miss,
                 hosts=sorted(members, key=lambda h: h.instance),
                 supported=frozenset(supported.get((rep.instance, rep.job), ())),
+                missing_by_model=missing.get((rep.instance, rep.job), {}),
             )
         )
-    return groups, rep_matcher
+    return groups, aliases
 
 
 def _promql_str(s: str) -> str:
@@ -299,20 +360,23 @@ def analyse(sel: str, hosts: list[Host], groups: list[CpuGroup], models: dict[st
         sets = [g.supported for g in gs]
         return frozenset.intersection(*sets) if sets else frozenset()
 
-    everywhere = common(groups)
-    recommended = best_model(models, everywhere)
     level = min(h.level for h in hosts)
     vendors = sorted({g.vendor for g in groups})
     per_vendor = {
         v: best_model(models, common(g for g in groups if g.vendor == v), vendor=v) for v in vendors
     }
+    # one vendor: its answer is the fleet's; several: no one vendor's model (see FleetReport)
+    recommended = per_vendor[vendors[0]] if len(vendors) == 1 else None
     holding = []
     if len(groups) > 1:
         for g in groups:
             others = [o for o in groups if o is not g]
-            without = best_model(models, common(others))
+            # a group holds its own vendor's recommendation back (other vendors' is not its business)
+            peers = [o for o in others if o.vendor == g.vendor]
+            now = per_vendor[g.vendor]
+            without = best_model(models, common(peers), vendor=g.vendor) if peers else None
             level_without = min(o.level for o in others)
-            better_model = without is not None and (recommended is None or without.rank > recommended.rank)
+            better_model = without is not None and (now is None or without.rank > now.rank)
             if better_model or level_without > level:
                 holding.append(HoldingBack(g, without, level_without))
         holding.sort(
@@ -320,6 +384,13 @@ def analyse(sel: str, hosts: list[Host], groups: list[CpuGroup], models: dict[st
         )
     fleets = sorted({(h.job, h.cluster) for h in hosts})
     warnings = []
+    if len(vendors) > 1:
+        warnings.append(
+            "the fleet mixes CPU vendors (" + ", ".join(vendors) + "): QEMU/KVM do not support live "
+            "migration between vendors, so no one vendor's model is recommended fleet-wide; use each "
+            "vendor's model on its hosts, or the vendor-neutral baseline line for guests that must "
+            "start on any host"
+        )
     if len(fleets) > 1:
         listed = ", ".join(f"job={j}" + (f",cluster={c}" if c else "") for j, c in fleets)
         warnings.append(
@@ -352,6 +423,9 @@ def _add_guests(client: PrometheusClient, sel: str, report: FleetReport) -> None
     }
     lacking = frozenset().union(*(h.missing for h in report.hosts))
     report.baseline_features = frozenset(watched - lacking)
+    report.baseline_cpu = baseline_cpu(
+        report.level, BASELINE_EXTRA if set(BASELINE_EXTRA) <= report.baseline_features else ()
+    )
     info = client.query(
         f"group by (instance, job, guest, cpu_model, cpu_config) (kvmcpu_guest_info{_sel(sel)})"
     )
@@ -379,13 +453,8 @@ def _add_guests(client: PrometheusClient, sel: str, report: FleetReport) -> None
             f" and on (instance, job, feature) (kvmcpu_host_cpu_feature{_sel(sel, feats)} == 1)"
         ):
             blocking[(*_key(s), s.labels.get("cpu_config", ""))].add(s.labels.get("feature", ""))
-    rec = report.recommended
-    if report.recommended_features is not None:
-        target = report.recommended_features & report.baseline_features
-    elif rec is not None:
-        target = frozenset(missing_for(rec.level, ())) & report.baseline_features
-    else:
-        target = frozenset()
+    targets = _targets(client, sel, report)
+    target = frozenset().union(*targets.values())
     # which of the features a guest could gain each configuration already has
     config_features: dict[str, set[str]] = defaultdict(set)
     if target:
@@ -395,11 +464,11 @@ def _add_guests(client: PrometheusClient, sel: str, report: FleetReport) -> None
         ):
             if s.value == 1:
                 config_features[s.labels.get("cpu_config", "")].add(s.labels.get("feature", ""))
+    vendor_of = {(h.instance, h.job): h.vendor for h in report.hosts}
     for s in sorted(info, key=lambda s: (s.labels.get("guest", ""), s.labels.get("instance", ""))):
         cfg = s.labels.get("cpu_config", "")
         inst, job = _key(s)
         lv = config_level.get(cfg)
-        block = tuple(sorted(blocking.get((inst, job, cfg), ())))
         row = GuestRow(
             guest=s.labels.get("guest", ""),
             instance=inst,
@@ -407,11 +476,47 @@ def _add_guests(client: PrometheusClient, sel: str, report: FleetReport) -> None
             cpu_model=s.labels.get("cpu_model", ""),
             cpu_config=cfg,
             level=lv,
+            model=report.resolve(s.labels.get("cpu_model", "")),
         )
-        if block:
-            movable = tuple(g.name for g in report.groups if not (g.missing & set(block)))
+        watched_block = blocking.get((inst, job, cfg), set())
+        # the whole model: what any group lacks for it (hle, rtm on a host without TSX, ...)
+        model_block = {f for g in report.groups for f in g.missing_by_model.get(row.model, ())}
+        if watched_block or model_block:
+            movable = tuple(
+                g.name
+                for g in report.groups
+                if not (g.missing & watched_block) and not g.missing_by_model.get(row.model)
+            )
+            block = tuple(sorted(watched_block | model_block))
             report.guests_above.append(replace(row, blocking=block, movable_to=movable))
             continue
-        gain = tuple(sorted(target - config_features.get(cfg, set())))
-        if rec is not None and ((lv is not None and lv < rec.level) or gain):
+        rec = report.recommended_for(vendor_of.get((inst, job), ""))
+        if rec is None or row.model == rec.name:
+            continue  # already on it (by its alias or its versioned name)
+        gain = tuple(sorted(targets.get(rec.name, frozenset()) - config_features.get(cfg, set())))
+        if (lv is not None and lv < rec.level) or gain:
             report.guests_below.append(replace(row, gain=gain))
+
+
+def _targets(client: PrometheusClient, sel: str, report: FleetReport) -> dict[str, frozenset[str]]:
+    """Per recommended model, the watched features a guest moving up to it would gain: the
+    model's (or, without a local QEMU, its level's) that every host has and every host's
+    accelerator can give a guest (kvmcpu_host_exposable_cpu_feature: -cpu host under KVM, -cpu
+    max under TCG), so a gain never names what the guest could not get."""
+    recs = {m.name: m for m in (report.recommended, *report.per_vendor.values()) if m is not None}
+    wanted: dict[str, frozenset[str]] = {}
+    for name, m in recs.items():
+        known = report.features_by_model.get(name)
+        base = known if known is not None else frozenset(missing_for(m.level, ()))
+        wanted[name] = base & report.baseline_features
+    union = frozenset().union(*wanted.values())
+    if not union:
+        return wanted
+    matcher = f"feature=~{_promql_str(_regex_alternation(union))}"
+    givable = {
+        s.labels.get("feature", "")
+        for s in client.query(
+            f"min by (feature) (kvmcpu_host_exposable_cpu_feature{_sel(sel, matcher)}) == 1"
+        )
+    }
+    return {name: w & givable for name, w in wanted.items()}
