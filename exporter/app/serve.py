@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
+from exporter.app import early
 from exporter.app.reload import ReloadStatus, restart_needed
 from exporter.collectors.scrape import (
     COLLECTORS,
@@ -213,6 +214,10 @@ class SignalQueue:
     def _note(self, signum: int, frame: FrameType | None) -> None:
         self._pending.append(signal.Signals(signum))
 
+    def queue(self, sig: signal.Signals) -> None:
+        """Act on ``sig`` as if it had just arrived."""
+        self._pending.append(sig)
+
     def get(self) -> signal.Signals:
         while not self._pending:
             select.select([self._read], [], [])
@@ -232,6 +237,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     # SIGHUP's default action kills the process: queue it from the start (it is acted on once
     # serving), SIGTERM/SIGINT keep their default until there is something to stop cleanly.
     signals.install(signal.SIGHUP)
+    if early.take():  # arrived while starting (exporter.app.early): reload once serving
+        signals.queue(signal.SIGHUP)
     try:
         return _serve(settings, args, signals)
     finally:
