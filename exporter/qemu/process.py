@@ -34,6 +34,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,8 +145,10 @@ def spawn(
         credentials=credentials,
         before_drop=before_drop,
     )
+    with _own_lock:
+        _own["starting"] += 1
     try:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             list(cmd),
             stdin=subprocess.DEVNULL,
             stdout=stdout,
@@ -157,6 +160,34 @@ def spawn(
         )
     except subprocess.SubprocessError as err:  # the child's setup step raised
         raise OSError(f"setting up the child process failed: {err}") from err
+    finally:
+        with _own_lock:
+            _own["starting"] -= 1
+    with _own_lock:
+        _own_pids.add(proc.pid)
+    return proc
+
+
+#: PIDs ``spawn`` started that may still run, and how many spawns are under way
+_own_pids: set[int] = set()
+_own: dict[str, int] = {"starting": 0}
+_own_lock = threading.Lock()
+
+
+def is_own_child(pid: int, ppid: Callable[[], int | None]) -> bool:
+    """Whether ``pid`` is a QEMU this process started (canary, proof, QMP scratch, probe), known by
+    the process tree, never by a name anyone could give their guest. ``ppid`` reads its parent
+    from /proc, only while a spawn is under way (its PID is not yet recorded: any child counts)."""
+    with _own_lock:
+        if pid in _own_pids:
+            return True
+        starting = _own["starting"] > 0
+    return starting and ppid() == os.getpid()
+
+
+def _forget(pid: int) -> None:
+    with _own_lock:
+        _own_pids.discard(pid)
 
 
 def kill(target: subprocess.Popen[bytes] | int) -> None:
@@ -167,6 +198,7 @@ def kill(target: subprocess.Popen[bytes] | int) -> None:
     if isinstance(target, int):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(target, signal.SIGKILL)
+        _forget(target)
         return
     if target.poll() is None:  # not yet reaped, so the group id cannot have been reused
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -175,6 +207,7 @@ def kill(target: subprocess.Popen[bytes] | int) -> None:
             target.kill()
     with contextlib.suppress(subprocess.TimeoutExpired):
         target.wait(timeout=5)
+    _forget(target.pid)
 
 
 def pid_alive(pid: int) -> bool:
