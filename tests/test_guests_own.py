@@ -10,10 +10,11 @@ import os
 import time
 from pathlib import Path
 
+from conftest import QEMU
+
 from exporter.features import OWN_GUEST_PREFIX
 from exporter.guests.discovery import discover
 from exporter.qemu import process
-from tests.conftest import QEMU
 
 
 def test_own_qemu_is_not_reported_but_a_guest_with_our_name_is(qemu_guest) -> None:

@@ -20,12 +20,14 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 
 from exporter.app import early
 from exporter.app.reload import ReloadStatus, restart_needed
@@ -39,6 +41,7 @@ from exporter.collectors.scrape import (
     register_exporter_metrics,
 )
 from exporter.config import CanaryConfig, Config
+from exporter.config.checks import qemu_runs_as_root
 from exporter.config.settings import Settings, load_settings
 from exporter.errors import ExporterError
 from exporter.logsetup import log_failure, setup_logging
@@ -91,6 +94,7 @@ class Daemon:
         self.registry.register(self.scrape)
         self.reloads = ReloadStatus()
         self.registry.register(self.reloads)
+        self.registry.register(_RootQemu(cfg.canary))
         self.http = ExporterHTTP(
             self.registry,
             cfg.web.listen_address,
@@ -191,6 +195,21 @@ class Daemon:
         self.http.shutdown()
 
 
+class _RootQemu:
+    """``kvmcpu_qemu_runs_as_root``: 1 while this daemon starts QEMU as root (``canary.allow_root``),
+    so that an opt-in made once on one host stays visible fleet-wide."""
+
+    def __init__(self, canary: CanaryConfig) -> None:
+        self.canary = canary
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "kvmcpu_qemu_runs_as_root",
+            "1 when the exporter runs as root and starts its QEMUs as root (canary.allow_root), else 0.",
+            value=1.0 if qemu_runs_as_root(self.canary) else 0.0,
+        )
+
+
 class SignalQueue:
     """Signals noted by their handlers and acted on by the main thread, in order.
 
@@ -250,6 +269,11 @@ def _serve(settings: Settings, args: argparse.Namespace, signals: SignalQueue) -
     setup_logging(cfg.log.level, cfg.log.format)
     for warning in settings.warnings:
         log.warning(warning)
+    if qemu_runs_as_root(cfg.canary):
+        log.warning(
+            "QEMU runs as root (canary.allow_root: true): a guest that escapes QEMU owns the host",
+            extra={"fields": {"run_as_user": cfg.canary.run_as_user or "(the daemon's own)"}},
+        )
     try:
         daemon = Daemon(cfg, security)
     except ExporterError as err:

@@ -219,7 +219,9 @@ def scan(
         if spec.machine == "none" or _is_own(root, pid, own):
             continue
         if not _is_utf8(raw):
-            issues.append(ScanIssue(pid, "undecodable", "command line is not UTF-8; reported escaped (\\xNN)"))
+            issues.append(
+                ScanIssue(pid, "undecodable", "command line is not UTF-8; reported escaped (\\xNN)")
+            )
         try:
             binary = _read_binary(root, pid, spec.binary)
         except _Vanished:

@@ -13,11 +13,11 @@ has a hole:
 * every exit path of a launcher calls ``kill``.
 
 When the daemon runs as root, QEMU runs as an unprivileged user (plus the ``kvm`` group, so it
-can still open /dev/kvm). The credential change happens before the death signal is armed, since
+can still open /dev/kvm); running it as root takes ``canary.allow_root: true``. The credential change happens before the death signal is armed, since
 the kernel clears it on a credential change.
 
 Work files (sockets, serial logs) live in per-run directories ``<tmp>/kvm-cpu-exporter-<kind>-
-<pid>-<random>``: the survivor removes its own, and ``sweep_stale_dirs`` (run when the daemon's
+<pid>-<random>`` that only the daemon can write (``work_dir`` says why): the survivor removes its own, and ``sweep_stale_dirs`` (run when the daemon's
 QEMU knowledge starts, and before every canary run) removes those whose owner PID is dead.
 """
 
@@ -32,6 +32,7 @@ import pwd
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -237,7 +238,10 @@ def first_error_line(text: str) -> str:
 def tail(path: Path, limit: int = 4000) -> str:
     """The last ``limit`` bytes of a log file QEMU wrote ("" if unreadable)."""
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return ""
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - limit))
             data = f.read()
@@ -278,8 +282,16 @@ def unreachable_ancestor(path: Path, owner: Credentials) -> Path | None:
 
 @contextlib.contextmanager
 def work_dir(kind: str, owner: Credentials | None = None) -> Iterator[Path]:
-    """A fresh per-run directory (owned by ``owner``, so an unprivileged QEMU can write there),
-    removed on the way out. Raises ``QemuError`` when ``owner`` could not reach it."""
+    """A fresh per-run directory, removed on the way out. Raises ``QemuError`` when ``owner`` could
+    not reach it.
+
+    It stays the daemon's own (mode 0711: ``owner`` may only open the files it is given by name):
+    a directory the QEMU user could write would let that user plant symlinks or rename files
+    under the names the root daemon then opens, chowns or truncates (issue 23: any root-owned file
+    chowned to ``nobody`` and truncated, in every try). Files QEMU writes are created here by the
+    daemon (``create_file``: ``O_EXCL|O_NOFOLLOW`` relative to the directory's fd, ``fchown`` of
+    that very file), and QEMU's QMP socket is bound by the daemon and passed as a descriptor.
+    """
     if owner is not None:
         blocked = unreachable_ancestor(Path(tempfile.gettempdir()) / "x", owner)
         if blocked is not None:
@@ -291,17 +303,41 @@ def work_dir(kind: str, owner: Credentials | None = None) -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix=temp_dir_prefix(kind)))
     try:
         if owner is not None:
-            os.chown(path, owner.uid, owner.gid)
+            os.chmod(path, 0o711)  # search only: QEMU opens what it is given, creates nothing
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def hand_over(path: Path, owner: Credentials | None) -> Path:
-    """Give a file the parent created in a work dir to the user QEMU runs as (whatever the umask)."""
-    if owner is not None:
-        os.chown(path, owner.uid, owner.gid)
-    return path
+def create_file(directory: Path, name: str, owner: Credentials | None = None, data: bytes = b"") -> Path:
+    """Create ``directory/name`` (it must not exist, and must not be a symlink), write ``data`` and
+    give it to ``owner`` through the open descriptor: no path is resolved twice, so nothing can be
+    swapped in between. Returns the path for QEMU's command line; raises ``OSError``."""
+    fd = _create(directory, name)
+    try:
+        if data:
+            os.write(fd, data)
+        if owner is not None:
+            os.fchown(fd, owner.uid, owner.gid)
+    finally:
+        os.close(fd)
+    return directory / name
+
+
+def open_new(directory: Path, name: str) -> IO[bytes]:
+    """A new file ``directory/name`` opened for writing (``O_EXCL|O_NOFOLLOW``), for QEMU's stderr."""
+    return os.fdopen(_create(directory, name), "wb")
+
+
+def _create(directory: Path, name: str) -> int:
+    if "/" in name or name in ("", ".", ".."):
+        raise ValueError(f"not a file name: {name!r}")
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(name, flags, 0o600, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def sweep_stale_dirs(parent: Path | None = None) -> list[Path]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -232,18 +233,32 @@ class ScratchQemu(_Closing):
     def _start(self) -> None:
         assert self._dir is not None
         sock = self._dir / "qmp.sock"
-        cmd = [
-            self.binary.exec_path,
-            "-machine", "none",
-            "-nodefaults", "-nographic", "-display", "none", "-S",
-            "-qmp", f"unix:{sock},server=on,wait=off",
-            "-accel", self.accel,
-        ]  # fmt: skip
-        with open(self._dir / "stderr", "wb") as err:
-            try:
-                self._proc = process.spawn(cmd, stderr=err, credentials=self.credentials)
-            except OSError as e:
-                raise QemuBinaryMissing(f"{self.binary.exec_path}: cannot execute: {e.strerror or e}") from e
+        # The daemon binds the socket in its own directory and QEMU inherits the listening fd: the
+        # QEMU user never needs to create anything there (see process.work_dir), and the daemon
+        # never connects to a path the QEMU user could have replaced.
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(sock))
+            listener.listen(1)
+            cmd = [
+                self.binary.exec_path,
+                "-machine", "none",
+                "-nodefaults", "-nographic", "-display", "none", "-S",
+                "-chardev", f"socket,id=qmp,fd={listener.fileno()},server=on,wait=off",
+                "-mon", "chardev=qmp,mode=control",
+                "-accel", self.accel,
+            ]  # fmt: skip
+            with process.open_new(self._dir, "stderr") as err:
+                try:
+                    self._proc = process.spawn(
+                        cmd, stderr=err, credentials=self.credentials, pass_fds=(listener.fileno(),)
+                    )
+                except OSError as e:
+                    raise QemuBinaryMissing(
+                        f"{self.binary.exec_path}: cannot execute: {e.strerror or e}"
+                    ) from e
+        finally:
+            listener.close()
         if self._on_spawn is not None:
             self._on_spawn(self._proc)
         while not sock.exists():
