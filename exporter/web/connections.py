@@ -9,6 +9,7 @@ one; ``Workers`` reuses threads so that accepting a connection under a flood is 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import queue
 import socket
@@ -33,8 +34,9 @@ class Limits:
     read_timeout: float = 10.0
     #: seconds a kept-alive connection may wait for its next request (longer than a 1m scrape interval)
     idle_timeout: float = 120.0
-    #: seconds a client may take to read a response (per send)
-    write_timeout: float = 30.0
+    #: seconds a client may take to read a whole response (one send: the deadline is the total);
+    #: a slow reader holds its response's memory until then, or until evicted for room
+    write_timeout: float = 10.0
     #: open connections; at the limit the oldest idle or reading one is closed
     max_connections: int = 128
     #: seconds a connection must have been idle or reading its head before it may be closed for
@@ -42,19 +44,64 @@ class Limits:
     eviction_grace: float = 0.1
     #: listen(2) backlog
     backlog: int = 512
+    #: worker threads beyond ``max_connections``: an evicted connection's worker may still be
+    #: finishing (a bcrypt wait of up to 2 s, a send being aborted)
+    spare_workers: int = 16
+
+
+#: tasks the rest of the daemon needs besides the web workers: main, accept loop, knowledge,
+#: canary scheduler and collectors' threads, and the QEMU processes it starts with their threads
+#: (a TCG guest has about 6): the systemd unit's TasksMax covers both
+RESERVED_TASKS = 48
+
+
+def _pids_max() -> int | None:
+    """The ``pids.max`` of this process's cgroup (v2), None when unlimited or unknown."""
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8") as f:
+            line = next((ln for ln in f if ln.startswith("0::")), "")
+        path = line.strip()[3:]
+        with open(f"/sys/fs/cgroup{path}/pids.max", encoding="utf-8") as f:
+            value = f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(value) if value.isdigit() else None
+
+
+def fit_thread_budget(limits: Limits, pids_max: int | None = None) -> Limits:
+    """``limits`` with ``max_connections`` lowered, and a warning, when its worker threads
+    (connections + spares) and ``RESERVED_TASKS`` would not fit the cgroup's task limit (systemd's
+    ``TasksMax``): at that limit thread creation fails and the server would stop answering."""
+    cap = _pids_max() if pids_max is None else pids_max
+    if cap is None:
+        return limits
+    room = cap - RESERVED_TASKS - limits.spare_workers
+    if limits.max_connections <= room:
+        return limits
+    fitted = max(4, room)
+    log.warning(
+        "the task limit leaves room for fewer connections; lowering the connection limit",
+        extra={"fields": {"tasks_max": cap, "max_connections": fitted, "wanted": limits.max_connections}},
+    )
+    return dataclasses.replace(limits, max_connections=fitted)
 
 
 #: accepted, waiting for a worker; reading the request head; between requests; being answered
-QUEUED, READING, IDLE, SERVING = "queued", "reading", "idle", "serving"
+#: (collecting, holding a scrape slot); waiting for a bcrypt check; writing the response
+QUEUED, READING, IDLE, SERVING, AUTH, WRITING = "queued", "reading", "idle", "serving", "auth", "writing"
+#: states a connection may be closed in to make room, whatever its age, when it has had its turn
+_BUSY_EVICTABLE = frozenset({READING, IDLE, AUTH, WRITING})
 
 
 class _Connection:
-    __slots__ = ("since", "sock", "state")
+    __slots__ = ("client", "served", "since", "sock", "state")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, client: str) -> None:
         self.sock = sock
+        self.client = client
         self.state = QUEUED
         self.since = time.monotonic()
+        self.served = 0  # responses sent on this connection
 
 
 def _abort(sock: socket.socket) -> None:
@@ -66,11 +113,24 @@ def _abort(sock: socket.socket) -> None:
 class Connections:
     """Every open client connection and what it is doing; makes room at the limit.
 
-    At the limit the oldest connection that has been idle or reading its request head for at
-    least ``grace`` seconds is closed (slowloris connections and forgotten keep-alives; a real
-    client's head arrives in one read). Connections still waiting for a worker, being answered, or
-    younger than that (a burst of real clients) are never closed: the server stops accepting for a
-    moment and new connections wait in the listen backlog.
+    At the limit, in this order:
+
+    1. the oldest connection that has been idle or reading its request head for at least
+       ``grace`` seconds is closed (slowloris connections and forgotten keep-alives; a real
+       client's head arrives in one read);
+    2. else a connection that has had its turn is closed whatever its age: one that was answered
+       before (a pipelining keep-alive client is always "reading" its next request, never stale),
+       waits for a bcrypt check, or is writing to a client that does not read. Busy connections
+       count against their client: the victim is taken from the client (address) holding the most
+       connections, then the one answered most often, then the oldest. Before this rule, 150
+       pipelined keep-alive connections sending wrong passwords held every slot and timed out
+       every valid scrape.
+
+    Connections waiting for a worker, collecting a scrape (bounded by ``--web.max-requests``) or
+    new and unanswered (a burst of real clients) are never closed: the server stops accepting for
+    a moment and new connections wait in the listen backlog. While the table is nearly full
+    (``pressed``) every response closes its connection after it is sent (``Connection: close``):
+    a keep-alive client yields its slot after each response and queues again like everyone else.
     """
 
     def __init__(self, limit: int, metrics: HttpMetrics, grace: float) -> None:
@@ -79,25 +139,26 @@ class Connections:
         self._metrics = metrics
         self._room = threading.Condition()
         self._open: dict[socket.socket, _Connection] = {}
+        self._per_client: dict[str, int] = {}
+        self._pressed_until = 0.0
 
     def __len__(self) -> int:
         return len(self._open)
 
+    def pressed(self) -> bool:
+        """Whether keep-alive connections should yield their slot after this response."""
+        return len(self._open) >= self.limit * 3 // 4 or time.monotonic() < self._pressed_until
+
     def wait_for_room(self, timeout: float) -> bool:
-        """Room for one more connection within ``timeout``, closing a stale one if need be."""
+        """Room for one more connection within ``timeout``, closing one if need be (see above)."""
         deadline = time.monotonic() + timeout
         with self._room:
             while len(self._open) >= self.limit:
                 now = time.monotonic()
-                stale = [
-                    c
-                    for c in self._open.values()
-                    if c.state in (READING, IDLE) and now - c.since >= self.grace
-                ]
-                if stale:
-                    victim = min(stale, key=lambda c: c.since)
-                    del self._open[victim.sock]
-                    _abort(victim.sock)
+                self._pressed_until = now + 1.0
+                victim = self._victim(now)
+                if victim is not None:
+                    self._drop(victim)
                     self._metrics.dropped("evicted")
                     break
                 if now >= deadline:
@@ -106,19 +167,46 @@ class Connections:
                 self._room.wait(min(deadline - now, 0.02))
             return True
 
-    def admit(self, sock: socket.socket) -> None:
+    def _victim(self, now: float) -> _Connection | None:
+        stale = [c for c in self._open.values() if c.state in (READING, IDLE) and now - c.since >= self.grace]
+        if stale:
+            return min(stale, key=lambda c: c.since)
+        busy = [
+            c
+            for c in self._open.values()
+            if c.state in _BUSY_EVICTABLE and (c.served > 0 or c.state in (AUTH, WRITING))
+        ]
+        if not busy:
+            return None
+        return min(busy, key=lambda c: (-self._per_client.get(c.client, 0), -c.served, c.since))
+
+    def _drop(self, conn: _Connection) -> None:
+        del self._open[conn.sock]
+        left = self._per_client.get(conn.client, 1) - 1
+        if left > 0:
+            self._per_client[conn.client] = left
+        else:
+            self._per_client.pop(conn.client, None)
+        _abort(conn.sock)
+
+    def admit(self, sock: socket.socket, client: str = "") -> None:
         with self._room:
-            self._open[sock] = _Connection(sock)
+            self._open[sock] = _Connection(sock, client)
+            self._per_client[client] = self._per_client.get(client, 0) + 1
 
     def set(self, sock: socket.socket, state: str) -> None:
         with self._room:
             conn = self._open.get(sock)
             if conn is not None:
+                if conn.state == WRITING and state != WRITING:
+                    conn.served += 1
                 conn.state, conn.since = state, time.monotonic()
 
     def remove(self, sock: socket.socket) -> None:
         with self._room:
-            if self._open.pop(sock, None) is not None:
+            conn = self._open.get(sock)
+            if conn is not None:
+                self._drop(conn)
                 self._room.notify()
 
     def close_all(self) -> None:
@@ -171,4 +259,16 @@ class Workers:
                     self._idle += 1
 
 
-__all__ = ["IDLE", "QUEUED", "READING", "SERVING", "Connections", "Limits", "Workers"]
+__all__ = [
+    "AUTH",
+    "IDLE",
+    "QUEUED",
+    "READING",
+    "RESERVED_TASKS",
+    "SERVING",
+    "WRITING",
+    "Connections",
+    "Limits",
+    "Workers",
+    "fit_thread_budget",
+]
