@@ -75,15 +75,16 @@ def fit_thread_budget(limits: Limits, pids_max: int | None = None) -> Limits:
     cap = _pids_max() if pids_max is None else pids_max
     if cap is None:
         return limits
-    room = cap - RESERVED_TASKS - limits.spare_workers
-    if limits.max_connections <= room:
+    if limits.max_connections + limits.spare_workers + RESERVED_TASKS <= cap:
         return limits
-    fitted = max(4, room)
+    available = cap - RESERVED_TASKS
+    spare = min(limits.spare_workers, max(2, available // 8))
+    fitted = max(4, available - spare)
     log.warning(
         "the task limit leaves room for fewer connections; lowering the connection limit",
         extra={"fields": {"tasks_max": cap, "max_connections": fitted, "wanted": limits.max_connections}},
     )
-    return dataclasses.replace(limits, max_connections=fitted)
+    return dataclasses.replace(limits, max_connections=fitted, spare_workers=spare)
 
 
 #: accepted, waiting for a worker; reading the request head; between requests; being answered
@@ -115,16 +116,16 @@ class Connections:
 
     At the limit, in this order:
 
-    1. the oldest connection that has been idle or reading its request head for at least
-       ``grace`` seconds is closed (slowloris connections and forgotten keep-alives; a real
-       client's head arrives in one read);
-    2. else a connection that has had its turn is closed whatever its age: one that was answered
-       before (a pipelining keep-alive client is always "reading" its next request, never stale),
-       waits for a bcrypt check, or is writing to a client that does not read. Busy connections
-       count against their client: the victim is taken from the client (address) holding the most
-       connections, then the one answered most often, then the oldest. Before this rule, 150
-       pipelined keep-alive connections sending wrong passwords held every slot and timed out
-       every valid scrape.
+    1. a connection that has had its turn, whatever its age: one that was answered before (idle
+       keep-alives, and pipelining clients, which are always "reading" their next request and so
+       never looked stale), one waiting for a bcrypt check, one writing to a client that does not
+       read. Busy connections count against their client: the victim is taken from the client
+       (address) holding the most connections, then the one answered most often, then the oldest.
+       Before this rule, 150 pipelined keep-alive connections sending wrong passwords held every
+       slot and timed out every valid scrape;
+    2. else the oldest connection still reading its first request head after ``grace`` seconds
+       (slowloris; a real client's head arrives in one read, and one that only waits for the CPU
+       is younger than the slowloris connections around it).
 
     Connections waiting for a worker, collecting a scrape (bounded by ``--web.max-requests``) or
     new and unanswered (a burst of real clients) are never closed: the server stops accepting for
@@ -168,17 +169,22 @@ class Connections:
             return True
 
     def _victim(self, now: float) -> _Connection | None:
-        stale = [c for c in self._open.values() if c.state in (READING, IDLE) and now - c.since >= self.grace]
-        if stale:
-            return min(stale, key=lambda c: c.since)
-        busy = [
+        candidates = [
             c
             for c in self._open.values()
-            if c.state in _BUSY_EVICTABLE and (c.served > 0 or c.state in (AUTH, WRITING))
+            if c.state in _BUSY_EVICTABLE
+            and (c.served > 0 or c.state in (AUTH, WRITING) or now - c.since >= self.grace)
         ]
-        if not busy:
+        if not candidates:
             return None
-        return min(busy, key=lambda c: (-self._per_client.get(c.client, 0), -c.served, c.since))
+
+        def order(c: _Connection) -> tuple[bool, int, int, float]:
+            # a connection still waiting for its first answer goes last (slowloris ones are older
+            # than a real client's that merely waits for the CPU); then by client, turns, age
+            unanswered = c.served == 0 and c.state == READING
+            return (unanswered, -self._per_client.get(c.client, 0), -c.served, c.since)
+
+        return min(candidates, key=order)
 
     def _drop(self, conn: _Connection) -> None:
         del self._open[conn.sock]
