@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import queue
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -105,6 +106,18 @@ class _Connection:
         self.served = 0  # responses sent on this connection
 
 
+def _head_waiting(sock: socket.socket) -> bool:
+    """Whether a complete plain-HTTP request head sits unread in the socket's receive queue.
+    (TLS bytes cannot be read without the TLS state: False, so the age rule applies.)"""
+    if isinstance(sock, ssl.SSLSocket):
+        return False
+    try:
+        data = socket.socket.recv(sock, 32 * 1024, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return False
+    return b"\r\n\r\n" in data or b"\n\n" in data
+
+
 def _abort(sock: socket.socket) -> None:
     """Wake the thread blocked on ``sock`` (its recv returns EOF) without touching TLS state."""
     with contextlib.suppress(OSError):
@@ -116,10 +129,10 @@ class Connections:
 
     At the limit, in this order:
 
-    1. a connection that has had its turn, whatever its age: one that was answered before (idle
+    1. a connection that has had its turn: one that was answered before, whatever its age (idle
        keep-alives, and pipelining clients, which are always "reading" their next request and so
-       never looked stale), one waiting for a bcrypt check, one writing to a client that does not
-       read. Busy connections count against their client: the victim is taken from the client
+       never looked stale), one waiting for a bcrypt check or writing to a client that does not
+       read for over ``grace`` seconds. Busy connections count against their client: the victim is taken from the client
        (address) holding the most connections, then the one answered most often, then the oldest.
        Before this rule, 150 pipelined keep-alive connections sending wrong passwords held every
        slot and timed out every valid scrape;
@@ -169,11 +182,13 @@ class Connections:
             return True
 
     def _victim(self, now: float) -> _Connection | None:
+        # writing or authenticating for longer than ``grace`` (a slow reader, a bcrypt queue; a
+        # real response leaves in one send); reading or idle after an earlier answer at once
         candidates = [
             c
             for c in self._open.values()
             if c.state in _BUSY_EVICTABLE
-            and (c.served > 0 or c.state in (AUTH, WRITING) or now - c.since >= self.grace)
+            and (now - c.since >= self.grace or (c.served > 0 and c.state in (READING, IDLE)))
         ]
         if not candidates:
             return None
@@ -184,7 +199,11 @@ class Connections:
             unanswered = c.served == 0 and c.state == READING
             return (unanswered, -self._per_client.get(c.client, 0), -c.served, c.since)
 
-        return min(candidates, key=order)
+        for victim in sorted(candidates, key=order):
+            if victim.served == 0 and victim.state == READING and _head_waiting(victim.sock):
+                continue  # its whole request is there: it waits for the CPU, not for the client
+            return victim
+        return None
 
     def _drop(self, conn: _Connection) -> None:
         del self._open[conn.sock]

@@ -199,6 +199,7 @@ class _Handler(BaseHTTPRequestHandler):
         head = self._read_head(start + limits.read_timeout, limits.max_head_bytes)
         if head is None:
             return False
+        conns.set(sock, SERVING)  # the request is here: no longer a candidate for a slow reader
         nl = head.find(b"\n")
         self.raw_requestline = bytes(head[: nl + 1])
         rfile = self.rfile
