@@ -40,7 +40,7 @@ from exporter.collectors.scrape import (
     enabled_collectors,
     register_exporter_metrics,
 )
-from exporter.config import CanaryConfig, Config
+from exporter.config import CanaryConfig, Config, LogConfig
 from exporter.config.checks import qemu_runs_as_root
 from exporter.config.settings import Settings, load_settings
 from exporter.errors import ExporterError
@@ -138,6 +138,23 @@ class Daemon:
             )
             self.reloads.record(False)
             return False
+        before = (self.cfg.log, self.cfg.web.config_file, self.http.security, self.cfg.canary)
+        try:
+            self._apply(settings)
+        except Exception as err:  # applied half: put back what was running, whole
+            self._restore(*before)
+            log_failure(log, "configuration reload could not be applied; keeping the running one", err)
+            self.reloads.record(False)
+            return False
+        new = settings.config
+        self.reloads.record(True)
+        log.info(
+            "configuration reloaded",
+            extra={"fields": {"web_config": new.web.config_file or "none", "log_level": new.log.level}},
+        )
+        return True
+
+    def _apply(self, settings: Settings) -> None:
         new = settings.config
         if new.log != self.cfg.log:
             setup_logging(new.log.level, new.log.format)
@@ -153,12 +170,23 @@ class Daemon:
         self.http.security = settings.security
         if new.canary != self.cfg.canary:
             self._apply_canary(new.canary)
-        self.reloads.record(True)
-        log.info(
-            "configuration reloaded",
-            extra={"fields": {"web_config": new.web.config_file or "none", "log_level": new.log.level}},
-        )
-        return True
+
+    def _restore(
+        self,
+        log_cfg: LogConfig,
+        web_config_file: str | None,
+        security: WebSecurity | None,
+        canary: CanaryConfig,
+    ) -> None:
+        """Back to the running configuration after a reload failed half-way (best effort each)."""
+        self.http.security = security
+        self.cfg.web.config_file = web_config_file
+        if self.cfg.log != log_cfg:
+            setup_logging(log_cfg.level, log_cfg.format)
+            self.cfg.log = log_cfg
+        if self.cfg.canary != canary:
+            with contextlib.suppress(Exception):
+                self._apply_canary(canary)
 
     def _apply_canary(self, canary: CanaryConfig) -> None:
         """Restart the canary schedule with the new settings (a canary in flight is cancelled)."""
