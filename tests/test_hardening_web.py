@@ -137,3 +137,29 @@ def test_the_thread_budget_fits_the_shipped_unit() -> None:
     assert fit_thread_budget(limits, pids_max=tasks_max) == limits
     small = fit_thread_budget(limits, pids_max=64)  # the unit's old TasksMax
     assert small.max_connections + small.spare_workers + RESERVED_TASKS <= 64
+
+
+def test_responses_being_written_are_bounded_in_bytes() -> None:
+    """A slow reader holds its response's memory; past the budget the oldest stuck writer goes."""
+    import socket
+
+    from exporter.web.connections import WRITING, Connections
+    from exporter.web.metrics import HttpMetrics
+
+    conns = Connections(8, HttpMetrics(lambda: 0), grace=0.05, max_write_bytes=1000)
+    pairs = [socket.socketpair() for _ in range(3)]
+    try:
+        for server_side, _ in pairs:
+            conns.admit(server_side, "198.51.100.7")
+        conns.set(pairs[0][0], WRITING, 600)
+        time.sleep(0.1)
+        conns.set(pairs[1][0], WRITING, 600)  # over budget: the first, stuck for 0.1 s, is closed
+        assert len(conns) == 2
+        pairs[0][1].settimeout(1)
+        assert pairs[0][1].recv(1) == b""  # its client sees the connection closed
+        conns.set(pairs[2][0], WRITING, 600)  # the second is younger than the grace: kept for now
+        assert len(conns) == 2
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()

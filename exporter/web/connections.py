@@ -45,6 +45,9 @@ class Limits:
     eviction_grace: float = 0.1
     #: listen(2) backlog
     backlog: int = 512
+    #: bytes of responses being written at once; beyond it the oldest writer (stuck for over
+    #: ``eviction_grace``) is closed: 100 slow readers of a 2 MB exposition held 200 MB for 10 s
+    max_write_bytes: int = 64 * 1024 * 1024
     #: worker threads beyond ``max_connections``: an evicted connection's worker may still be
     #: finishing (a bcrypt wait of up to 2 s, a send being aborted)
     spare_workers: int = 16
@@ -96,7 +99,7 @@ _BUSY_EVICTABLE = frozenset({READING, IDLE, AUTH, WRITING})
 
 
 class _Connection:
-    __slots__ = ("client", "served", "since", "sock", "state")
+    __slots__ = ("client", "served", "since", "sock", "state", "writing")
 
     def __init__(self, sock: socket.socket, client: str) -> None:
         self.sock = sock
@@ -104,6 +107,7 @@ class _Connection:
         self.state = QUEUED
         self.since = time.monotonic()
         self.served = 0  # responses sent on this connection
+        self.writing = 0  # bytes of the response being sent
 
 
 def _head_waiting(sock: socket.socket) -> bool:
@@ -147,9 +151,13 @@ class Connections:
     a keep-alive client yields its slot after each response and queues again like everyone else.
     """
 
-    def __init__(self, limit: int, metrics: HttpMetrics, grace: float) -> None:
+    def __init__(
+        self, limit: int, metrics: HttpMetrics, grace: float, max_write_bytes: int = 64 * 1024 * 1024
+    ) -> None:
         self.limit = limit
         self.grace = grace
+        self.max_write_bytes = max_write_bytes
+        self._writing = 0
         self._metrics = metrics
         self._room = threading.Condition()
         self._open: dict[socket.socket, _Connection] = {}
@@ -207,6 +215,8 @@ class Connections:
 
     def _drop(self, conn: _Connection) -> None:
         del self._open[conn.sock]
+        self._writing -= conn.writing
+        conn.writing = 0
         left = self._per_client.get(conn.client, 1) - 1
         if left > 0:
             self._per_client[conn.client] = left
@@ -219,13 +229,27 @@ class Connections:
             self._open[sock] = _Connection(sock, client)
             self._per_client[client] = self._per_client.get(client, 0) + 1
 
-    def set(self, sock: socket.socket, state: str) -> None:
+    def set(self, sock: socket.socket, state: str, size: int = 0) -> None:
+        """``state`` for ``sock``; ``size``: bytes of the response it starts writing (WRITING)."""
         with self._room:
             conn = self._open.get(sock)
             if conn is not None:
                 if conn.state == WRITING and state != WRITING:
                     conn.served += 1
                 conn.state, conn.since = state, time.monotonic()
+                self._writing += size - conn.writing
+                conn.writing = size
+                if size:
+                    self._bound_writes(conn.since)
+
+    def _bound_writes(self, now: float) -> None:
+        """Close the oldest stuck writers while the responses being written exceed the budget."""
+        while self._writing > self.max_write_bytes:
+            stuck = [c for c in self._open.values() if c.state == WRITING and now - c.since >= self.grace]
+            if not stuck:
+                return
+            self._drop(min(stuck, key=lambda c: c.since))
+            self._metrics.dropped("evicted")
 
     def remove(self, sock: socket.socket) -> None:
         with self._room:

@@ -113,7 +113,9 @@ class _Server(ThreadingHTTPServer):
         self.app = app
         app.limits = fit_thread_budget(app.limits)
         self.request_queue_size = app.limits.backlog
-        self.connections = Connections(app.limits.max_connections, app.metrics, app.limits.eviction_grace)
+        self.connections = Connections(
+            app.limits.max_connections, app.metrics, app.limits.eviction_grace, app.limits.max_write_bytes
+        )
         # a few more than the connections: an evicted connection's worker may still be finishing
         self.workers = Workers(app.limits.max_connections + app.limits.spare_workers)
         super().__init__(addr, _Handler)
@@ -334,9 +336,9 @@ class _Handler(BaseHTTPRequestHandler):
         # status line, headers and body in one send: a second small write would wait for the
         # client's delayed ACK (Nagle), ~40 ms per keep-alive request. The socket timeout is the
         # deadline of the whole send, and a connection stuck writing may be closed for room.
-        self.server.connections.set(self.connection, WRITING)
         body, self._body = self._body, b""
         buffered: list[bytes] = getattr(self, "_headers_buffer", [])
+        self.server.connections.set(self.connection, WRITING, len(body) + 1024)
         self.wfile.write(b"".join(buffered) + body)
         self._headers_buffer: list[bytes] = []
 
