@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import queue
+import select
 import socket
 import ssl
 import threading
@@ -116,8 +117,14 @@ def _head_waiting(sock: socket.socket) -> bool:
     if isinstance(sock, ssl.SSLSocket):
         return False
     try:
+        # poll first: with a socket timeout set, recv waits for data up to that timeout whatever
+        # its flags (CPython polls before it calls recv), and this runs under the table's lock
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        if not poller.poll(0):
+            return False
         data = socket.socket.recv(sock, 32 * 1024, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except OSError:
+    except (OSError, ValueError):
         return False
     return b"\r\n\r\n" in data or b"\n\n" in data
 
