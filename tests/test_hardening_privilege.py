@@ -175,3 +175,15 @@ def test_root_qemu_opt_in_is_logged_and_exposed(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
+
+
+def test_the_help_sandbox_probe_drops_privileges_too(attack_dir: Path) -> None:
+    from exporter.canary.run.guestcmd import qemu_supports_sandbox
+
+    wrapper = attack_dir / "qemu-wrapper"
+    qemu = subprocess.run(["sh", "-c", f"command -v {QEMU}"], capture_output=True, text=True).stdout.strip()
+    wrapper.write_text(f'#!/bin/sh\nid -u > {attack_dir}/probe-uid\nexec {qemu} "$@"\n')
+    wrapper.chmod(0o755)
+    nobody = process.lookup_user("nobody")
+    assert qemu_supports_sandbox(str(wrapper), nobody)  # Debian builds QEMU with seccomp
+    assert (attack_dir / "probe-uid").read_text().strip() == str(nobody.uid)
