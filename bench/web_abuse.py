@@ -13,7 +13,13 @@ latency; then the daemon's peak RSS (VmHWM) is read. Scenarios:
 * ``clients``: 200 concurrent clients, each requesting ``/-/healthy`` on new connections in a loop;
 * ``scrapers``: 200 concurrent clients scraping ``/metrics`` in a loop (503 beyond --web.max-requests);
 * ``folded``: 50 concurrent folded-Accept requests (95 continuation lines of 64,000 bytes), repeated;
-* ``wrongpw``: 20 clients sending wrong passwords (basic auth on, bcrypt cost 10), repeated.
+* ``wrongpw``: 20 clients sending wrong passwords (basic auth on, bcrypt cost 10), repeated;
+* ``pipelined``: 150 keep-alive connections, each pipelining 16 requests with wrong passwords at a
+  time (basic auth on), reconnecting when closed (issue 23);
+* ``pipehealthy``: the same with plain ``/-/healthy`` requests, no auth;
+* ``slowread``: 150 connections pipelining 64 ``/metrics`` requests each and never reading.
+
+Every scenario's legitimate scrapes are printed beside the no-attack ``baseline`` of the same run.
 
 Then keep-alive against new-connection scrape latency, interleaved. Targets (issue 14): p99 < 100 ms,
 peak RSS < 100 MB, keep-alive within 2x of a new connection.
@@ -44,6 +50,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "bench-password"
 FOLDED_LINE = b" " + b"a" * 63_997 + b"\r\n"
+#: a legitimate scrape slower than this failed (Prometheus' default scrape_timeout)
+SCRAPE_TIMEOUT = 10.0
+#: scenarios run with basic auth on (the legitimate scrapes send the right password)
+AUTHED = ("wrongpw", "pipelined")
 ISOLATED = ["--no-canary.enabled", "--no-collector.canary", "--no-collector.guests", "--no-collector.qemu"]
 
 CHEROOT_SERVER = r"""
@@ -140,6 +150,33 @@ def _folded(port: int) -> None:
             read_response(sock, bytearray())
 
 
+def _pipelined(port: int, path: str, headers: Callable[[], dict[str, str]], stop: threading.Event) -> None:
+    """One keep-alive connection sending 16 requests at once, reading the answers, again and again."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        buf = bytearray()
+        while not stop.is_set():
+            sock.sendall(b"".join(req(path, headers()) for _ in range(16)))
+            for _ in range(16):
+                _, buf = read_response(sock, buf)
+
+
+def _slow_reader(port: int, stop: threading.Event) -> None:
+    """Asks for /metrics 64 times on one connection and never reads a byte of the answers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        with contextlib.suppress(OSError):
+            sock.sendall(req("/metrics") * 64)
+        while not stop.is_set():
+            time.sleep(0.5)
+            if select.select([sock], [], [], 0)[0]:
+                try:
+                    sock.recv(1, socket.MSG_PEEK)
+                except OSError:
+                    return
+                if sock.recv(1, socket.MSG_PEEK) == b"":
+                    return  # closed by the server: reconnect
+
+
 def attack(name: str, port: int, duration: float, nice: int = 0) -> None:
     if nice:
         os.nice(nice)
@@ -155,6 +192,13 @@ def attack(name: str, port: int, duration: float, nice: int = 0) -> None:
             20,
             lambda: one_request(port, "/metrics", basic("prometheus", f"guess-{next(counter)}")) and None,
         ),
+        # 150 keep-alive connections pipelining wrong passwords (basic auth on) / plain health checks
+        "pipelined": (
+            150,
+            lambda: _pipelined(port, "/metrics", lambda: basic("prometheus", f"guess-{next(counter)}"), stop),
+        ),
+        "pipehealthy": (150, lambda: _pipelined(port, "/-/healthy", dict, stop)),
+        "slowread": (150, lambda: _slow_reader(port, stop)),
     }
     n, fn = attackers.get(name, (0, lambda: None))
     threads = [threading.Thread(target=_loop, args=(stop, fn), daemon=True) for _ in range(n)]
@@ -258,7 +302,7 @@ def scenario(name: str, target: Target, scrapes: int, nice: int = 0) -> tuple[li
     for _ in range(scrapes):
         start = time.perf_counter()
         try:
-            code = one_request(target.port, "/metrics", target.headers)
+            code = one_request(target.port, "/metrics", target.headers, timeout=SCRAPE_TIMEOUT)
         except OSError:
             code = 0
         elapsed = time.perf_counter() - start
@@ -327,7 +371,9 @@ def gzip_levels(body: bytes) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scrapes", type=int, default=100)
-    parser.add_argument("--only", default="baseline,slowloris,clients,scrapers,folded,wrongpw")
+    parser.add_argument(
+        "--only", default="baseline,slowloris,clients,scrapers,folded,wrongpw,pipelined,pipehealthy,slowread"
+    )
     parser.add_argument("--cheroot-python", help="interpreter with cheroot installed, for the comparison")
     parser.add_argument(
         "--attacker-nice",
@@ -347,7 +393,7 @@ def main() -> int:
         tmp = Path(tmp_name)
         body_file = tmp / "body.prom"
         for name in names:
-            target = start_ours(tmp, auth=name == "wrongpw")
+            target = start_ours(tmp, auth=name in AUTHED)
             try:
                 if not body_file.exists():
                     with socket.create_connection(("127.0.0.1", target.port)) as sock:

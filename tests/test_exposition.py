@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -121,4 +122,43 @@ def test_negotiation_uses_fast_encoders_for_prometheus_and_plain_text() -> None:
     assert choose(PROMETHEUS_ACCEPT)[0] is openmetrics_text
     assert choose(PROMETHEUS_ACCEPT)[1].startswith("application/openmetrics-text; version=1.0.0")
     assert choose(None) == (text, "text/plain; version=0.0.4; charset=utf-8")
-    assert choose("text/plain;version=1.0.0")[0] not in (text, openmetrics_text)
+
+
+FAST_ACCEPTS = [
+    "text/plain;version=1.0.0",
+    "text/plain;version=1.0.0;escaping=allow-utf-8",
+    "text/plain; version=1.0.0; escaping=underscores; q=0.9",
+    "text/plain;version=1.0.0;escaping=values",
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,text/plain;q=0.5",
+    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+    "application/openmetrics-text",
+    # Prometheus 3's default scrape protocols
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
+    "application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,"
+    "text/plain;version=0.0.4;q=0.2,*/*;q=0.1",
+]
+
+
+@pytest.mark.parametrize("accept", FAST_ACCEPTS)
+def test_accept_parameters_keep_the_fast_encoder_with_the_same_bytes(accept: str) -> None:
+    """Issue 23: Accept-header parameters forced the slow encoder (3x CPU per scrape)."""
+    from functools import partial
+
+    from prometheus_client.exposition import choose_encoder
+
+    reg = CollectorRegistry()
+    Counter("kvmcpu_runs", "Runs.", ["result"], registry=reg).labels('a"b\\c').inc(3)
+    Gauge("kvmcpu_temp", "Temperature.", unit="celsius", registry=reg).set(21.5)
+    Histogram("kvmcpu_dur_seconds", "Dur.", registry=reg).observe(0.3)
+    ours, ctype = choose(accept)
+    theirs, their_ctype = choose_encoder(accept)
+    assert not isinstance(ours, partial) and ours is not library_text
+    assert ctype == their_ctype
+    assert ours(reg) == theirs(reg)
+
+
+def test_dots_escaping_stays_with_the_library() -> None:
+    from functools import partial
+
+    enc, _ = choose("text/plain;version=1.0.0;escaping=dots")
+    assert isinstance(enc, partial)

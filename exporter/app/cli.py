@@ -8,15 +8,19 @@ config; flags win over the file, the file over defaults. Layers point down: this
 
 from __future__ import annotations
 
-import argparse
-import sys
-from collections.abc import Sequence
+from exporter.app import early
 
-from exporter.app.settings import load_settings
-from exporter.collectors.scrape import COLLECTORS
-from exporter.config import Config, report_config_problems
-from exporter.config.flags import FLAG_KEYS, OPTION_NAMES, add_common_flags, add_serve_flags
-from exporter.version import version_text
+early.hold()  # before the imports below (~0.3 s): a SIGHUP meanwhile must not kill the daemon
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+from exporter.collectors.scrape import COLLECTORS  # noqa: E402
+from exporter.config import Config, report_config_problems  # noqa: E402
+from exporter.config.flags import FLAG_KEYS, OPTION_NAMES, add_common_flags, add_serve_flags  # noqa: E402
+from exporter.app.settings import load_settings  # noqa: E402
+from exporter.version import version_text  # noqa: E402
 
 __all__ = ["FLAG_KEYS", "build_parser", "config_from_args", "main", "report_config_problems"]
 
@@ -138,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         args_list.insert(0, "serve")
     args = parse_args(args_list)
+    if args.command != "serve":
+        early.release()
     settings = load_settings(args, COLLECTORS)
     if settings.problems:
         return report_config_problems(settings.problems)

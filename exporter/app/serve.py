@@ -20,13 +20,16 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 
+from exporter.app import early
 from exporter.app.reload import ReloadStatus, restart_needed
 from exporter.app.settings import Settings, load_settings, qemu_knowledge
 from exporter.collectors.scrape import (
@@ -38,7 +41,8 @@ from exporter.collectors.scrape import (
     enabled_collectors,
     register_exporter_metrics,
 )
-from exporter.config import CanaryConfig, Config
+from exporter.config import CanaryConfig, Config, LogConfig
+from exporter.config.checks import qemu_runs_as_root
 from exporter.errors import ExporterError
 from exporter.logsetup import log_failure, setup_logging
 from exporter.render.landing import render_config
@@ -88,6 +92,7 @@ class Daemon:
         self.registry.register(self.scrape)
         self.reloads = ReloadStatus()
         self.registry.register(self.reloads)
+        self.registry.register(_RootQemu(cfg.canary))
         self.http = ExporterHTTP(
             self.registry,
             cfg.web.listen_address,
@@ -131,6 +136,23 @@ class Daemon:
             )
             self.reloads.record(False)
             return False
+        before = (self.cfg.log, self.cfg.web.config_file, self.http.security, self.cfg.canary)
+        try:
+            self._apply(settings)
+        except Exception as err:  # applied half: put back what was running, whole
+            self._restore(*before)
+            log_failure(log, "configuration reload could not be applied; keeping the running one", err)
+            self.reloads.record(False)
+            return False
+        new = settings.config
+        self.reloads.record(True)
+        log.info(
+            "configuration reloaded",
+            extra={"fields": {"web_config": new.web.config_file or "none", "log_level": new.log.level}},
+        )
+        return True
+
+    def _apply(self, settings: Settings) -> None:
         new = settings.config
         if new.log != self.cfg.log:
             setup_logging(new.log.level, new.log.format)
@@ -146,12 +168,23 @@ class Daemon:
         self.http.security = settings.security
         if new.canary != self.cfg.canary:
             self._apply_canary(new.canary)
-        self.reloads.record(True)
-        log.info(
-            "configuration reloaded",
-            extra={"fields": {"web_config": new.web.config_file or "none", "log_level": new.log.level}},
-        )
-        return True
+
+    def _restore(
+        self,
+        log_cfg: LogConfig,
+        web_config_file: str | None,
+        security: WebSecurity | None,
+        canary: CanaryConfig,
+    ) -> None:
+        """Back to the running configuration after a reload failed half-way (best effort each)."""
+        self.http.security = security
+        self.cfg.web.config_file = web_config_file
+        if self.cfg.log != log_cfg:
+            setup_logging(log_cfg.level, log_cfg.format)
+            self.cfg.log = log_cfg
+        if self.cfg.canary != canary:
+            with contextlib.suppress(Exception):
+                self._apply_canary(canary)
 
     def _apply_canary(self, canary: CanaryConfig) -> None:
         """Restart the canary schedule with the new settings (a canary in flight is cancelled)."""
@@ -188,6 +221,21 @@ class Daemon:
         self.http.shutdown()
 
 
+class _RootQemu:
+    """``kvmcpu_qemu_runs_as_root``: 1 while this daemon starts QEMU as root (``canary.allow_root``),
+    so that an opt-in made once on one host stays visible fleet-wide."""
+
+    def __init__(self, canary: CanaryConfig) -> None:
+        self.canary = canary
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "kvmcpu_qemu_runs_as_root",
+            "1 when the exporter runs as root and starts its QEMUs as root (canary.allow_root), else 0.",
+            value=1.0 if qemu_runs_as_root(self.canary) else 0.0,
+        )
+
+
 class SignalQueue:
     """Signals noted by their handlers and acted on by the main thread, in order.
 
@@ -211,6 +259,10 @@ class SignalQueue:
     def _note(self, signum: int, frame: FrameType | None) -> None:
         self._pending.append(signal.Signals(signum))
 
+    def queue(self, sig: signal.Signals) -> None:
+        """Act on ``sig`` as if it had just arrived."""
+        self._pending.append(sig)
+
     def get(self) -> signal.Signals:
         while not self._pending:
             select.select([self._read], [], [])
@@ -230,6 +282,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     # SIGHUP's default action kills the process: queue it from the start (it is acted on once
     # serving), SIGTERM/SIGINT keep their default until there is something to stop cleanly.
     signals.install(signal.SIGHUP)
+    if early.take():  # arrived while starting (exporter.app.early): reload once serving
+        signals.queue(signal.SIGHUP)
     try:
         return _serve(settings, args, signals)
     finally:
@@ -241,6 +295,11 @@ def _serve(settings: Settings, args: argparse.Namespace, signals: SignalQueue) -
     setup_logging(cfg.log.level, cfg.log.format)
     for warning in settings.warnings:
         log.warning(warning)
+    if qemu_runs_as_root(cfg.canary):
+        log.warning(
+            "QEMU runs as root (canary.allow_root: true): a guest that escapes QEMU owns the host",
+            extra={"fields": {"run_as_user": cfg.canary.run_as_user or "(the daemon's own)"}},
+        )
     try:
         daemon = Daemon(cfg, security)
     except ExporterError as err:

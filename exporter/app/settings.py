@@ -20,7 +20,7 @@ from exporter.config.checks import validate
 from exporter.config.flags import overlay, overrides_from_args
 from exporter.config.model import Config
 from exporter.config.parse import parse_config
-from exporter.config.yamlfile import read_yaml
+from exporter.config.yamlfile import read_mapping
 from exporter.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def load_settings(args: argparse.Namespace, collectors: Iterable[str]) -> Settin
     if config_file:
         source = str(config_file)
         try:
-            data = read_yaml(config_file, "config file")
+            data = read_mapping(config_file, "config file")
         except ConfigError as err:
             problems += err.problems
             data = {}

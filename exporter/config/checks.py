@@ -11,7 +11,7 @@ import pwd
 from collections.abc import Iterable
 from pathlib import Path
 
-from exporter.config.model import DISABLE_DEFAULTS, Config
+from exporter.config.model import DISABLE_DEFAULTS, CanaryConfig, Config
 
 
 def host_cpus() -> frozenset[int]:
@@ -44,11 +44,7 @@ def validate(cfg: Config, known_collectors: Iterable[str] | None = None) -> list
             f"canary.cpu_affinity: CPU(s) {', '.join(map(str, outside))} not available to this process "
             f"(available: {_ranges(cpus)})"
         )
-    if c.run_as_user:
-        try:
-            pwd.getpwnam(c.run_as_user)
-        except KeyError:
-            problems.append(f"canary.run_as_user: no such user {c.run_as_user!r}")
+    problems += _run_as_user(c)
     for key in ("kernel", "initrd"):
         value = getattr(c, key)
         if value is not None and not Path(value).is_file():
@@ -71,3 +67,32 @@ def _ranges(cpus: Iterable[int]) -> str:
         if cpu is not None:
             start = prev = cpu
     return ",".join(out) if ordered else "none"
+
+
+def _run_as_user(c: CanaryConfig) -> list[str]:
+    """QEMU parses guest-controlled input all day: it never runs as root by accident. An empty
+    ``run_as_user`` (= the daemon's own user) or one with uid 0 needs ``allow_root: true``."""
+    uid: int | None = None
+    if c.run_as_user:
+        try:
+            uid = pwd.getpwnam(c.run_as_user).pw_uid
+        except KeyError:
+            return [f"canary.run_as_user: no such user {c.run_as_user!r}"]
+    if (uid == 0 or not c.run_as_user) and not c.allow_root:
+        return [
+            f"canary.run_as_user: {c.run_as_user or '(empty)'!s} would run QEMU as root when the daemon "
+            "is root; name an unprivileged user (default nobody) or set canary.allow_root: true"
+        ]
+    return []
+
+
+def qemu_runs_as_root(c: CanaryConfig) -> bool:
+    """Whether this daemon starts its QEMUs as root (it is root and the config allows it)."""
+    if os.geteuid() != 0:
+        return False
+    if not c.run_as_user:
+        return True
+    try:
+        return pwd.getpwnam(c.run_as_user).pw_uid == 0
+    except KeyError:
+        return False

@@ -344,7 +344,13 @@ class CanaryConfig:
     cpu_affinity: list[Annotated[StrictInt, Field(ge=0)]] = setting(
         help="CPUs the canary QEMU may run on ([] = any)", factory=list
     )
-    run_as_user: Text = setting("nobody", "user the canary QEMU runs as when the daemon runs as root")
+    run_as_user: Text = setting(
+        "nobody", "user every QEMU (canary, proofs, probes) runs as when the daemon runs as root"
+    )
+    allow_root: StrictBool = setting(
+        False,
+        "allow run_as_user to be root or empty (QEMU then runs as root: logged and exposed as a metric)",
+    )
     kernel: OptText = setting(None, "explicit canary kernel instead of the built image")
     initrd: OptText = setting(None, "explicit canary initramfs instead of the built image")
 

@@ -21,7 +21,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
 from exporter.config.model import Config
-from exporter.config.yamlfile import read_yaml
+from exporter.config.yamlfile import read_mapping
 from exporter.errors import ConfigError
 
 Loc = tuple[int | str, ...]
@@ -63,7 +63,7 @@ def validate_data(
 def load_file(path: str | os.PathLike[str]) -> tuple[Config, list[str]]:
     """Read and parse a YAML config file; problems (including unreadable/invalid YAML) are returned."""
     try:
-        data = read_yaml(path, "config file")
+        data = read_mapping(path, "config file")
     except ConfigError as err:
         return Config(), err.problems
     return parse_config(data, source=str(path))

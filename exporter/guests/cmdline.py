@@ -128,8 +128,12 @@ def _keyvals(value: str, implied: str | None) -> list[tuple[str, str | None]]:
 
 def decode_proc_cmdline(raw: bytes) -> list[str]:
     """``/proc/PID/cmdline`` bytes -> argv; a process that rewrote its title (one string with
-    spaces, no NULs) is split like a shell would."""
-    text = raw.decode("utf-8", errors="surrogateescape")
+    spaces, no NULs) is split like a shell would.
+
+    The bytes are anyone's (any local user can start a ``qemu-system-x86_64``): an invalid UTF-8
+    byte becomes ``\\xNN`` text. Surrogate escapes made every later exposition fail to encode,
+    so one process emptied every /metrics and / answer."""
+    text = raw.decode("utf-8", errors="backslashreplace")
     if text.endswith("\0"):
         text = text[:-1]
     if text == "":

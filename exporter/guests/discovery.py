@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.errors import SourceError
-from exporter.features import OWN_GUEST_PREFIX
 from exporter.guests.cmdline import CmdlineError, GuestSpec, parse_cmdline
+from exporter.qemu import process
 from exporter.qemu.binary import guest_binary
 
 #: argv[0] basenames always treated as QEMU system emulators (besides the configured names)
@@ -93,8 +93,8 @@ def _read_binary(procfs: str, pid: int, argv0: str) -> str | None:
         return argv0 if os.path.isabs(argv0) else None
     except OSError:
         return argv0 if os.path.isabs(argv0) else None
-    if target.endswith(" (deleted)"):
-        return link
+    if target.endswith(" (deleted)") or not target.isprintable() or not _is_utf8(os.fsencode(target)):
+        return link  # also a path that is not UTF-8 text: the link reaches the same binary
     # a guest of another root (the host's, seen from a container) is asked with its own QEMU
     return guest_binary(procfs, pid, (target, argv0)) or target
 
@@ -140,6 +140,40 @@ def _read_all(path: str) -> bytes:
         os.close(fd)
 
 
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _is_own(procfs: str, pid: int, own: int) -> bool:
+    """One of this process's own QEMUs (``exporter.qemu.process`` records them); when ``procfs``
+    numbers processes differently (a host /proc in a container), its direct children."""
+    if own != os.getpid():
+        return _ppid(procfs, pid) == own
+    return process.is_own_child(pid, lambda: _ppid(procfs, pid))
+
+
+def _own_pid(procfs: str) -> int:
+    """This process's PID as ``procfs`` numbers it: ``self`` resolves in the namespace of the
+    procfs mount (a container reading the host's /proc sees its host PID there)."""
+    try:
+        return int(os.readlink(f"{procfs}/self"))
+    except (OSError, ValueError):
+        return os.getpid()
+
+
+def _ppid(procfs: str, pid: int) -> int | None:
+    """The parent PID from ``stat`` (after the last ``)``: the name in between may hold anything)."""
+    try:
+        raw = _read_all(f"{procfs}/{pid}/stat")
+        return int(raw[raw.rindex(b")") + 2 :].split(b" ", 2)[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _pids(procfs: str) -> list[int]:
     try:
         return sorted(int(n) for n in os.listdir(procfs) if n.isdigit())
@@ -158,10 +192,14 @@ def scan(
     ``parse`` lets the collector plug in a cache keyed on the raw command line (the common case is
     the same guests scrape after scrape). Processes started with ``-machine none`` are QEMU probes
     (ours or libvirt's capability checks), not guests, and are skipped, as are the exporter's own
-    canary and proof guests (``-name guest=kvm-cpu-exporter-...``).
+    canary and proof guests: its own children, known by their parent PID, not by their name (a
+    guest anyone names ``kvm-cpu-exporter-...`` is still a guest). A command line that is not
+    UTF-8 is reported escaped and counted as ``undecodable``: one guest's bytes never cost the
+    scrape.
     """
     matcher = _matcher((*BUILTIN_PATTERNS, *process_names))
     root = str(procfs)
+    own = _own_pid(root)
     guests: list[Guest] = []
     issues: list[ScanIssue] = []
     for pid in _pids(root):
@@ -180,8 +218,12 @@ def scan(
         except CmdlineError as err:
             issues.append(ScanIssue(pid, err.reason, str(err)))
             continue
-        if spec.machine == "none" or (spec.name or "").startswith(OWN_GUEST_PREFIX):
+        if spec.machine == "none" or _is_own(root, pid, own):
             continue
+        if not _is_utf8(raw):
+            issues.append(
+                ScanIssue(pid, "undecodable", "command line is not UTF-8; reported escaped (\\xNN)")
+            )
         try:
             binary = _read_binary(root, pid, spec.binary)
         except _Vanished:

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from exporter.fsutil import atomic_write
+from exporter.fsutil import atomic_write, read_regular
 from exporter.qemu.binary import installed_key
 from exporter.qemu.cpumodels import Expansion
 
@@ -61,10 +61,13 @@ def load(path: Path) -> tuple[dict[str, BinaryRecord], dict[ExpansionKey, Expans
     Raises ``ValueError`` (pydantic's ValidationError, with every problem's location) for a file
     that does not validate, ``OSError`` for one that cannot be read."""
     try:
-        text = path.read_bytes()
+        text = read_regular(path)  # a FIFO or /dev/zero here must not hang or fill the daemon
     except FileNotFoundError:
         return {}, {}
-    raw = json.loads(text)
+    try:
+        raw = json.loads(text)
+    except RecursionError as err:  # absurdly deep nesting: a corrupt cache, rebuilt from QEMU
+        raise ValueError("nested too deeply") from err
     if isinstance(raw, dict) and raw.get("format") != FORMAT:
         return {}, {}  # another version's cache: rebuilt from QEMU, not an error
     data = _CacheFile.model_validate_json(text)

@@ -13,11 +13,11 @@ has a hole:
 * every exit path of a launcher calls ``kill``.
 
 When the daemon runs as root, QEMU runs as an unprivileged user (plus the ``kvm`` group, so it
-can still open /dev/kvm). The credential change happens before the death signal is armed, since
+can still open /dev/kvm); running it as root takes ``canary.allow_root: true``. The credential change happens before the death signal is armed, since
 the kernel clears it on a credential change.
 
 Work files (sockets, serial logs) live in per-run directories ``<tmp>/kvm-cpu-exporter-<kind>-
-<pid>-<random>``: the survivor removes its own, and ``sweep_stale_dirs`` (run when the daemon's
+<pid>-<random>`` that only the daemon can write (``work_dir`` says why): the survivor removes its own, and ``sweep_stale_dirs`` (run when the daemon's
 QEMU knowledge starts, and before every canary run) removes those whose owner PID is dead.
 """
 
@@ -32,8 +32,10 @@ import pwd
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,8 +154,10 @@ def spawn(
         credentials=credentials,
         before_drop=before_drop,
     )
+    with _own_lock:
+        _own["starting"] += 1
     try:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             list(cmd),
             stdin=subprocess.DEVNULL,
             stdout=stdout,
@@ -165,6 +169,34 @@ def spawn(
         )
     except subprocess.SubprocessError as err:  # the child's setup step raised
         raise OSError(f"setting up the child process failed: {err}") from err
+    finally:
+        with _own_lock:
+            _own["starting"] -= 1
+    with _own_lock:
+        _own_pids.add(proc.pid)
+    return proc
+
+
+#: PIDs ``spawn`` started that may still run, and how many spawns are under way
+_own_pids: set[int] = set()
+_own: dict[str, int] = {"starting": 0}
+_own_lock = threading.Lock()
+
+
+def is_own_child(pid: int, ppid: Callable[[], int | None]) -> bool:
+    """Whether ``pid`` is a QEMU this process started (canary, proof, QMP scratch, probe), known by
+    the process tree, never by a name anyone could give their guest. ``ppid`` reads its parent
+    from /proc, only while a spawn is under way (its PID is not yet recorded: any child counts)."""
+    with _own_lock:
+        if pid in _own_pids:
+            return True
+        starting = _own["starting"] > 0
+    return starting and ppid() == os.getpid()
+
+
+def _forget(pid: int) -> None:
+    with _own_lock:
+        _own_pids.discard(pid)
 
 
 def kill(target: subprocess.Popen[bytes] | int) -> None:
@@ -175,6 +207,7 @@ def kill(target: subprocess.Popen[bytes] | int) -> None:
     if isinstance(target, int):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(target, signal.SIGKILL)
+        _forget(target)
         return
     if target.poll() is None:  # not yet reaped, so the group id cannot have been reused
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -183,6 +216,7 @@ def kill(target: subprocess.Popen[bytes] | int) -> None:
             target.kill()
     with contextlib.suppress(subprocess.TimeoutExpired):
         target.wait(timeout=5)
+    _forget(target.pid)
 
 
 def pid_alive(pid: int) -> bool:
@@ -212,7 +246,10 @@ def first_error_line(text: str) -> str:
 def tail(path: Path, limit: int = 4000) -> str:
     """The last ``limit`` bytes of a log file QEMU wrote ("" if unreadable)."""
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return ""
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - limit))
             data = f.read()
@@ -253,8 +290,16 @@ def unreachable_ancestor(path: Path, owner: Credentials) -> Path | None:
 
 @contextlib.contextmanager
 def work_dir(kind: str, owner: Credentials | None = None) -> Iterator[Path]:
-    """A fresh per-run directory (owned by ``owner``, so an unprivileged QEMU can write there),
-    removed on the way out. Raises ``QemuError`` when ``owner`` could not reach it."""
+    """A fresh per-run directory, removed on the way out. Raises ``QemuError`` when ``owner`` could
+    not reach it.
+
+    It stays the daemon's own (mode 0711: ``owner`` may only open the files it is given by name):
+    a directory the QEMU user could write would let that user plant symlinks or rename files
+    under the names the root daemon then opens, chowns or truncates (issue 23: any root-owned file
+    chowned to ``nobody`` and truncated, in every try). Files QEMU writes are created here by the
+    daemon (``create_file``: ``O_EXCL|O_NOFOLLOW`` relative to the directory's fd, ``fchown`` of
+    that very file), and QEMU's QMP socket is bound by the daemon and passed as a descriptor.
+    """
     if owner is not None:
         blocked = unreachable_ancestor(Path(tempfile.gettempdir()) / "x", owner)
         if blocked is not None:
@@ -266,17 +311,41 @@ def work_dir(kind: str, owner: Credentials | None = None) -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix=temp_dir_prefix(kind)))
     try:
         if owner is not None:
-            os.chown(path, owner.uid, owner.gid)
+            os.chmod(path, 0o711)  # search only: QEMU opens what it is given, creates nothing
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def hand_over(path: Path, owner: Credentials | None) -> Path:
-    """Give a file the parent created in a work dir to the user QEMU runs as (whatever the umask)."""
-    if owner is not None:
-        os.chown(path, owner.uid, owner.gid)
-    return path
+def create_file(directory: Path, name: str, owner: Credentials | None = None, data: bytes = b"") -> Path:
+    """Create ``directory/name`` (it must not exist, and must not be a symlink), write ``data`` and
+    give it to ``owner`` through the open descriptor: no path is resolved twice, so nothing can be
+    swapped in between. Returns the path for QEMU's command line; raises ``OSError``."""
+    fd = _create(directory, name)
+    try:
+        if data:
+            os.write(fd, data)
+        if owner is not None:
+            os.fchown(fd, owner.uid, owner.gid)
+    finally:
+        os.close(fd)
+    return directory / name
+
+
+def open_new(directory: Path, name: str) -> IO[bytes]:
+    """A new file ``directory/name`` opened for writing (``O_EXCL|O_NOFOLLOW``), for QEMU's stderr."""
+    return os.fdopen(_create(directory, name), "wb")
+
+
+def _create(directory: Path, name: str) -> int:
+    if "/" in name or name in ("", ".", ".."):
+        raise ValueError(f"not a file name: {name!r}")
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(name, flags, 0o600, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def sweep_stale_dirs(parent: Path | None = None) -> list[Path]:

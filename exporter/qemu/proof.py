@@ -111,16 +111,14 @@ def prove_accelerators(
     accels = list(dict.fromkeys(accels))
     results: dict[str, ProofResult] = {}
     with process.work_dir("proof", credentials) as tmp:
-        image = tmp / "proof.img"
-        image.write_bytes(boot_sector())
-        process.hand_over(image, credentials)
+        image = process.create_file(tmp, "proof.img", credentials, boot_sector())
         running: dict[str, tuple[subprocess.Popen[bytes], Path, Path]] = {}
         start = time.monotonic()
         try:
             for accel in accels:
-                serial, stderr = tmp / f"{accel}.serial", tmp / f"{accel}.stderr"
-                serial.touch()
-                process.hand_over(serial, credentials)  # QEMU writes it after dropping privileges
+                # QEMU writes the serial file after dropping privileges; neither is followed if swapped
+                serial = process.create_file(tmp, f"{accel}.serial", credentials)
+                stderr = tmp / f"{accel}.stderr"
                 cmd = [
                     binary.exec_path, "-name", f"guest={OWN_GUEST_PREFIX}proof-{accel}",
                     "-accel", accel, "-cpu", PROOF_CPU.get(accel, "max"),
@@ -130,7 +128,7 @@ def prove_accelerators(
                     "-no-reboot",
                 ]  # fmt: skip
                 try:
-                    with open(stderr, "wb") as err:
+                    with process.open_new(tmp, stderr.name) as err:
                         proc = process.spawn(cmd, stderr=err, credentials=credentials)
                 except OSError as e:
                     results[accel] = ProofResult(accel, False, f"{_CANNOT_EXEC} {binary.exec_path}: {e}")

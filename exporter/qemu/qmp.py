@@ -49,6 +49,20 @@ _CLIENT_NAME = "kvmcpu"
 logging.getLogger("qemu.qmp.protocol").getChild(_CLIENT_NAME).setLevel(logging.CRITICAL)
 
 
+class _EventlessClient(QMPClient):
+    """A QMP client that keeps no events. The library queues every event for its built-in
+    all-events listener (which cannot be removed), unbounded, until someone reads them; nothing
+    here does, so a monitor flooding events (a guest the operator pointed us at, compromised or
+    just busy) grew the daemon from 52 to 351 MB. Here an event is parsed and dropped."""
+
+    async def _event_dispatch(self, msg: Any) -> None:
+        return None
+
+
+def _client() -> QMPClient:
+    return _EventlessClient(_CLIENT_NAME)
+
+
 class QmpCommandFailed(QmpError):
     """QEMU answered a command with an error (e.g. an unknown CPU model or property)."""
 
@@ -120,7 +134,7 @@ class QmpSession(_Closing):
         connection is retried (a QEMU that bound its socket a moment before listening)."""
         self._loop = self._loop or asyncio.new_event_loop()
         while True:
-            self._client = QMPClient(_CLIENT_NAME)
+            self._client = _client()
             try:
                 self._run(self._client.connect(self.path), "connect")
                 return
@@ -219,42 +233,37 @@ class ScratchQemu(_Closing):
     def _start(self) -> None:
         assert self._dir is not None
         sock = self._dir / "qmp.sock"
-        qmp = ["-qmp", f"unix:{sock},server=on,wait=off"]
-        listener = None
-        if self.binary.root:
-            # A binary run in a root of its own (a guest's, see exporter.qemu.binary) cannot see this
-            # work dir: it gets the listening socket as a descriptor, the way libvirt hands it over.
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The daemon binds the socket in its own directory and QEMU inherits the listening fd: the
+        # QEMU user never needs to create anything there (see process.work_dir), and the daemon
+        # never connects to a path the QEMU user could have replaced. A binary run in a root of its
+        # own (a guest's, see exporter.qemu.binary) could not even see this directory.
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
             listener.bind(str(sock))
             listener.listen(1)
-            fd = listener.fileno()
-            qmp = [
-                "-chardev",
-                f"socket,id=kvmcpu-qmp,fd={fd},server=on,wait=off",
-                "-mon",
-                "chardev=kvmcpu-qmp,mode=control",
-            ]
-        cmd = [
-            self.binary.exec_path,
-            "-machine", "none",
-            "-nodefaults", "-nographic", "-display", "none", "-S",
-            *qmp,
-            "-accel", self.accel,
-        ]  # fmt: skip
-        with open(self._dir / "stderr", "wb") as err:
-            try:
-                self._proc = process.spawn(
-                    cmd,
-                    stderr=err,
-                    credentials=self.credentials,
-                    before_drop=self.binary.enter_root(),
-                    pass_fds=(listener.fileno(),) if listener is not None else (),
-                )
-            except OSError as e:
-                raise QemuBinaryMissing(f"{self.binary.exec_path}: cannot execute: {e.strerror or e}") from e
-            finally:
-                if listener is not None:
-                    listener.close()  # QEMU holds it now; a QEMU that dies closes the last copy
+            cmd = [
+                self.binary.exec_path,
+                "-machine", "none",
+                "-nodefaults", "-nographic", "-display", "none", "-S",
+                "-chardev", f"socket,id=qmp,fd={listener.fileno()},server=on,wait=off",
+                "-mon", "chardev=qmp,mode=control",
+                "-accel", self.accel,
+            ]  # fmt: skip
+            with process.open_new(self._dir, "stderr") as err:
+                try:
+                    self._proc = process.spawn(
+                        cmd,
+                        stderr=err,
+                        credentials=self.credentials,
+                        before_drop=self.binary.enter_root(),
+                        pass_fds=(listener.fileno(),),
+                    )
+                except OSError as e:
+                    raise QemuBinaryMissing(
+                        f"{self.binary.exec_path}: cannot execute: {e.strerror or e}"
+                    ) from e
+        finally:
+            listener.close()
         if self._on_spawn is not None:
             self._on_spawn(self._proc)
         while not sock.exists():

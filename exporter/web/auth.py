@@ -10,7 +10,8 @@ every request thread waiting. So:
   send in any number, only ever evict other wrong passwords, never a valid scraper's entry;
 * a cache hit takes one short lock and never waits behind a bcrypt computation;
 * at most ``concurrency`` bcrypt checks run at once; a request that cannot get a slot within
-  ``max_wait`` seconds gets ``BUSY`` (the server answers 503) instead of piling up threads.
+  ``max_wait`` seconds gets ``BUSY`` (the server answers 503) instead of piling up threads, and
+  so does one arriving while ``BCRYPT_MAX_WAITERS`` requests already wait.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ POSITIVE_CACHE_SIZE = 64
 BCRYPT_CONCURRENCY = 1
 #: how long a request may wait for a bcrypt slot before it is answered 503
 BCRYPT_MAX_WAIT_SECONDS = 2.0
+#: requests that may wait for a bcrypt slot at once; more get 503 at once. Each waiter is a worker
+#: thread: 150 pipelined wrong-password connections otherwise parked every thread for 2 s each.
+BCRYPT_MAX_WAITERS = 4
 
 
 class AuthVerdict(enum.Enum):
@@ -91,6 +95,7 @@ class BasicAuth:
         self._denied = _Lru(negative_size)
         self._slots = threading.BoundedSemaphore(concurrency)
         self._max_wait = max_wait
+        self._waiters = threading.BoundedSemaphore(BCRYPT_MAX_WAITERS + concurrency)
 
     @property
     def enabled(self) -> bool:
@@ -121,12 +126,17 @@ class BasicAuth:
                 return AuthVerdict.ALLOWED
             if key in self._denied:
                 return AuthVerdict.DENIED
-        if not self._slots.acquire(timeout=self._max_wait):
+        if not self._waiters.acquire(blocking=False):
             return AuthVerdict.BUSY
         try:
-            ok = bcrypt_check(password, hashed) and known_hash is not None
+            if not self._slots.acquire(timeout=self._max_wait):
+                return AuthVerdict.BUSY
+            try:
+                ok = bcrypt_check(password, hashed) and known_hash is not None
+            finally:
+                self._slots.release()
         finally:
-            self._slots.release()
+            self._waiters.release()
         with self._lock:
             (self._allowed if ok else self._denied).add(key)
         return AuthVerdict.ALLOWED if ok else AuthVerdict.DENIED

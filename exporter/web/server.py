@@ -46,7 +46,17 @@ from exporter.config import parse_listen_address
 from exporter.render.landing import render_landing
 from exporter.views.status import Status
 from exporter.web.auth import AuthVerdict
-from exporter.web.connections import IDLE, READING, SERVING, Connections, Limits, Workers
+from exporter.web.connections import (
+    AUTH,
+    IDLE,
+    READING,
+    SERVING,
+    WRITING,
+    Connections,
+    Limits,
+    Workers,
+    fit_thread_budget,
+)
 from exporter.web.exposition import choose
 from exporter.web.metrics import HttpMetrics
 
@@ -101,10 +111,13 @@ class _Server(ThreadingHTTPServer):
     ) -> None:
         self.address_family = family
         self.app = app
+        app.limits = fit_thread_budget(app.limits)
         self.request_queue_size = app.limits.backlog
-        self.connections = Connections(app.limits.max_connections, app.metrics, app.limits.eviction_grace)
+        self.connections = Connections(
+            app.limits.max_connections, app.metrics, app.limits.eviction_grace, app.limits.max_write_bytes
+        )
         # a few more than the connections: an evicted connection's worker may still be finishing
-        self.workers = Workers(app.limits.max_connections + 8)
+        self.workers = Workers(app.limits.max_connections + app.limits.spare_workers)
         super().__init__(addr, _Handler)
 
     def server_bind(self) -> None:
@@ -126,7 +139,7 @@ class _Server(ThreadingHTTPServer):
         return sock, addr
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        self.connections.admit(request)
+        self.connections.admit(request, str(client_address[0]) if client_address else "")
         self.workers.submit(self.process_request_thread, request, client_address)
 
     def shutdown_request(self, request: Any) -> None:
@@ -188,6 +201,7 @@ class _Handler(BaseHTTPRequestHandler):
         head = self._read_head(start + limits.read_timeout, limits.max_head_bytes)
         if head is None:
             return False
+        conns.set(sock, SERVING)  # the request is here: no longer a candidate for a slow reader
         nl = head.find(b"\n")
         self.raw_requestline = bytes(head[: nl + 1])
         rfile = self.rfile
@@ -312,14 +326,19 @@ class _Handler(BaseHTTPRequestHandler):
             security = self.server.app.security
             for name, value in (security.headers if security else {}).items():
                 self.send_header(name, value)
+            if not self.close_connection and self.server.connections.pressed():
+                # yield: the next request of this client queues behind everyone else's
+                self.send_header("Connection", "close")
             self.server.app.metrics.request(self.handler_label, self._code)
         super().end_headers()
 
     def flush_headers(self) -> None:
         # status line, headers and body in one send: a second small write would wait for the
-        # client's delayed ACK (Nagle), ~40 ms per keep-alive request
+        # client's delayed ACK (Nagle), ~40 ms per keep-alive request. The socket timeout is the
+        # deadline of the whole send, and a connection stuck writing may be closed for room.
         body, self._body = self._body, b""
         buffered: list[bytes] = getattr(self, "_headers_buffer", [])
+        self.server.connections.set(self.connection, WRITING, len(body) + 1024)
         self.wfile.write(b"".join(buffered) + body)
         self._headers_buffer: list[bytes] = []
 
@@ -341,7 +360,10 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.partition("?")[0].partition("#")[0]
         self.handler_label = app.handler_label(path)
         if app.security is not None:
+            # waiting for bcrypt counts against this client: the connection may be closed for room
+            self.server.connections.set(self.connection, AUTH)
             verdict = app.security.verdict(self.headers.get("Authorization"))
+            self.server.connections.set(self.connection, SERVING)
             if verdict is AuthVerdict.BUSY:
                 self._send(
                     503,
@@ -369,6 +391,15 @@ class _Handler(BaseHTTPRequestHandler):
                     body, ctype, extra = self._metrics()
                 else:
                     body, ctype, extra = app.landing_page().encode(), "text/html; charset=utf-8", {}
+            except Exception:  # a bug, never an empty reply behind a healthy /-/healthy
+                log.exception("cannot render %s", path)
+                body, ctype, extra = (
+                    b"Internal error; see the exporter's log\n",
+                    "text/plain; charset=utf-8",
+                    {},
+                )
+                self._send(500, body, ctype)
+                return
             finally:
                 app.release()
             self._send(200, body, ctype, extra)

@@ -44,7 +44,7 @@ from exporter.canary.results.stats import speedup_interval
 from exporter.canary.schedule.guard import DutyCycleBudget
 from exporter.config import default_profiles
 from exporter.errors import StateError
-from exporter.fsutil import atomic_write
+from exporter.fsutil import atomic_write, read_regular
 from exporter.logsetup import log_failure
 
 if TYPE_CHECKING:
@@ -241,7 +241,7 @@ class CanaryStore:
 
     def _load(self) -> StoreState:
         try:
-            raw = self.path.read_bytes()
+            raw = read_regular(self.path)  # a FIFO or /dev/zero must not hang start-up
         except FileNotFoundError:
             return StoreState()
         except OSError as err:

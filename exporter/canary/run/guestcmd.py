@@ -26,12 +26,13 @@ _sandbox_support: dict[str, bool] = {}
 _sandbox_lock = threading.Lock()
 
 
-def qemu_supports_sandbox(binary: str) -> bool:
-    """Whether this QEMU was built with seccomp; asked once per binary (its -help lists -sandbox)."""
+def qemu_supports_sandbox(binary: str, credentials: process.Credentials | None = None) -> bool:
+    """Whether this QEMU was built with seccomp; asked once per binary (its -help lists -sandbox).
+    The probe drops to ``credentials`` like every other QEMU the daemon starts."""
     with _sandbox_lock:
         if binary not in _sandbox_support:
             try:
-                child = process.spawn([binary, "-help"], stdout=subprocess.PIPE)
+                child = process.spawn([binary, "-help"], stdout=subprocess.PIPE, credentials=credentials)
             except OSError:
                 return False
             try:
@@ -78,8 +79,11 @@ def qemu_command(
     console: Path,
     channel: Path,
     network_args: Sequence[str] | None,
+    *,
+    credentials: process.Credentials | None = None,
 ) -> list[str]:
-    """The full QEMU argv: no NIC unless ``network_args`` (an isolated network) are given."""
+    """The full QEMU argv: no NIC unless ``network_args`` (an isolated network) are given;
+    ``credentials``: whom the ``-help`` probe runs as (the user QEMU will run as)."""
     cmd = [
         binary,
         "-name", f"guest={OWN_GUEST_PREFIX}canary-{job.profile.name}",
@@ -97,6 +101,6 @@ def qemu_command(
         "-serial", "chardev:results",
     ]  # fmt: skip
     cmd += list(network_args) if network_args is not None else ["-nic", "none"]
-    if qemu_supports_sandbox(binary):
+    if qemu_supports_sandbox(binary, credentials):
         cmd += ["-sandbox", SANDBOX]
     return cmd

@@ -179,12 +179,17 @@ class CanaryRunner:
                 result.result, result.message = "qemu_error", str(err)
                 return
             console, channel, stderr = tmp / "console.log", tmp / "results.jsonl", tmp / "qemu.err"
-            for path in (console, channel):
-                path.touch(mode=0o600)
-                process.hand_over(path, credentials)
+            for path in (console, channel):  # created fd-relative, never through a swapped symlink
+                process.create_file(tmp, path.name, credentials)
             with self._network(job, credentials) as network:
                 cmd = qemu_command(
-                    binary, image, job, console, channel, network.qemu_args if network is not None else None
+                    binary,
+                    image,
+                    job,
+                    console,
+                    channel,
+                    network.qemu_args if network is not None else None,
+                    credentials=credentials,
                 )
                 log.debug(
                     "starting canary guest",
@@ -221,7 +226,7 @@ class CanaryRunner:
         self.progress(
             f"{job.profile.name}: booting canary guest (-cpu {job.profile.cpu} -accel {job.profile.accel})"
         )
-        with open(stderr_path, "wb") as err_file:
+        with process.open_new(stderr_path.parent, stderr_path.name) as err_file:
             with self._lock:
                 if self._cancelled.is_set():
                     result.result = "timeout"
