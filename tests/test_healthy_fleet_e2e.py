@@ -167,8 +167,18 @@ def guest_part(guests: list[tuple[str, str]], host_features: set[str]) -> list[s
 def qemu_part() -> list[str]:
     out = lines("kvmcpu_host_accelerator_usable", [({"accel": "kvm"}, 1.0), ({"accel": "tcg"}, 1.0)])
     out += lines("kvmcpu_host_exposable_x86_64_level", [({}, 3.0)])
-    out += lines("kvmcpu_host_cpu_model_usable", [({"model": m[0]}, float(m[4])) for m in MODELS])
-    out += lines("kvmcpu_host_cpu_model_supported", [({"model": m[0]}, float(m[4])) for m in MODELS])
+    out += lines(
+        "kvmcpu_host_cpu_model_usable", [({"model": m[0], "alias": ""}, float(m[4])) for m in MODELS]
+    )
+    # what the Broadwell hosts lack for the one model they do not support
+    missing = {"Skylake-Server-v4": "avx512bw,avx512cd,avx512dq,avx512f,avx512vl,clwb,pku"}
+    out += lines(
+        "kvmcpu_host_cpu_model_supported",
+        [
+            ({"model": m[0], "alias": "", "vendor": m[1], "missing": missing.get(m[0], "")}, float(m[4]))
+            for m in MODELS
+        ],
+    )
     out += lines(
         "kvmcpu_cpu_model_info", [({"model": m[0], "vendor": m[1], "alias_of": ""}, 1.0) for m in MODELS]
     )

@@ -16,10 +16,10 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
+from exporter.app.settings import load_settings  # noqa: E402
 from exporter.collectors.scrape import COLLECTORS  # noqa: E402
 from exporter.config import Config, report_config_problems  # noqa: E402
 from exporter.config.flags import FLAG_KEYS, OPTION_NAMES, add_common_flags, add_serve_flags  # noqa: E402
-from exporter.app.settings import load_settings  # noqa: E402
 from exporter.version import version_text  # noqa: E402
 
 __all__ = ["FLAG_KEYS", "build_parser", "config_from_args", "main", "report_config_problems"]
