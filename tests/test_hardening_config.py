@@ -81,6 +81,34 @@ def test_reloading_a_non_mapping_config_keeps_auth(tmp_path: Path, start_daemon:
     assert d.stop() == 0
 
 
+def test_a_reload_never_turns_auth_off(tmp_path: Path, start_daemon: Any) -> None:
+    """An emptied web config file (exporter-toolkit: no TLS, no auth) or a config that lost its
+    web.config_file line would open /metrics on SIGHUP: the reload is refused, auth stays."""
+    web = tmp_path / "web.yml"
+    web.write_text(f"basic_auth_users: {{alice: '{HASH}'}}\n")
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(QUIET)
+    d = start_daemon(f"--config.file={cfg}")
+    cfg.write_text(QUIET + f"web: {{config_file: {web}}}\n")
+    d.proc.send_signal(signal.SIGHUP)  # turning auth ON by reload is fine
+    wait(lambda: d.get("/metrics")[0] == 401, "auth after reload", d)
+    web.write_text("")  # truncated, e.g. by a failed config-management run
+    d.proc.send_signal(signal.SIGHUP)
+    wait(lambda: sample(_metrics(d), "kvmcpu_config_reload_total", result="failure") == 1, "refused", d)
+    assert d.get("/metrics")[0] == 401
+    web.write_text(f"basic_auth_users: {{alice: '{HASH}'}}\n")
+    cfg.write_text(QUIET)  # the web.config_file line removed
+    d.proc.send_signal(signal.SIGHUP)
+    wait(lambda: sample(_metrics(d), "kvmcpu_config_reload_total", result="failure") == 2, "refused", d)
+    assert d.get("/metrics")[0] == 401 and d.get("/-/healthy")[0] == 401
+    cfg.write_text(QUIET + f"web: {{config_file: {web}}}\n")  # the same auth again: fine
+    d.proc.send_signal(signal.SIGHUP)
+    wait(lambda: sample(_metrics(d), "kvmcpu_config_reload_total", result="success") == 2, "reloaded", d)
+    assert d.get("/metrics")[0] == 401
+    assert d.stop() == 0
+    assert "would weaken the web server" in d.log_path.read_text()
+
+
 def _metrics(d: RunningDaemon) -> Any:
     from conftest import parse_metrics
 

@@ -77,11 +77,13 @@ def test_sighup_applies_web_config_and_log_format(tmp_path: Path, start_daemon: 
     json_lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert any(r["msg"] == "configuration reloaded" for r in json_lines), log[-3000:]
     assert any(r.get("key") == "web.telemetry_path" and "needs a restart" in r["msg"] for r in json_lines)
-    # a second reload that drops the web config opens the endpoint again
+    # a second reload that drops the web config would open the endpoint: refused (issue 23, auth
+    # never fails open by reload; turning it off takes a restart)
     cfg.write_text("canary: {enabled: false}\n" + QUIET)
     d.proc.send_signal(signal.SIGHUP)
-    wait(lambda: d.get("/metrics")[0] == 200, "auth removed after reload", d)
-    assert reloads(d) == (2.0, 0.0, 1.0)
+    wait(lambda: reloads(d, basic("alice", "s3cret"))[1] == 1.0, "the weakening reload refused", d)
+    assert d.get("/metrics")[0] == 401
+    assert reloads(d, basic("alice", "s3cret")) == (1.0, 1.0, 0.0)
     assert d.stop() == 0
 
 

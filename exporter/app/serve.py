@@ -48,6 +48,7 @@ from exporter.logsetup import log_failure, setup_logging
 from exporter.render.landing import render_config
 from exporter.views.status import Status, read_status
 from exporter.web.server import ExporterHTTP
+from exporter.web.tls import weakened
 
 if TYPE_CHECKING:
     from exporter.canary.results.store import CanaryStore
@@ -133,6 +134,20 @@ class Daemon:
             log.error(
                 "configuration reload failed; keeping the running configuration",
                 extra={"fields": {"problems": len(settings.problems), "err": "; ".join(settings.problems)}},
+            )
+            self.reloads.record(False)
+            return False
+        lost = weakened(self.http.security, settings.security)
+        if lost:
+            log.error(
+                "configuration reload would weaken the web server; keeping the running configuration "
+                "(turning basic auth or TLS off takes a restart)",
+                extra={
+                    "fields": {
+                        "lost": ", ".join(lost),
+                        "web_config": settings.config.web.config_file or "none",
+                    }
+                },
             )
             self.reloads.record(False)
             return False

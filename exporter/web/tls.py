@@ -297,3 +297,21 @@ def key_file_warnings(tls: TlsSettings | None, source: str) -> tuple[str, ...]:
             f"(mode {stat.S_IMODE(mode):04o}); chmod 600 or 640 it",
         )
     return ()
+
+
+def weakened(running: WebSecurity | None, new: WebSecurity | None) -> list[str]:
+    """What a reload to ``new`` would take away from the ``running`` server: basic auth, TLS.
+
+    A reload never weakens the server: an empty or truncated web config file (exporter-toolkit
+    reads it as "no TLS, no auth"), or a config that lost its ``web.config_file`` line, would
+    otherwise open /metrics to anyone on the next SIGHUP. Turning them off takes a restart, which
+    an operator does on purpose.
+    """
+    if running is None:
+        return []
+    lost = []
+    if running.users and not (new is not None and new.users):
+        lost.append("basic auth")
+    if running.tls_enabled and not (new is not None and new.tls_enabled):
+        lost.append("TLS")
+    return lost
