@@ -13,9 +13,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -98,6 +99,18 @@ class RunningDaemon:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def wait(predicate: Callable[..., Any], what: str, d: RunningDaemon, timeout: float = 30.0) -> Any:
+    """Poll ``predicate`` until it is truthy while the daemon ``d`` keeps running (its log on failure)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert d.proc.poll() is None, f"daemon exited {d.proc.returncode}:\n{d.log()}"
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not seen within {timeout}s; log:\n{d.log()[-4000:]}")
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from typing import Any
 
 import bcrypt
 import pytest
-from conftest import CACHE_DIR, ROOT, RunningDaemon, free_port, sample
+from conftest import CACHE_DIR, ROOT, RunningDaemon, free_port, sample, wait
 
 from exporter.config.yamlfile import MAX_NODES, read_yaml
 from exporter.errors import ConfigError
@@ -37,17 +37,6 @@ BOMB = (
 def run_serve(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "exporter", "serve", f"--web.listen-address=127.0.0.1:{free_port()}", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def wait(predicate: Any, what: str, d: RunningDaemon, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert d.proc.poll() is None, f"daemon exited {d.proc.returncode}:\n{d.log()}"
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not seen within {timeout}s; log:\n{d.log()[-4000:]}")
 
 
 @pytest.mark.parametrize("text", ["EXPORTER_OPTS=--foo\n", "- a\n- b\n", "", "# only a comment\n"])

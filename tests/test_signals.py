@@ -12,13 +12,12 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import bcrypt
 import pytest
-from conftest import RunningDaemon, sample
+from conftest import RunningDaemon, sample, wait
 
 from exporter.qemu.process import TEMP_PREFIX
 
@@ -30,17 +29,6 @@ HASH = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4)).decode()
 
 def basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
-
-
-def wait(predicate: Callable[[], Any], what: str, d: RunningDaemon, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert d.proc.poll() is None, f"daemon exited {d.proc.returncode}:\n{d.log()}"
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not seen within {timeout}s; log:\n{d.log()[-4000:]}")
 
 
 def reloads(d: RunningDaemon, headers: dict[str, str] | None = None) -> tuple[float, float, float]:
