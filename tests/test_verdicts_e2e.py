@@ -64,10 +64,11 @@ def _boot_all(image_dir: Path) -> dict[str, CanaryResult]:
     """One short canary per spec (1 MiB RAM disk, one cipher, one round), two at a time: each boot
     is one single-threaded TCG guest, and these machines have two cores."""
     image = override_init(canary_image(), image_dir, INIT.read_text())
-    runner = CanaryRunner(image, qemu_binary=QEMU)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {
-            spec: pool.submit(runner.run, job(spec, name=f"vt{i}", size_mib=1, timeout=90.0))
+        futures = {  # a runner per guest: a runner tracks one guest at a time
+            spec: pool.submit(
+                CanaryRunner(image, qemu_binary=QEMU).run, job(spec, name=f"vt{i}", size_mib=1, timeout=90.0)
+            )
             for i, spec in enumerate(SPECS)
         }
         return {spec: f.result() for spec, f in futures.items()}
