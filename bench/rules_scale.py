@@ -9,10 +9,14 @@ what the host, guest and alert rules read and fleet_scale does not write: per gu
 AES-NI, accelerators, the exporter's own health and a canary of both default profiles; two hosts
 with two kinds of CPU (``kvmcpu_host_cpu_info`` twice: the many-to-many case).
 
-*before* loads recording.yml and alerts.yml as of ``--before`` (git show) with the shipped fleet.yml,
-*after* loads all three as shipped; the same TSDB, one after the other in one run. Prints every
-group's evaluationTime (median of ``--rounds`` evaluations), each version's sum, rule errors, and
-the number of series each version records. Target: each group < 1 s, all groups together < 2 s.
+*before* loads recording.yml, alerts.yml and fleet.yml as of ``--before`` (git show), *after* loads
+all three as shipped; the same TSDB, one after the other in one run, every group of all three files
+evaluated together (as one Prometheus runs them: concurrently, each on its own schedule). Prints
+every group's evaluationTime (median of ``--rounds`` evaluations), each version's sum, the slowest
+rules, rule errors, the number of series each version records, and whether both versions give the
+same answers: every series either version records and every pending/firing alert (``ALERTS``),
+written by this run's Prometheus (the TSDB keeps an earlier run's recorded series: they are left
+out by their timestamp). Target: each group < 1 s, all groups together < 2 s.
 
     .venv/bin/python bench/rules_scale.py [--hosts 1000] [--guests-per-host 50] [--rounds 2]
         [--before acd5b64] [--keep DIR]
@@ -42,7 +46,7 @@ import fleet_scale  # noqa: E402
 from exporter.features import DEFAULT_WATCHLIST  # noqa: E402
 
 RULES_DIR = ROOT / "deploy" / "prometheus" / "rules"
-MINE = ("recording.yml", "alerts.yml")
+MINE = ("recording.yml", "alerts.yml", "fleet.yml")
 CIPHERS = (
     "aes-ecb-plain",
     "aes-cbc-plain",
@@ -216,38 +220,84 @@ def wait_evaluated(
     return {g: list(v.values()) for g, v in seen.items()}
 
 
-def evaluate(work: Path, rules: list[Path], rounds: int, label: str) -> tuple[dict[str, float], list[str]]:
+def current(url: str, name: str, since: float) -> set[str]:
+    """``name``'s series (labels and value) written at or after ``since`` (this server's samples)."""
+    q = f'{{__name__="{name}"}} and timestamp({{__name__="{name}"}}) >= {since:.3f}'
+    return {
+        ",".join(f"{k}={v}" for k, v in sorted(x["metric"].items())) + f" {float(x['value'][1]):g}"
+        for x in query(url, q)
+    }
+
+
+def record_names(rules: list[Path]) -> list[str]:
+    return [
+        r["record"]
+        for p in rules
+        for g in yaml.safe_load(p.read_text())["groups"]
+        for r in g["rules"]
+        if "record" in r
+    ]
+
+
+def evaluate(
+    work: Path, rules: list[Path], rounds: int, label: str, names: list[str]
+) -> tuple[dict[str, float], list[str], dict[str, set[str]]]:
+    """Each group's median evaluation time, the rule errors, and the answers: the current series of
+    every name in ``names`` (recorded by either version) and ``ALERTS``."""
     groups = [f"{p.name}:{g['name']}" for p in rules for g in yaml.safe_load(p.read_text())["groups"]]
     prom = fleet_scale.BackfilledPrometheus(work, rules=rules, eval_interval="30s")
+    since = time.time()
     prom.start()
     try:
         evals = wait_evaluated(prom, groups, rounds, timeout=1200)
+        state = prom.rule_groups()
         errors = [
             f"{r['name']}: {r.get('lastError', '')}"
-            for g in prom.rule_groups()
+            for g in state
             for r in g["rules"]
             if r.get("health") == "err"
         ]
-        recorded = {
-            r["name"]: len(query(prom.url, r["name"]))
-            for p in rules
-            if p.name in MINE
-            for g in yaml.safe_load(p.read_text())["groups"]
-            for r in ({"name": x["record"]} for x in g["rules"] if "record" in x)
-        }
+        slowest = sorted(
+            (
+                (float(r.get("evaluationTime", 0)), f"{Path(g['file']).name}:{r['name']}")
+                for g in state
+                for r in g["rules"]
+            ),
+            reverse=True,
+        )[:8]
+        answers = {name: current(prom.url, name, since) for name in dict.fromkeys([*names, "ALERTS"])}
     finally:
         prom.stop()
     medians = {g: (sorted(ts)[len(ts) // 2] if ts else float("nan")) for g, ts in evals.items()}
     for g in groups:
         print(
-            f"[{label}] {g:<26} evaluationTime ms {[round(t * 1000) for t in evals[g]]} median {medians[g] * 1000:.0f}"
+            f"[{label}] {g:<40} evaluationTime ms {[round(t * 1000) for t in evals[g]]} median {medians[g] * 1000:.0f}"
         )
     print(
         f"[{label}] all groups, medians summed: {sum(medians.values()) * 1000:.0f} ms (target < 2000, each < 1000)"
     )
-    print(f"[{label}] recorded series (recording.yml): {sum(recorded.values())} {recorded}")
+    print(
+        f"[{label}] slowest rules (last evaluation, ms): "
+        + ", ".join(f"{n} {t * 1000:.0f}" for t, n in slowest)
+    )
+    own = set(record_names(rules))
+    print(f"[{label}] recorded series: {sum(len(v) for k, v in answers.items() if k in own)}")
     print(f"[{label}] rule errors: {errors or 'none'}")
-    return medians, errors
+    return medians, errors, answers
+
+
+def compare(before: dict[str, set[str]], after: dict[str, set[str]]) -> bool:
+    """Print every answer that differs; True when none does."""
+    same = True
+    for name in before:
+        b, a = before[name], after.get(name, set())
+        if a != b:
+            same = False
+            gone, new = sorted(b - a), sorted(a - b)
+            print(f"DIFFERS {name}: {len(gone)} only before {gone[:3]}, {len(new)} only after {new[:3]}")
+    alerts = len(after.get("ALERTS", ()))
+    print(f"answers identical ({len(before)} names, {alerts} alert series): {same}")
+    return same
 
 
 def main() -> int:
@@ -284,15 +334,16 @@ def main() -> int:
                 capture_output=True,
             ).stdout
             (old / name).write_bytes(blob)
-        fleet_yml = RULES_DIR / "fleet.yml"
+        old_rules, new_rules = [old / n for n in MINE], [RULES_DIR / n for n in MINE]
+        names = list(
+            dict.fromkeys(record_names(new_rules) + (record_names(old_rules) if args.before else []))
+        )
         before: dict[str, float] = {}
         if args.before:
-            before, _ = evaluate(
-                work, [old / "recording.yml", old / "alerts.yml", fleet_yml], args.rounds, "before"
-            )
-        after, _ = evaluate(
-            work, [RULES_DIR / "recording.yml", RULES_DIR / "alerts.yml", fleet_yml], args.rounds, "after"
-        )
+            before, _, old_answers = evaluate(work, old_rules, args.rounds, "before", names)
+        after, _, new_answers = evaluate(work, new_rules, args.rounds, "after", names)
+        if args.before:
+            compare(old_answers, new_answers)
         print(f"{'group':<40} {'before ms':>10} {'after ms':>10}")
         for g in dict.fromkeys([*before, *after]):
             b, a = before.get(g, float("nan")), after.get(g, float("nan"))
