@@ -471,7 +471,9 @@ def _check_rules(
         ok = sorted(float(x["value"][1]) for x in hosts) == [2, 4] and len(rec) == 3 and full
         return rec if ok else None
 
-    rec = wait_until(recorded, 90, "the fleet rules over both fleets")
+    wait_until(recorded, 90, "the fleet rules over both fleets")
+    prom.settle()  # rules that read other groups' records (the guest and host counts) caught up
+    rec = wait_until(recorded, 30, "the settled fleet rules")
     per_vendor = {(r["metric"]["cluster"], r["metric"]["vendor"]): r["metric"]["model"] for r in rec}
     assert per_vendor == {(c, v): m for c, f in exp["fleets"].items() for v, m in f["per_vendor"].items()}
     # one vendor: its model is the fleet's (the noTSX Broadwell); several: none fleet-wide

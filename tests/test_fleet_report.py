@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from conftest import ROOT
-from support.prometheus import committed_dashboards, panel_queries, substitute, wait_until
+from support.prometheus import committed_dashboards, panel_queries, settle_rules, substitute, wait_until
 
 from exporter.levels import missing_for
 
@@ -161,7 +161,10 @@ kvmcpu_host_cpus{{job="{OLD_JOB}",instance="old0:10437"}} 8 {time.time() - 120:.
                 return None
             return _query(prom.url, "job_cluster_vendor:kvmcpu_cpu_model_recommended:rank") or None
 
-        recs = wait_until(evaluated, 60, "the fleet rules' first evaluation")  # the old job has no models
+        wait_until(evaluated, 60, "the fleet rules' first evaluation")  # the old job has no models
+        # rules that read other groups' records (the guest and host counts) catch up a few rounds later
+        settle_rules(prom.url)
+        recs = wait_until(evaluated, 30, "the settled fleet rules")
         assert {r["metric"]["vendor"]: r["metric"]["model"] for r in recs} == truth["per_vendor"]
         assert _query(prom.url, "job_cluster:kvmcpu_cpu_model_recommended:rank") == [], "mixed vendors"
         (line,) = _query(prom.url, "job_cluster:kvmcpu_cpu_baseline:x86_64_level")
@@ -171,6 +174,7 @@ kvmcpu_host_cpus{{job="{OLD_JOB}",instance="old0:10437"}} 8 {time.time() - 120:.
             "kvmcpu_guest_info and on (instance, job, cpu_config)"
             " (instance_cpu_config:kvmcpu_guest_config_fleet_migratable:bool == 0)",
         )
+
         (unable,) = _query(prom.url, "job_cluster:kvmcpu_guest_fleet_migratable:unable")
         assert float(unable["value"][1]) == len(truth["above"])
         assert {(r["metric"]["guest"], r["metric"]["instance"]) for r in stuck} == set(truth["above"])

@@ -101,6 +101,24 @@ def wait_until(predicate: Callable[[], T | None], timeout: float, what: str, int
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
 
 
+def settle_rules(url: str, rounds: int = 3, timeout: float = 60) -> None:
+    """Wait until every rule group of the Prometheus at ``url`` has evaluated ``rounds`` more times."""
+
+    def last_evaluations() -> dict[str, str]:
+        with urllib.request.urlopen(url + "/api/v1/rules", timeout=5) as resp:
+            groups = json.load(resp)["data"]["groups"]
+        return {f"{g['file']}:{g['name']}": g.get("lastEvaluation", "") for g in groups}
+
+    seen = {name: {stamp} for name, stamp in last_evaluations().items()}
+
+    def settled() -> bool:
+        for name, stamp in last_evaluations().items():
+            seen.setdefault(name, set()).add(stamp)
+        return all(len(stamps) > rounds for stamps in seen.values())
+
+    wait_until(settled, timeout, f"every rule group to evaluate {rounds} more times", interval=0.25)
+
+
 class PrometheusServer:
     """A real Prometheus scraping ``targets`` every second with the shipped rule files."""
 
@@ -168,6 +186,12 @@ class PrometheusServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def settle(self, rounds: int = 3, timeout: float = 60) -> None:
+        """Wait until every rule group has evaluated ``rounds`` more times. Some rules read what a
+        rule of another group recorded (fleet.yml reads recording.yml's guest and host counts, read
+        once per cycle), so an answer is final only a few evaluations after its inputs first appear."""
+        settle_rules(self.url, rounds, timeout)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
