@@ -43,19 +43,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import fleet_scale  # noqa: E402
 
+from exporter.canary.model import RESULTS  # noqa: E402
+from exporter.config.model import SEED_CIPHERS  # noqa: E402
 from exporter.features import DEFAULT_WATCHLIST  # noqa: E402
 
 RULES_DIR = ROOT / "deploy" / "prometheus" / "rules"
 MINE = ("recording.yml", "alerts.yml", "fleet.yml")
-CIPHERS = (
-    "aes-ecb-plain",
-    "aes-cbc-plain",
-    "aes-ctr-plain",
-    "aes-lrw-plain",
-    "aes-pcbc-plain",
-    "aes-xts-plain",
-)
-RESULTS = ("success", "timeout", "guest_panic", "boot_failure", "image_missing", "qemu_error", "skipped_busy")
+CIPHERS = SEED_CIPHERS
 
 
 class Families:

@@ -31,6 +31,7 @@ from conftest import free_port, parse_metrics
 from support.host import exposition
 from support.prometheus import RULE_FILES, PrometheusServer, wait_until
 
+from exporter.config.model import SEED_CIPHERS
 from exporter.features import DEFAULT_WATCHLIST
 
 pytestmark = pytest.mark.slow
@@ -65,14 +66,7 @@ FLEET: dict[str, list[tuple[str, str]]] = {
     "hv3": [("instance-0000002a", "nova-westmere"), ("instance-0000002b", "nova-westmere")],
     "hv4": [("instance-0000003c", "nova-westmere"), ("401", "pve-v2aes"), ("402", "pve-v3")],
 }
-CIPHERS = (
-    "aes-ecb-plain",
-    "aes-cbc-plain",
-    "aes-ctr-plain",
-    "aes-lrw-plain",
-    "aes-pcbc-plain",
-    "aes-xts-plain",
-)
+CIPHERS = SEED_CIPHERS
 COLLECTORS = ("cpu", "crypto", "qemu", "guests", "canary", "canary_selfcheck")
 #: (model, vendor, level, features, supported by the Broadwell hosts)
 MODELS = (
