@@ -2,7 +2,9 @@
 configurations that crash them (issues 3, 11, 13, 19, 20).
 
 Renders the guest read model (``exporter.views.guests.read_guests``, the same snapshot the landing
-page and ``inspect`` render) per scrape. Nothing here waits for QEMU: a guest whose model is still
+page and ``inspect`` render) per scrape. One module (about 400 lines) because it is one job, the
+guest families of /metrics: the per-guest, per-configuration and opt-in full-matrix families share
+one snapshot and one label scheme, and splitting them would split the cardinality rules below. Nothing here waits for QEMU: a guest whose model is still
 being asked about is exported (``kvmcpu_guest_info``, ``kvmcpu_guest_cpu_model_known 0``) but its
 configuration gets no verdict series until the answer arrives; a model QEMU refuses is logged once,
 counted, and stays ``model_known 0``.
